@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# The one test command. Makes a fresh Debian 12 machine ready (packages, RabbitMQ), then runs
+# formatting and lint checks and the whole test suite. Tests start their own flux-server
+# processes (and their own etcd, on free ports) and stop them at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# Debian packages the build and the tests need, by the command that proves each is there.
+ensure_packages() {
+  local missing=()
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)   # etcd-client and our protos
+  command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+  command -v etcd >/dev/null || missing+=(etcd-server)
+  command -v etcdctl >/dev/null || missing+=(etcd-client)
+  command -v redis-server >/dev/null || missing+=(redis-server)  # side-by-side benchmarks
+  command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+  command -v ss >/dev/null || missing+=(iproute2)
+  if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+# RabbitMQ for the CDC tests: start it when nothing listens on 5672, then poll until ready.
+ensure_rabbitmq() {
+  if ss -ltn 'sport = :5672' | grep -q LISTEN; then
+    return
+  fi
+  log "starting RabbitMQ"
+  as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+  for _ in $(seq 1 120); do
+    if as_root rabbitmqctl status >/dev/null 2>&1 && ss -ltn 'sport = :5672' | grep -q LISTEN; then
+      log "RabbitMQ is ready"
+      return
+    fi
+    sleep 0.5
+  done
+  log "RabbitMQ did not become ready"
+  exit 1
+}
+
+ensure_packages
+ensure_rabbitmq
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+log "cargo test"
+# Doc tests (the crate docs' examples) are not part of --all-targets; run them first.
+cargo test --doc --locked
+cargo test --all-targets --locked

@@ -1,0 +1,91 @@
+//! flux-server: parse the configuration, start the node, stop it gracefully on SIGTERM or
+//! SIGINT.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use flux_kv::config::{Config, ConfigError};
+use flux_kv::server::{RingKind, Server};
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+
+fn main() -> ExitCode {
+    let invocation = match Config::load(std::env::args()) {
+        Ok(i) => i,
+        Err(ConfigError::Usage(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("flux-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = invocation.config;
+    if invocation.print_config {
+        print!("{}", config.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    // Registered before the cores start, so an early signal still means a clean stop.
+    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown_timeout = Duration::from_millis(config.shutdown_timeout_ms);
+    let shards = config.shards;
+    let server = match Server::start(config) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let net = match server.ring_kind() {
+        RingKind::DeferTaskrun => "io_uring (single issuer, deferred task run)",
+        RingKind::Plain => "io_uring (plain ring: kernel older than 6.1)",
+    };
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node_id = server.node_id(),
+        cores = server.cores(),
+        shards,
+        listen = %server.local_addr(),
+        port = server.local_addr().port(),
+        core_ports = ?server.core_ports(),
+        net,
+        "flux-server ready"
+    );
+
+    // The first signal starts the drain; past the timeout the process exits anyway.
+    let shutdown = server.shutdown_handle();
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            tracing::info!(
+                timeout_ms = shutdown_timeout.as_millis() as u64,
+                "signal received, shutting down"
+            );
+            shutdown.shutdown();
+            std::thread::sleep(shutdown_timeout);
+            tracing::warn!("shutdown timeout reached with work in flight; exiting");
+            std::process::exit(0);
+        }
+    });
+    match server.wait(Duration::MAX) {
+        Some(Ok(())) | None => {
+            tracing::info!("stopped");
+            ExitCode::SUCCESS
+        }
+        Some(Err(e)) => {
+            tracing::error!("stopped: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

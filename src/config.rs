@@ -1,0 +1,467 @@
+//! One `Config` for the whole node, layered: defaults < TOML file (`--config FILE`) <
+//! `FLUX_*` environment < command-line flags.
+//!
+//! One naming rule everywhere: config key `section.key` is the flag `--section-key` and the
+//! variable `FLUX_SECTION_KEY`; top-level keys have no section (`listen`, `--listen`,
+//! `FLUX_LISTEN`). Flags and variables are derived from the default config itself, so a new
+//! field is settable in all three places with no extra code, and [`KEY_DOCS`] (checked by a
+//! test to cover every key) gives each one its help line. Every flag takes a value, booleans
+//! too (`--persistence-enabled false`), so a flag means the same thing as its variable.
+
+use std::path::PathBuf;
+
+use clap::{Arg, ArgAction, Command};
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
+pub const DEFAULT_SHARDS: u32 = 256;
+pub const DEFAULT_DATA_DIR: &str = "./data";
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_FRAME_BYTES_MAX: usize = 16 << 20;
+pub const DEFAULT_KEY_BYTES_MAX: usize = 64 << 10;
+pub const DEFAULT_VALUE_BYTES_MAX: usize = 8 << 20;
+pub const DEFAULT_CONNECTIONS_PER_CORE_MAX: usize = 10_000;
+pub const DEFAULT_REQUESTS_IN_FLIGHT_MAX: usize = 1_024;
+pub const DEFAULT_WRITE_BUFFER_BYTES_MAX: usize = 1 << 20;
+pub const DEFAULT_MESH_MESSAGES_MAX: usize = 256;
+pub const DEFAULT_RING_ENTRIES: u32 = 4_096;
+/// Small on purpose: sockets use the per-core network ring, not glommio's registered
+/// buffers, and RLIMIT_MEMLOCK is often only 8 MiB for the whole process.
+pub const DEFAULT_IO_MEMORY_BYTES: usize = 1 << 20;
+
+/// Help line for every config key, in the order `--help` and the README show them.
+pub const KEY_DOCS: &[(&str, &str)] = &[
+    ("listen", "address all shard cores listen on together (SO_REUSEPORT); port 0 picks a free port"),
+    ("cores", "shard cores (one pinned executor each); 0 = every online CPU"),
+    ("cpus", "CPU ids the shard executors are pinned to, comma-separated; empty = the first `cores` online CPUs"),
+    ("shards", "shards per node, a power of two; stored with the data"),
+    ("core_port_base", "when non-zero, core i also listens alone on this port + i (announced in Hello.core_ports)"),
+    ("data_dir", "directory for the node id and, later, logs and snapshots"),
+    ("log_level", "tracing filter: error, warn, info, debug, trace, or a directive list"),
+    ("shutdown_timeout_ms", "on SIGTERM/SIGINT, the longest wait for in-flight work before exiting"),
+    ("limits.frame_bytes_max", "largest request frame; larger ones get FRAME_TOO_LARGE and the connection closes"),
+    ("limits.key_bytes_max", "largest key; larger ones get KEY_TOO_LARGE"),
+    ("limits.value_bytes_max", "largest value; larger ones get VALUE_TOO_LARGE"),
+    ("limits.memory_bytes_max", "memory for keys and values per node, split evenly over the cores; 0 = unlimited; over it writes get OUT_OF_MEMORY"),
+    ("limits.connections_per_core_max", "open connections per core; further connections are closed at once"),
+    ("limits.requests_in_flight_max", "unanswered requests per connection before the server stops reading from it"),
+    ("limits.write_buffer_bytes_max", "encoded replies buffered per connection before they are sent"),
+    ("limits.mesh_messages_max", "messages queued from one core to another before the sender waits"),
+    ("runtime.ring_entries", "submission queue entries of each core's network io_uring"),
+    ("runtime.io_memory_bytes", "glommio registered I/O memory per core (counts against RLIMIT_MEMLOCK)"),
+    ("cluster.node_id", "node identity; empty = a random id created on first start and kept in data_dir/node_id"),
+];
+
+/// The effective configuration of a node. Field names are the config keys.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub listen: String,
+    pub cores: u32,
+    pub cpus: Vec<usize>,
+    pub shards: u32,
+    pub core_port_base: u16,
+    pub data_dir: PathBuf,
+    pub log_level: String,
+    pub shutdown_timeout_ms: u64,
+    pub limits: Limits,
+    pub runtime: Runtime,
+    pub cluster: Cluster,
+}
+
+/// Every limit of the data path. Units are in the names.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub frame_bytes_max: usize,
+    pub key_bytes_max: usize,
+    pub value_bytes_max: usize,
+    pub memory_bytes_max: u64,
+    pub connections_per_core_max: usize,
+    pub requests_in_flight_max: usize,
+    pub write_buffer_bytes_max: usize,
+    pub mesh_messages_max: usize,
+}
+
+/// Executor and ring settings.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Runtime {
+    pub ring_entries: u32,
+    pub io_memory_bytes: usize,
+}
+
+/// Cluster identity (registration in etcd builds on it).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cluster {
+    pub node_id: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            cores: 0,
+            cpus: Vec::new(),
+            shards: DEFAULT_SHARDS,
+            core_port_base: 0,
+            data_dir: DEFAULT_DATA_DIR.into(),
+            log_level: "info".into(),
+            shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
+            limits: Limits::default(),
+            runtime: Runtime::default(),
+            cluster: Cluster::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            frame_bytes_max: DEFAULT_FRAME_BYTES_MAX,
+            key_bytes_max: DEFAULT_KEY_BYTES_MAX,
+            value_bytes_max: DEFAULT_VALUE_BYTES_MAX,
+            memory_bytes_max: 0,
+            connections_per_core_max: DEFAULT_CONNECTIONS_PER_CORE_MAX,
+            requests_in_flight_max: DEFAULT_REQUESTS_IN_FLIGHT_MAX,
+            write_buffer_bytes_max: DEFAULT_WRITE_BUFFER_BYTES_MAX,
+            mesh_messages_max: DEFAULT_MESH_MESSAGES_MAX,
+        }
+    }
+}
+
+impl Default for Runtime {
+    fn default() -> Self {
+        Self {
+            ring_entries: DEFAULT_RING_ENTRIES,
+            io_memory_bytes: DEFAULT_IO_MEMORY_BYTES,
+        }
+    }
+}
+
+/// What the command line asked for besides config values.
+#[derive(Debug)]
+pub struct Invocation {
+    pub config: Config,
+    pub print_config: bool,
+}
+
+impl Config {
+    /// Builds the config from all layers for `args` (including the program name).
+    pub fn load(args: impl IntoIterator<Item = String>) -> Result<Invocation, ConfigError> {
+        Self::load_with_env(args, |name| std::env::var(name).ok())
+    }
+
+    /// As [`Config::load`], with the environment passed in (tests use a map).
+    pub fn load_with_env(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Invocation, ConfigError> {
+        let defaults = default_table();
+        let keys = leaf_keys(&defaults);
+        let matches = command(&keys).try_get_matches_from(args).map_err(ConfigError::Usage)?;
+
+        let mut table = defaults.clone();
+        if let Some(path) = matches.get_one::<String>("config") {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::Invalid(format!("cannot read config file {path}: {e}")))?;
+            let file: Table =
+                toml::from_str(&text).map_err(|e| ConfigError::Invalid(format!("config file {path}: {e}")))?;
+            merge(&mut table, file);
+        }
+        for (key, default) in &keys {
+            let var = env_name(key);
+            if let Some(raw) = env(&var) {
+                set(
+                    &mut table,
+                    key,
+                    parse_like(default, &raw).map_err(|e| invalid(&var, e))?,
+                );
+            }
+        }
+        for (key, default) in &keys {
+            if let Some(raw) = matches.get_one::<String>(key) {
+                let flag = format!("--{}", flag_name(key));
+                set(
+                    &mut table,
+                    key,
+                    parse_like(default, raw).map_err(|e| invalid(&flag, e))?,
+                );
+            }
+        }
+        let config: Config = Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        config.validate()?;
+        Ok(Invocation {
+            config,
+            print_config: matches.get_flag("print-config"),
+        })
+    }
+
+    /// Checks what serde cannot: relations between values and their ranges.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(format!("listen: {:?} is not an IP:port address", self.listen));
+        }
+        if self.shards == 0 || !self.shards.is_power_of_two() {
+            return fail(format!("shards: {} is not a power of two", self.shards));
+        }
+        if self.cores > self.shards {
+            return fail(format!("cores: {} is more than shards ({})", self.cores, self.shards));
+        }
+        if !self.cpus.is_empty() && self.cores != 0 && self.cpus.len() != self.cores as usize {
+            return fail(format!("cpus: {} ids given for {} cores", self.cpus.len(), self.cores));
+        }
+        let l = &self.limits;
+        if l.frame_bytes_max < 64 || l.frame_bytes_max > u32::MAX as usize {
+            return fail(format!(
+                "limits.frame_bytes_max: {} is outside 64..=4294967295",
+                l.frame_bytes_max
+            ));
+        }
+        for (name, v) in [
+            ("limits.key_bytes_max", l.key_bytes_max),
+            ("limits.value_bytes_max", l.value_bytes_max),
+            ("limits.connections_per_core_max", l.connections_per_core_max),
+            ("limits.requests_in_flight_max", l.requests_in_flight_max),
+            ("limits.write_buffer_bytes_max", l.write_buffer_bytes_max),
+            ("limits.mesh_messages_max", l.mesh_messages_max),
+        ] {
+            if v == 0 {
+                return fail(format!("{name} must be at least 1"));
+            }
+        }
+        if !self.runtime.ring_entries.is_power_of_two() || self.runtime.ring_entries < 8 {
+            return fail(format!(
+                "runtime.ring_entries: {} is not a power of two >= 8",
+                self.runtime.ring_entries
+            ));
+        }
+        Ok(())
+    }
+
+    /// The effective config as TOML (what `--print-config` shows).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// `--help`, `--version` or a malformed command line; clap renders it.
+    #[error("{0}")]
+    Usage(clap::Error),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn invalid(source: &str, e: String) -> ConfigError {
+    ConfigError::Invalid(format!("{source}: {e}"))
+}
+
+/// `limits.frame_bytes_max` -> `limits-frame-bytes-max`.
+pub fn flag_name(key: &str) -> String {
+    key.replace(['.', '_'], "-")
+}
+
+/// `limits.frame_bytes_max` -> `FLUX_LIMITS_FRAME_BYTES_MAX`.
+pub fn env_name(key: &str) -> String {
+    format!("FLUX_{}", key.replace('.', "_").to_uppercase())
+}
+
+fn default_table() -> Table {
+    match Value::try_from(Config::default()) {
+        Ok(Value::Table(t)) => t,
+        other => unreachable!("Config serializes to a table, got {other:?}"),
+    }
+}
+
+/// Every leaf of the default config as (`section.key`, default value).
+fn leaf_keys(table: &Table) -> Vec<(String, Value)> {
+    fn walk(prefix: &str, table: &Table, out: &mut Vec<(String, Value)>) {
+        for (k, v) in table {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v {
+                Value::Table(t) => walk(&key, t, out),
+                leaf => out.push((key, leaf.clone())),
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk("", table, &mut out);
+    out.sort_by_key(|(k, _)| KEY_DOCS.iter().position(|(d, _)| d == k).unwrap_or(usize::MAX));
+    out
+}
+
+fn command(keys: &[(String, Value)]) -> Command {
+    let mut cmd = Command::new("flux-server")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Flux-KV: thread-per-core key-value server")
+        .after_help("Every flag is also a FLUX_* variable and a TOML key: --limits-frame-bytes-max = FLUX_LIMITS_FRAME_BYTES_MAX = limits.frame_bytes_max")
+        .arg(Arg::new("config").long("config").value_name("FILE").help("TOML config file"))
+        .arg(
+            Arg::new("print-config")
+                .long("print-config")
+                .action(ArgAction::SetTrue)
+                .help("print the effective config as TOML and exit"),
+        );
+    for (key, default) in keys {
+        let doc = KEY_DOCS.iter().find(|(k, _)| k == key).map(|(_, d)| *d).unwrap_or("");
+        cmd = cmd.arg(
+            Arg::new(key.clone())
+                .long(flag_name(key))
+                .value_name(value_name(default))
+                .help(format!("{doc} [default: {}] [env: {}]", render(default), env_name(key))),
+        );
+    }
+    cmd
+}
+
+fn value_name(v: &Value) -> &'static str {
+    match v {
+        Value::Integer(_) => "N",
+        Value::Boolean(_) => "true|false",
+        Value::Array(_) => "LIST",
+        _ => "VALUE",
+    }
+}
+
+fn render(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(a) => a.iter().map(render).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}
+
+/// Parses a flag or variable into the TOML type of the key's default.
+fn parse_like(default: &Value, raw: &str) -> Result<Value, String> {
+    let int = |s: &str| -> Result<i64, String> {
+        s.trim()
+            .replace('_', "")
+            .parse::<i64>()
+            .map_err(|_| format!("{s:?} is not a whole number"))
+    };
+    Ok(match default {
+        Value::Integer(_) => Value::Integer(int(raw)?),
+        Value::Boolean(_) => match raw.trim() {
+            "true" | "1" | "yes" | "on" => Value::Boolean(true),
+            "false" | "0" | "no" | "off" => Value::Boolean(false),
+            other => return Err(format!("{other:?} is not true or false")),
+        },
+        Value::Array(_) => {
+            let items: Vec<&str> = raw.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+            // Lists of numbers (cpus) stay numbers; anything else is a list of strings.
+            match items.iter().map(|s| int(s)).collect::<Result<Vec<_>, _>>() {
+                Ok(nums) => Value::Array(nums.into_iter().map(Value::Integer).collect()),
+                Err(_) => Value::Array(items.into_iter().map(|s| Value::String(s.into())).collect()),
+            }
+        }
+        Value::Float(_) => Value::Float(raw.trim().parse().map_err(|_| format!("{raw:?} is not a number"))?),
+        _ => Value::String(raw.to_string()),
+    })
+}
+
+fn set(table: &mut Table, key: &str, value: Value) {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().unwrap_or(key);
+    let mut t = table;
+    for p in parts {
+        let entry = t.entry(p).or_insert_with(|| Value::Table(Table::new()));
+        if !entry.is_table() {
+            *entry = Value::Table(Table::new());
+        }
+        let Value::Table(inner) = entry else {
+            unreachable!("made a table above")
+        };
+        t = inner;
+    }
+    t.insert(last.to_string(), value);
+}
+
+/// Deep-merges `over` into `base`; unknown keys are kept so deserialization names them.
+fn merge(base: &mut Table, over: Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(Value::Table(b)), Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(args: &[&str], env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let args = std::iter::once("flux-server".to_string()).chain(args.iter().map(|s| s.to_string()));
+        Config::load_with_env(args, |k| env.get(k).cloned()).map(|i| i.config)
+    }
+
+    // Goal: every config key has a help line, and no help line names a key that does not exist.
+    #[test]
+    fn every_key_is_documented() {
+        let keys: Vec<String> = leaf_keys(&default_table()).into_iter().map(|(k, _)| k).collect();
+        let docs: Vec<String> = KEY_DOCS.iter().map(|(k, _)| k.to_string()).collect();
+        assert_eq!(keys, docs);
+    }
+
+    // Goal: defaults < file < environment < flags, with the documented names.
+    #[test]
+    fn layers_override_in_order() {
+        let dir = std::env::temp_dir().join(format!("flux-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("flux.toml");
+        std::fs::write(
+            &file,
+            "shards = 64\ncores = 1\n[limits]\nkey_bytes_max = 10\nvalue_bytes_max = 20\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+
+        let c = load(&["--config", f], &[]).unwrap();
+        assert_eq!(
+            (c.shards, c.cores, c.limits.key_bytes_max, c.limits.value_bytes_max),
+            (64, 1, 10, 20)
+        );
+        assert_eq!(c.limits.frame_bytes_max, DEFAULT_FRAME_BYTES_MAX);
+
+        let env = [("FLUX_LIMITS_KEY_BYTES_MAX", "11"), ("FLUX_SHARDS", "128")];
+        let c = load(&["--config", f, "--limits-key-bytes-max", "12", "--cpus", "1"], &env).unwrap();
+        assert_eq!((c.shards, c.limits.key_bytes_max, c.cpus.clone()), (128, 12, vec![1]));
+    }
+
+    // Goal: bad values are refused with the name of the setting at fault.
+    #[test]
+    fn bad_values_name_the_setting() {
+        let e = load(&["--shards", "100"], &[]).unwrap_err().to_string();
+        assert!(e.contains("shards"), "{e}");
+        let e = load(&[], &[("FLUX_LIMITS_FRAME_BYTES_MAX", "lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("FLUX_LIMITS_FRAME_BYTES_MAX"), "{e}");
+        let e = load(&["--listen", "nowhere"], &[]).unwrap_err().to_string();
+        assert!(e.contains("listen"), "{e}");
+        assert!(load(&["--no-such-flag", "1"], &[]).is_err());
+    }
+
+    // Goal: the printed config reads back as the same config.
+    #[test]
+    fn printed_config_round_trips() {
+        let c = load(&["--cores", "2", "--cpus", "0,1", "--cluster-node-id", "n1"], &[]).unwrap();
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,35 @@
+//! Flux-KV: a thread-per-core key-value server for bare-metal Linux.
+//!
+//! ```text
+//!         one port, SO_REUSEPORT: the kernel hands each connection to one core
+//!   +----------- core 0 ------------+      +----------- core 1 ------------+
+//!   | glommio executor (pinned)     |      | glommio executor (pinned)     |
+//!   |  own io_uring for sockets     |<---->|  own io_uring for sockets     |  bounded channel mesh
+//!   |  listener -> connections      |      |  listener -> connections      |
+//!   |  shards 0,2,4,...             |      |  shards 1,3,5,...             |
+//!   +-------------------------------+      +-------------------------------+
+//! ```
+//!
+//! A connection's task is the coordinator for its requests: keys owned by its own core are
+//! applied inline, keys owned by other cores are grouped per core and sent as one message
+//! over the mesh, and all replies go back in request order with one write per batch.
+//!
+//! Layout (one concept per file):
+//! - [`config`]: one `Config` from defaults < TOML < `FLUX_*` env < flags.
+//! - [`wire`]: the frame codec shared by server and clients; [`proto`]: the generated messages.
+//! - [`keyspace`]: key -> shard -> core, the routing rule the protocol documents.
+//! - [`shard`]: one shard's map, expiry and memory accounting; a core's set of shards.
+//! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and
+//!   io_uring stay behind this module.
+//! - `src/bin/flux-server.rs`: parses flags, calls [`server::run`].
+
+pub mod config;
+pub mod keyspace;
+pub mod server;
+pub mod shard;
+pub mod wire;
+
+/// Messages of the client protocol, generated from proto/flux.proto (package `flux.v1`).
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/flux.v1.rs"));
+}

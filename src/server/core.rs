@@ -1,0 +1,267 @@
+//! One shard core: its state, its start-up inside the executor, and its tasks (accept loops,
+//! the mesh service, the expiry sweep).
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use futures::future::{select, Either, Shared};
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Senders};
+use glommio::channels::shared_channel::ConnectedReceiver;
+use glommio::sync::{Gate, Semaphore};
+use glommio::{spawn_local, timer::sleep};
+
+use super::connection;
+use super::listener::CoreListeners;
+use super::uring::{Ring, RingKind};
+use crate::config::Config;
+use crate::keyspace::Keyspace;
+use crate::proto::{CoreStats, HelloResponse};
+use crate::shard::{now_ms, Command, CoreStore, Outcome};
+
+/// How often each core looks for expired keys, and the most it removes per look: small
+/// enough to never stall requests, frequent enough that an expired key is gone in ~1 s.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+pub const SWEEP_KEYS_MAX: usize = 2_000;
+
+/// Back-off after an accept error such as EMFILE, so a full descriptor table does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
+
+/// What one core asks another. Replies travel on a oneshot channel, never on the request
+/// mesh, so a core serving requests never waits to send: no cross-core deadlock.
+pub enum MeshRequest {
+    /// Key operations for shards the receiving core owns, in the order to apply them.
+    Commands {
+        ops: Vec<(u32, Command)>,
+        reply: oneshot::Sender<Vec<Outcome>>,
+    },
+    Stats {
+        reply: oneshot::Sender<CoreStats>,
+    },
+}
+
+pub type MeshBuilderFull = MeshBuilder<MeshRequest, Full>;
+
+/// Everything the executors share at start-up (built on the main thread).
+pub struct Boot {
+    pub config: Config,
+    pub keyspace: Keyspace,
+    pub hello: HelloResponse,
+    /// Pre-bound listeners, taken by core index.
+    pub listeners: Mutex<Vec<Option<CoreListeners>>>,
+    /// Resolves (or is cancelled) when the node must stop.
+    pub shutdown: Shared<oneshot::Receiver<()>>,
+    pub ready: Mutex<mpsc::Sender<Result<(u32, RingKind), String>>>,
+}
+
+/// Counters behind `CoreStats`.
+#[derive(Default)]
+pub struct Counters {
+    pub connections_accepted: Cell<u64>,
+    pub connections_open: Cell<u64>,
+    pub requests: Cell<u64>,
+    pub forwarded_out: Cell<u64>,
+    pub forwarded_in: Cell<u64>,
+}
+
+impl Counters {
+    pub fn add(cell: &Cell<u64>, n: u64) {
+        cell.set(cell.get() + n);
+    }
+}
+
+/// The state of one shard core, shared by its tasks (single thread, never across `.await`
+/// while borrowed).
+pub struct Core {
+    pub index: u32,
+    pub config: Config,
+    pub keyspace: Keyspace,
+    pub hello: HelloResponse,
+    pub store: RefCell<CoreStore>,
+    pub counters: Counters,
+    pub ring: Rc<Ring>,
+    /// Senders to the other cores; taken at shutdown so their mesh services can end.
+    pub mesh: RefCell<Option<Rc<Senders<MeshRequest>>>>,
+    /// Closed (never signalled) at shutdown: a broadcast every task can await.
+    pub shutdown: Rc<Semaphore>,
+    /// Accept loops and connections; shutdown waits for it to empty.
+    pub tasks: Gate,
+}
+
+impl Core {
+    pub fn stats(&self) -> CoreStats {
+        let store = self.store.borrow();
+        let c = &self.counters;
+        CoreStats {
+            core: self.index,
+            connections_accepted: c.connections_accepted.get(),
+            connections_open: c.connections_open.get(),
+            requests: c.requests.get(),
+            forwarded_out: c.forwarded_out.get(),
+            forwarded_in: c.forwarded_in.get(),
+            keys: store.keys(),
+            memory_bytes: store.memory_bytes(),
+        }
+    }
+
+    /// Resolves once shutdown has begun.
+    pub async fn shutting_down(&self) {
+        // The semaphore has no permits and is only ever closed, so this returns at shutdown.
+        let _ = self.shutdown.acquire(1).await;
+    }
+
+    fn handle_mesh(&self, msg: MeshRequest) {
+        match msg {
+            MeshRequest::Commands { ops, reply } => {
+                Counters::add(&self.counters.forwarded_in, ops.len() as u64);
+                let now = now_ms();
+                let mut store = self.store.borrow_mut();
+                let outcomes = ops
+                    .into_iter()
+                    .map(|(shard, cmd)| store.apply(shard, cmd, now))
+                    .collect();
+                // The requester may have gone (connection closed); nothing to do then.
+                let _ = reply.send(outcomes);
+            }
+            MeshRequest::Stats { reply } => {
+                let _ = reply.send(self.stats());
+            }
+        }
+    }
+}
+
+/// The life of one core, run inside its executor: join the mesh, take its listeners, serve
+/// until shutdown, then drain connections and leave the mesh.
+pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), String> {
+    let (senders, mut receivers) = match mesh {
+        Some(m) => {
+            let (s, r) = m.join().await.map_err(|e| format!("cannot join the core mesh: {e}"))?;
+            (Some(s), Some(r))
+        }
+        None => (None, None),
+    };
+    let index = senders.as_ref().map_or(0, |s| s.peer_id()) as u32;
+    let report = |r: Result<(u32, RingKind), String>| {
+        if let Ok(tx) = boot.ready.lock() {
+            let _ = tx.send(r);
+        }
+    };
+    let started = start_core(&boot, index, senders).await;
+    let core = match started {
+        Ok(core) => core,
+        Err(e) => {
+            report(Err(format!("core {index}: {e}")));
+            return Err(e);
+        }
+    };
+    let peers: Vec<_> = receivers
+        .as_mut()
+        .map(|r| r.streams())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(_, rx)| spawn_local(serve_peer(core.clone(), rx)))
+        .collect();
+    report(Ok((index, core.ring.kind())));
+
+    // Until shutdown: accept loops and connections run in `core.tasks`.
+    let _ = boot.shutdown.clone().await;
+    core.shutdown.close();
+    let _ = core.tasks.close().await;
+    // Our connections are done: drop our senders so the other cores' services for us end,
+    // and keep serving theirs until they are done too.
+    core.mesh.borrow_mut().take();
+    futures::future::join_all(peers).await;
+    Ok(())
+}
+
+async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest>>) -> Result<Rc<Core>, String> {
+    let listeners = boot
+        .listeners
+        .lock()
+        .map_err(|_| "listener table poisoned".to_string())?
+        .get_mut(index as usize)
+        .and_then(Option::take)
+        .ok_or_else(|| format!("no listener for core {index}"))?;
+    let ring =
+        Ring::new(boot.config.runtime.ring_entries).map_err(|e| format!("cannot create the network ring: {e}"))?;
+    spawn_local(ring.clone().drive()).detach();
+    let core = Rc::new(Core {
+        index,
+        config: boot.config.clone(),
+        keyspace: boot.keyspace,
+        hello: boot.hello.clone(),
+        store: RefCell::new(CoreStore::new(
+            boot.keyspace,
+            index,
+            boot.config.limits.memory_bytes_max,
+        )),
+        counters: Counters::default(),
+        ring,
+        mesh: RefCell::new(senders.map(Rc::new)),
+        shutdown: Rc::new(Semaphore::new(0)),
+        tasks: Gate::new(),
+    });
+    spawn_local(sweep(core.clone())).detach();
+    let CoreListeners { shared, own } = listeners;
+    for listener in std::iter::once(shared).chain(own) {
+        core.tasks
+            .spawn(accept_loop(core.clone(), listener))
+            .map_err(|e| e.to_string())?
+            .detach();
+    }
+    Ok(core)
+}
+
+async fn serve_peer(core: Rc<Core>, rx: ConnectedReceiver<MeshRequest>) {
+    while let Some(msg) = rx.recv().await {
+        core.handle_mesh(msg);
+    }
+}
+
+async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
+    let max = core.config.limits.connections_per_core_max as u64;
+    loop {
+        let accept = std::pin::pin!(core.ring.accept(listener.as_raw_fd()));
+        let stop = std::pin::pin!(core.shutting_down());
+        let fd = match select(accept, stop).await {
+            Either::Left((Ok(fd), _)) => fd,
+            Either::Left((Err(e), _)) => {
+                if !matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EAGAIN)) {
+                    tracing::warn!(core = core.index, error = %e, "accept failed");
+                    sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+                continue;
+            }
+            Either::Right(_) => return,
+        };
+        Counters::add(&core.counters.connections_accepted, 1);
+        if core.counters.connections_open.get() >= max {
+            tracing::warn!(
+                core = core.index,
+                limit = max,
+                "connection refused: limits.connections_per_core_max reached"
+            );
+            continue; // dropping fd closes it
+        }
+        match core.tasks.spawn(connection::serve(core.clone(), fd)) {
+            Ok(task) => task.detach(),
+            Err(_) => return, // the gate closed: shutting down
+        };
+    }
+}
+
+/// Active expiry: remove due keys in bounded steps; when a step hit its bound, go again
+/// right away (after yielding) instead of waiting a full interval.
+async fn sweep(core: Rc<Core>) {
+    loop {
+        let removed = core.store.borrow_mut().sweep(now_ms(), SWEEP_KEYS_MAX);
+        if removed == SWEEP_KEYS_MAX {
+            glommio::executor().yield_now().await;
+        } else {
+            sleep(SWEEP_INTERVAL).await;
+        }
+    }
+}

@@ -1,0 +1,417 @@
+//! Turns a batch of request frames into responses, in order.
+//!
+//! The connection's task is the coordinator (Dragonfly's model): every key operation is
+//! routed by `keyspace`; those for this core run inline, those for other cores are grouped
+//! per target core and sent as one mesh message per core per batch. Each request becomes a
+//! `Plan` that says how to build its response from the outcomes once they are all in.
+//!
+//! Each request kind has the same shape: check limits, plan its key operations, build the
+//! response from their outcomes.
+
+use std::ops::Range;
+use std::rc::Rc;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use prost::Message;
+
+use super::core::{Core, Counters, MeshRequest};
+use crate::proto::{self, request::Op, response::Result as R, CoreStats, ErrorCode, GetResponse, Request, Response};
+use crate::shard::{now_ms, Command, Condition, Outcome};
+use crate::wire;
+
+/// How to build one response once outcomes are known.
+enum Plan {
+    Ready(Response),
+    Keys { id: u64, kind: Kind, ops: Range<usize> },
+    Stats { id: u64 },
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Get,
+    Set,
+    Del,
+    Exists,
+    Expire,
+    Ttl,
+    MGet,
+    MSet,
+}
+
+/// Key operations bound for one other core: (shard, command) in apply order, and the
+/// outcome slot each one fills.
+#[derive(Default)]
+struct Forward {
+    ops: Vec<(u32, Command)>,
+    slots: Vec<usize>,
+}
+
+/// One batch in flight on one connection.
+struct Batch<'a> {
+    core: &'a Core,
+    now_ms: u64,
+    plans: Vec<Plan>,
+    /// One per key operation; `None` until a remote core answers (stays `None` if it cannot).
+    outcomes: Vec<Option<Outcome>>,
+    /// Per target core: the operations to send, and where their outcomes go.
+    remote: Vec<Forward>,
+    wants_stats: bool,
+}
+
+/// Executes the requests in `frames` (payloads of complete frames) and returns one response
+/// per frame, in the same order.
+pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
+    let cores = core.keyspace.cores() as usize;
+    let mut batch = Batch {
+        core,
+        now_ms: now_ms(),
+        plans: Vec::new(),
+        outcomes: Vec::new(),
+        remote: (0..cores).map(|_| Forward::default()).collect(),
+        wants_stats: false,
+    };
+    for payload in frames {
+        let plan = match Request::decode(payload) {
+            Ok(req) => batch.plan(req),
+            Err(e) => Plan::Ready(error(
+                0,
+                ErrorCode::InvalidRequest,
+                format!("request does not decode: {e}"),
+            )),
+        };
+        batch.plans.push(plan);
+    }
+    batch.finish().await
+}
+
+/// One `SHUTTING_DOWN` response per frame, keeping ids where the frame decodes.
+pub fn refuse_all(frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
+    frames
+        .map(|p| {
+            let id = Request::decode(p).map(|r| r.id).unwrap_or(0);
+            error(id, ErrorCode::ShuttingDown, "the server is shutting down".into())
+        })
+        .collect()
+}
+
+impl Batch<'_> {
+    fn plan(&mut self, req: Request) -> Plan {
+        let id = req.id;
+        let Some(op) = req.op else {
+            return Plan::Ready(error(id, ErrorCode::InvalidRequest, "request has no op".into()));
+        };
+        if let Err(e) = self.check(&op) {
+            return Plan::Ready(Response {
+                id,
+                error: Some(e),
+                result: None,
+            });
+        }
+        let start = self.outcomes.len();
+        let kind = match op {
+            Op::Get(r) => self.route(Kind::Get, Command::Get { key: r.key }),
+            Op::Del(r) => self.route(Kind::Del, Command::Del { key: r.key }),
+            Op::Exists(r) => self.route(Kind::Exists, Command::Exists { key: r.key }),
+            Op::Ttl(r) => self.route(Kind::Ttl, Command::Ttl { key: r.key }),
+            Op::Expire(r) => self.route(
+                Kind::Expire,
+                Command::Expire {
+                    key: r.key,
+                    ttl_ms: r.ttl_ms,
+                },
+            ),
+            Op::Set(r) => {
+                let condition = match r.condition() {
+                    proto::SetCondition::Always => Condition::Always,
+                    proto::SetCondition::IfAbsent => Condition::IfAbsent,
+                    proto::SetCondition::IfPresent => Condition::IfPresent,
+                };
+                self.route(
+                    Kind::Set,
+                    Command::Set {
+                        key: r.key,
+                        value: r.value,
+                        ttl_ms: r.ttl_ms,
+                        condition,
+                    },
+                )
+            }
+            Op::Mget(r) => {
+                for key in r.keys {
+                    self.route(Kind::MGet, Command::Get { key });
+                }
+                Kind::MGet
+            }
+            Op::Mset(r) => {
+                for e in r.entries {
+                    let cmd = Command::Set {
+                        key: e.key,
+                        value: e.value,
+                        ttl_ms: 0,
+                        condition: Condition::Always,
+                    };
+                    self.route(Kind::MSet, cmd);
+                }
+                Kind::MSet
+            }
+            Op::Ping(r) => return Plan::Ready(ok(id, R::Ping(proto::PingResponse { payload: r.payload }))),
+            Op::Hello(_) => return Plan::Ready(ok(id, R::Hello(self.core.hello.clone()))),
+            Op::Stats(_) => {
+                self.wants_stats = true;
+                return Plan::Stats { id };
+            }
+        };
+        Plan::Keys {
+            id,
+            kind,
+            ops: start..self.outcomes.len(),
+        }
+    }
+
+    /// Limits are checked for the whole request before any part of it is applied.
+    fn check(&self, op: &Op) -> Result<(), proto::Error> {
+        let limits = &self.core.config.limits;
+        let key = |k: &Bytes| {
+            if k.len() > limits.key_bytes_max {
+                Err(err(
+                    ErrorCode::KeyTooLarge,
+                    format!(
+                        "key of {} bytes exceeds limits.key_bytes_max ({})",
+                        k.len(),
+                        limits.key_bytes_max
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        let value = |v: &Bytes| {
+            if v.len() > limits.value_bytes_max {
+                Err(err(
+                    ErrorCode::ValueTooLarge,
+                    format!(
+                        "value of {} bytes exceeds limits.value_bytes_max ({})",
+                        v.len(),
+                        limits.value_bytes_max
+                    ),
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        match op {
+            Op::Get(r) => key(&r.key),
+            Op::Del(r) => key(&r.key),
+            Op::Exists(r) => key(&r.key),
+            Op::Ttl(r) => key(&r.key),
+            Op::Expire(r) => key(&r.key),
+            Op::Set(r) => {
+                if proto::SetCondition::try_from(r.condition).is_err() {
+                    return Err(err(
+                        ErrorCode::InvalidRequest,
+                        format!("unknown set condition {}", r.condition),
+                    ));
+                }
+                key(&r.key).and_then(|()| value(&r.value))
+            }
+            Op::Mget(r) => r.keys.iter().try_for_each(key),
+            Op::Mset(r) => r
+                .entries
+                .iter()
+                .try_for_each(|e| key(&e.key).and_then(|()| value(&e.value))),
+            Op::Ping(_) | Op::Hello(_) | Op::Stats(_) => Ok(()),
+        }
+    }
+
+    /// Applies `cmd` now if this core owns its key, else queues it for the owner core.
+    fn route(&mut self, kind: Kind, cmd: Command) -> Kind {
+        let ks = &self.core.keyspace;
+        let shard = ks.shard_of(cmd.key());
+        let owner = ks.core_of_shard(shard);
+        if owner == self.core.index {
+            let outcome = self.core.store.borrow_mut().apply(shard, cmd, self.now_ms);
+            self.outcomes.push(Some(outcome));
+        } else {
+            let forward = &mut self.remote[owner as usize];
+            forward.ops.push((shard, cmd));
+            forward.slots.push(self.outcomes.len());
+            self.outcomes.push(None);
+        }
+        kind
+    }
+
+    async fn finish(mut self) -> Vec<Response> {
+        let senders = self.core.mesh.borrow().clone();
+        let mut waiting = Vec::new();
+        for (target, Forward { ops, slots }) in std::mem::take(&mut self.remote).into_iter().enumerate() {
+            if ops.is_empty() {
+                continue;
+            }
+            let Some(senders) = &senders else { continue };
+            Counters::add(&self.core.counters.forwarded_out, ops.len() as u64);
+            let (reply, rx) = oneshot::channel();
+            // Waits only while the target's queue is full: that is the backpressure. The
+            // target never waits on us to drain it, so this cannot deadlock.
+            if senders
+                .send_to(target, MeshRequest::Commands { ops, reply })
+                .await
+                .is_ok()
+            {
+                waiting.push((rx, slots));
+            }
+        }
+        let stats = if self.wants_stats {
+            Some(self.gather_stats(senders.as_deref()).await)
+        } else {
+            None
+        };
+        for (rx, slots) in waiting {
+            // A cancelled reply means the owner core is stopping: those slots stay None.
+            if let Ok(outcomes) = rx.await {
+                debug_assert_eq!(outcomes.len(), slots.len());
+                for (slot, outcome) in slots.into_iter().zip(outcomes) {
+                    self.outcomes[slot] = Some(outcome);
+                }
+            }
+        }
+        let frame_bytes_max = self.core.config.limits.frame_bytes_max;
+        std::mem::take(&mut self.plans)
+            .into_iter()
+            .map(|plan| match plan {
+                Plan::Ready(r) => r,
+                Plan::Stats { id } => ok(
+                    id,
+                    R::Stats(proto::StatsResponse {
+                        cores: stats.clone().unwrap_or_default(),
+                    }),
+                ),
+                Plan::Keys { id, kind, ops } => {
+                    let r = respond(id, kind, &mut self.outcomes[ops]);
+                    if matches!(kind, Kind::MGet) && wire::frame_len(&r) > frame_bytes_max {
+                        return error(
+                            id,
+                            ErrorCode::FrameTooLarge,
+                            format!("reply would exceed limits.frame_bytes_max ({frame_bytes_max}); split the MGET"),
+                        );
+                    }
+                    r
+                }
+            })
+            .collect()
+    }
+
+    async fn gather_stats(
+        &self,
+        senders: Option<&glommio::channels::channel_mesh::Senders<MeshRequest>>,
+    ) -> Vec<CoreStats> {
+        let cores = self.core.keyspace.cores();
+        let mut all = vec![None; cores as usize];
+        all[self.core.index as usize] = Some(self.core.stats());
+        if let Some(senders) = senders {
+            let mut waiting = Vec::new();
+            for target in (0..cores).filter(|c| *c != self.core.index) {
+                let (reply, rx) = oneshot::channel();
+                if senders
+                    .send_to(target as usize, MeshRequest::Stats { reply })
+                    .await
+                    .is_ok()
+                {
+                    waiting.push((target, rx));
+                }
+            }
+            for (target, rx) in waiting {
+                all[target as usize] = rx.await.ok();
+            }
+        }
+        // A core that could not answer (stopping) still gets its row, with only its index.
+        all.into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.unwrap_or(CoreStats {
+                    core: i as u32,
+                    ..Default::default()
+                })
+            })
+            .collect()
+    }
+}
+
+/// Builds the response of a key request from its outcomes.
+fn respond(id: u64, kind: Kind, outcomes: &mut [Option<Outcome>]) -> Response {
+    if outcomes.iter().any(Option::is_none) {
+        return error(
+            id,
+            ErrorCode::ShuttingDown,
+            "a core owning one of the keys is shutting down".into(),
+        );
+    }
+    if outcomes.iter().any(|o| matches!(o, Some(Outcome::OutOfMemory))) {
+        return error(
+            id,
+            ErrorCode::OutOfMemory,
+            "limits.memory_bytes_max reached; writes are refused".into(),
+        );
+    }
+    let mut it = outcomes.iter_mut().map(|o| o.take().unwrap_or(Outcome::Applied(false)));
+    let mut one = || it.next().unwrap_or(Outcome::Applied(false));
+    let applied = |o: Outcome| matches!(o, Outcome::Applied(true));
+    let result = match kind {
+        Kind::Get => R::Get(get_response(one())),
+        Kind::Set => R::Set(proto::SetResponse {
+            applied: applied(one()),
+        }),
+        Kind::Del => R::Del(proto::DelResponse {
+            existed: applied(one()),
+        }),
+        Kind::Exists => R::Exists(proto::ExistsResponse { exists: applied(one()) }),
+        Kind::Expire => R::Expire(proto::ExpireResponse {
+            applied: applied(one()),
+        }),
+        Kind::Ttl => R::Ttl(proto::TtlResponse {
+            ttl_ms: match one() {
+                Outcome::Ttl(t) => t,
+                _ => -2,
+            },
+        }),
+        Kind::MGet => R::Mget(proto::MGetResponse {
+            values: it.map(get_response).collect(),
+        }),
+        Kind::MSet => R::Mset(proto::MSetResponse {}),
+    };
+    ok(id, result)
+}
+
+fn get_response(o: Outcome) -> GetResponse {
+    match o {
+        Outcome::Value(Some(value)) => GetResponse { found: true, value },
+        _ => GetResponse {
+            found: false,
+            value: Bytes::new(),
+        },
+    }
+}
+
+fn ok(id: u64, result: R) -> Response {
+    Response {
+        id,
+        error: None,
+        result: Some(result),
+    }
+}
+
+fn err(code: ErrorCode, message: String) -> proto::Error {
+    proto::Error {
+        code: code as i32,
+        message,
+    }
+}
+
+/// An error response.
+pub fn error(id: u64, code: ErrorCode, message: String) -> Response {
+    Response {
+        id,
+        error: Some(err(code, message)),
+        result: None,
+    }
+}

@@ -1,0 +1,78 @@
+//! Listening sockets, made with socket2 before the executors start.
+//!
+//! Every shard core gets its own listener on the shared address (SO_REUSEPORT): the kernel
+//! spreads incoming connections over them, so no core hands sockets to another. They are
+//! bound up front, in order, so that port 0 works: the first socket binds port 0 and the
+//! others bind the port it got. Optionally each core also gets a port of its own
+//! (`core_port_base + core`) for clients that route keys to their owner core themselves.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Pending connections per listener before the kernel refuses more.
+pub const BACKLOG: i32 = 1024;
+
+/// The listeners of one core.
+pub struct CoreListeners {
+    pub shared: OwnedFd,
+    pub own: Option<OwnedFd>,
+}
+
+/// Binds `cores` SO_REUSEPORT listeners on `addr` and, when `core_port_base` is non-zero,
+/// one exclusive listener per core. Returns them per core with the shared address.
+pub fn bind_all(addr: SocketAddr, cores: usize, core_port_base: u16) -> io::Result<(Vec<CoreListeners>, SocketAddr)> {
+    if addr.port() != 0 {
+        refuse_if_in_use(addr)?;
+    }
+    let first = reuseport_listener(addr)?;
+    let bound = first
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+    let mut shared = vec![first];
+    for _ in 1..cores {
+        shared.push(reuseport_listener(bound)?);
+    }
+    let mut out = Vec::with_capacity(cores);
+    for (core, s) in shared.into_iter().enumerate() {
+        let own = if core_port_base == 0 {
+            None
+        } else {
+            let port = u16::try_from(usize::from(core_port_base) + core).map_err(|_| {
+                io::Error::other(format!("core_port_base {core_port_base} + core {core} exceeds 65535"))
+            })?;
+            let own_addr = SocketAddr::new(bound.ip(), port);
+            Some(listener(own_addr, false).map_err(|e| annotate(e, own_addr))?.into())
+        };
+        out.push(CoreListeners { shared: s.into(), own });
+    }
+    Ok((out, bound))
+}
+
+/// SO_REUSEPORT lets any process of the same user join a port silently; bind the address
+/// once without it first, so a second server on a busy port fails instead of sharing it.
+fn refuse_if_in_use(addr: SocketAddr) -> io::Result<()> {
+    listener(addr, false).map(drop).map_err(|e| annotate(e, addr))
+}
+
+fn reuseport_listener(addr: SocketAddr) -> io::Result<Socket> {
+    listener(addr, true).map_err(|e| annotate(e, addr))
+}
+
+fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket)
+}
+
+fn annotate(e: io::Error, addr: SocketAddr) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+}

@@ -1,0 +1,277 @@
+//! The node: one pinned glommio executor per shard core, a bounded channel mesh between
+//! them, and their listeners.
+//!
+//! ```text
+//!  main thread: config, listeners (bound in order so port 0 works), signals, join
+//!     |
+//!     +-- core 0: executor pinned to cpus[0]  --+-- network ring (uring.rs): accept, recv, send
+//!     |                                         +-- connections (connection.rs -> dispatch.rs)
+//!     |                                         +-- mesh service: applies other cores' batches
+//!     |                                         +-- expiry sweep
+//!     +-- core 1: the same, pinned to cpus[1]
+//! ```
+//!
+//! Socket I/O lives in `uring.rs` only; the rest of the server never sees which I/O path
+//! is used.
+
+mod connection;
+mod core;
+mod dispatch;
+mod listener;
+mod uring;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use futures::channel::oneshot;
+use futures::FutureExt;
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
+
+pub use self::uring::RingKind;
+use crate::config::Config;
+use crate::keyspace::{Keyspace, KEY_HASH_NAME};
+use crate::proto::HelloResponse;
+
+/// How long start-up waits for every core to report ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running node.
+pub struct Server {
+    local_addr: SocketAddr,
+    core_ports: Vec<u16>,
+    node_id: String,
+    cores: u32,
+    ring: RingKind,
+    shutdown: ShutdownHandle,
+    exited: mpsc::Receiver<Result<(), String>>,
+}
+
+/// Starts a graceful shutdown from any thread (a signal handler thread, a test).
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<Mutex<Option<oneshot::Sender<()>>>>);
+
+impl ShutdownHandle {
+    /// Stop accepting, answer what was read, refuse the rest. Idempotent.
+    pub fn shutdown(&self) {
+        if let Some(tx) = self.0.lock().ok().and_then(|mut t| t.take()) {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("a core failed to start: {0}")]
+    Core(String),
+}
+
+impl Server {
+    /// Starts a node and returns once every core accepts connections.
+    pub fn start(config: Config) -> Result<Server, StartError> {
+        let cpus = pick_cpus(&config)?;
+        let cores = cpus.len() as u32;
+        let keyspace = Keyspace::new(config.shards, cores).map_err(StartError::Invalid)?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StartError::Invalid(format!("cannot create data_dir {}: {e}", config.data_dir.display())))?;
+        let node_id = node_id(&config)?;
+        let listen: SocketAddr = config
+            .listen
+            .parse()
+            .map_err(|_| StartError::Invalid(format!("bad listen address {}", config.listen)))?;
+        let (listeners, local_addr) = listener::bind_all(listen, cpus.len(), config.core_port_base)?;
+        let core_ports: Vec<u16> = match config.core_port_base {
+            0 => Vec::new(),
+            base => (0..cores as u16).map(|i| base + i).collect(),
+        };
+        let hello = HelloResponse {
+            node_id: node_id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            cores,
+            shards: config.shards,
+            core_ports: core_ports.iter().map(|p| u32::from(*p)).collect(),
+            key_hash: KEY_HASH_NAME.into(),
+        };
+
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let placement = PoolPlacement::Custom(
+            cpus.iter()
+                .map(|&cpu| CpuSet::online().map(|s| s.filter(|l| l.cpu == cpu)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| StartError::Invalid(format!("cannot read the CPU topology: {e}")))?,
+        );
+        let io_memory = config.runtime.io_memory_bytes;
+        let mesh_depth = config.limits.mesh_messages_max;
+        let boot = Arc::new(core::Boot {
+            config,
+            keyspace,
+            hello,
+            listeners: Mutex::new(listeners.into_iter().map(Some).collect()),
+            shutdown: shutdown_rx.shared(),
+            ready: Mutex::new(ready_tx),
+        });
+        let mesh = (cores > 1).then(|| MeshBuilder::full(cores as usize, mesh_depth));
+        let handles = LocalExecutorPoolBuilder::new(placement)
+            .name("flux-core")
+            .io_memory(io_memory)
+            .on_all_shards(move || {
+                let (boot, mesh) = (boot.clone(), mesh.clone());
+                async move { core::run(boot, mesh).await }
+            })
+            .map_err(|e| StartError::Core(e.to_string()))?;
+
+        let (exit_tx, exited) = mpsc::channel();
+        std::thread::Builder::new().name("flux-join".into()).spawn(move || {
+            let failures: Vec<String> = handles
+                .join_all()
+                .into_iter()
+                .filter_map(|r| match r {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e),
+                    Err(e) => Some(e.to_string()),
+                })
+                .collect();
+            let _ = exit_tx.send(if failures.is_empty() {
+                Ok(())
+            } else {
+                Err(failures.join("; "))
+            });
+        })?;
+
+        let mut ring = RingKind::DeferTaskrun;
+        for _ in 0..cores {
+            match ready_rx.recv_timeout(START_TIMEOUT) {
+                Ok(Ok((_, kind))) => {
+                    if kind == RingKind::Plain {
+                        ring = kind;
+                    }
+                }
+                Ok(Err(e)) => return Err(StartError::Core(e)),
+                Err(_) => return Err(StartError::Core("cores did not report ready in time".into())),
+            }
+        }
+        Ok(Server {
+            local_addr,
+            core_ports,
+            node_id,
+            cores,
+            ring,
+            shutdown: ShutdownHandle(Arc::new(Mutex::new(Some(shutdown_tx)))),
+            exited,
+        })
+    }
+
+    /// The shared address every core listens on (with the real port when 0 was asked).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Per-core ports, when `core_port_base` is set.
+    pub fn core_ports(&self) -> &[u16] {
+        &self.core_ports
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn cores(&self) -> u32 {
+        self.cores
+    }
+
+    /// Which network ring the cores use (the fast path needs Linux 6.1+).
+    pub fn ring_kind(&self) -> RingKind {
+        self.ring
+    }
+
+    /// A handle that begins a graceful shutdown.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.shutdown.clone()
+    }
+
+    /// Waits until every core has stopped, at most `timeout`. `None` means still running.
+    pub fn wait(&self, timeout: Duration) -> Option<Result<(), String>> {
+        match self.exited.recv_timeout(timeout) {
+            Ok(r) => Some(r),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err("core join thread vanished".into())),
+        }
+    }
+}
+
+/// The CPUs the shard executors are pinned to: `cpus` if given, else the first `cores`
+/// online CPUs (`cores = 0`: all of them).
+fn pick_cpus(config: &Config) -> Result<Vec<usize>, StartError> {
+    let online: Vec<usize> = {
+        let mut v: Vec<usize> = CpuSet::online()
+            .map_err(|e| StartError::Invalid(format!("cannot list online CPUs: {e}")))?
+            .into_iter()
+            .map(|l| l.cpu)
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    if !config.cpus.is_empty() {
+        if let Some(bad) = config.cpus.iter().find(|c| !online.contains(c)) {
+            return Err(StartError::Invalid(format!(
+                "cpus: CPU {bad} is not online (online: {online:?})"
+            )));
+        }
+        return Ok(config.cpus.clone());
+    }
+    let cores = match config.cores as usize {
+        0 => online.len(),
+        n => n,
+    };
+    if cores > online.len() {
+        return Err(StartError::Invalid(format!(
+            "cores: {cores} asked but only {} CPUs are online; pinning one executor per CPU",
+            online.len()
+        )));
+    }
+    Ok(online[..cores].to_vec())
+}
+
+/// The node id: configured, or created once and kept in `data_dir/node_id`.
+fn node_id(config: &Config) -> Result<String, StartError> {
+    if !config.cluster.node_id.is_empty() {
+        return Ok(config.cluster.node_id.clone());
+    }
+    let path = config.data_dir.join("node_id");
+    match std::fs::read_to_string(&path) {
+        Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StartError::Invalid(format!("cannot read {}: {e}", path.display()))),
+    }
+    let id = new_node_id();
+    write_atomically(&path, format!("{id}\n").as_bytes())
+        .map_err(|e| StartError::Invalid(format!("cannot write {}: {e}", path.display())))?;
+    Ok(id)
+}
+
+/// 64 bits from the clock, pid and address-space layout: unique enough for node names.
+fn new_node_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let stack = &nanos as *const _ as usize;
+    let seed = format!("{nanos}-{}-{stack}", std::process::id());
+    format!("flux-{:016x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()))
+}
+
+fn write_atomically(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,159 @@
+//! The shards one core owns, and that core's share of the memory limit.
+
+use super::{Command, Outcome, Shard};
+use crate::keyspace::Keyspace;
+
+/// All shards owned by one core. Lives in that core's thread only.
+pub struct CoreStore {
+    keyspace: Keyspace,
+    core: u32,
+    /// Indexed by `Keyspace::local_index`.
+    shards: Vec<Shard>,
+    /// This core's share of `limits.memory_bytes_max`; `u64::MAX` when unlimited.
+    memory_bytes_max: u64,
+    memory_bytes: u64,
+    /// Where the next sweep starts, so a bounded sweep visits every shard in turn.
+    sweep_cursor: usize,
+}
+
+impl CoreStore {
+    /// `node_memory_bytes_max` is the node-wide limit (0 = unlimited); each core gets an equal
+    /// share so no core has to ask another before a write.
+    pub fn new(keyspace: Keyspace, core: u32, node_memory_bytes_max: u64) -> Self {
+        let shards = keyspace.shards_of_core(core).map(|_| Shard::default()).collect();
+        let memory_bytes_max = match node_memory_bytes_max {
+            0 => u64::MAX,
+            n => (n / u64::from(keyspace.cores())).max(1),
+        };
+        Self {
+            keyspace,
+            core,
+            shards,
+            memory_bytes_max,
+            memory_bytes: 0,
+            sweep_cursor: 0,
+        }
+    }
+
+    pub fn keyspace(&self) -> &Keyspace {
+        &self.keyspace
+    }
+
+    pub fn core(&self) -> u32 {
+        self.core
+    }
+
+    /// Applies `cmd` to `shard`, which this core must own.
+    pub fn apply(&mut self, shard: u32, cmd: Command, now_ms: u64) -> Outcome {
+        assert_eq!(
+            self.keyspace.core_of_shard(shard),
+            self.core,
+            "shard {shard} routed to the wrong core"
+        );
+        debug_assert_eq!(self.keyspace.shard_of(cmd.key()), shard);
+        let room = self.memory_bytes_max.saturating_sub(self.memory_bytes);
+        let s = &mut self.shards[self.keyspace.local_index(shard)];
+        let before = s.memory_bytes();
+        let outcome = s.apply(cmd, now_ms, room);
+        self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
+        outcome
+    }
+
+    /// Removes at most `max_keys` expired keys across this core's shards. Returns how many
+    /// were removed; equal to `max_keys` means more may be due.
+    pub fn sweep(&mut self, now_ms: u64, max_keys: usize) -> usize {
+        let n = self.shards.len();
+        let mut removed = 0;
+        for step in 0..n {
+            if removed == max_keys {
+                break;
+            }
+            let i = (self.sweep_cursor + step) % n;
+            let s = &mut self.shards[i];
+            let before = s.memory_bytes();
+            removed += s.sweep(now_ms, max_keys - removed);
+            self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
+        }
+        self.sweep_cursor = (self.sweep_cursor + 1) % n.max(1);
+        removed
+    }
+
+    pub fn keys(&self) -> u64 {
+        self.shards.iter().map(|s| s.len() as u64).sum()
+    }
+
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::Condition;
+    use bytes::Bytes;
+
+    fn key_on_core(ks: &Keyspace, core: u32, n: usize) -> Vec<Bytes> {
+        (0..)
+            .map(|i| Bytes::from(format!("k{i}")))
+            .filter(|k| ks.core_of(k) == core)
+            .take(n)
+            .collect()
+    }
+
+    // Goal: the node memory limit is split per core and enforced across that core's shards.
+    #[test]
+    fn memory_share_is_enforced_across_shards() {
+        let ks = Keyspace::new(8, 2).unwrap();
+        let mut store = CoreStore::new(ks, 1, 2 * 3 * (96 + 2 + 1));
+        let mut applied = 0;
+        for key in key_on_core(&ks, 1, 5) {
+            let shard = ks.shard_of(&key);
+            let set = Command::Set {
+                key,
+                value: Bytes::from_static(b"v"),
+                ttl_ms: 0,
+                condition: Condition::Always,
+            };
+            if store.apply(shard, set, 0) == Outcome::Applied(true) {
+                applied += 1;
+            }
+        }
+        assert_eq!(applied, 3);
+        assert_eq!(store.keys(), 3);
+    }
+
+    // Goal: a bounded sweep removes no more than asked and the rest on later calls.
+    #[test]
+    fn sweep_is_bounded() {
+        let ks = Keyspace::new(8, 1).unwrap();
+        let mut store = CoreStore::new(ks, 0, 0);
+        for key in key_on_core(&ks, 0, 50) {
+            let shard = ks.shard_of(&key);
+            store.apply(
+                shard,
+                Command::Set {
+                    key,
+                    value: Bytes::new(),
+                    ttl_ms: 10,
+                    condition: Condition::Always,
+                },
+                0,
+            );
+        }
+        assert_eq!(store.sweep(5, 100), 0);
+        assert_eq!(store.sweep(20, 30), 30);
+        assert_eq!(store.sweep(20, 30), 20);
+        assert_eq!((store.keys(), store.memory_bytes()), (0, 0));
+    }
+
+    // Goal: a command for a shard this core does not own is a bug caught at the boundary.
+    #[test]
+    #[should_panic(expected = "routed to the wrong core")]
+    fn wrong_core_is_caught() {
+        let ks = Keyspace::new(8, 2).unwrap();
+        let mut store = CoreStore::new(ks, 0, 0);
+        let key = key_on_core(&ks, 1, 1).remove(0);
+        store.apply(ks.shard_of(&key), Command::Get { key }, 0);
+    }
+}

@@ -1,0 +1,295 @@
+//! Test harness: runs the real `flux-server` binary on port 0 and talks to it over TCP with
+//! the crate's own frame codec.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use flux_kv::proto::{self, request::Op, response::Result as R, Request, Response};
+use flux_kv::wire;
+use prost::Message;
+
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct TestServer {
+    child: Child,
+    pub addr: SocketAddr,
+    pub core_ports: Vec<u16>,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with `args` on 127.0.0.1:0 and a fresh data dir; waits for "ready".
+    pub fn start(args: &[&str]) -> TestServer {
+        Self::start_env(args, &[])
+    }
+
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
+        let data_dir = tempfile::tempdir().expect("temp dir");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_flux-server"));
+        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir.path())
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn flux-server");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("flux-server ready") {
+                    let _ = tx.send(line.clone());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let ready = match rx.recv_timeout(TIMEOUT) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not become ready; log:\n{}", log.lock().unwrap().join("\n"));
+            }
+        };
+        let addr = field(&ready, "listen").parse().expect("listen address in ready line");
+        let core_ports = field(&ready, "core_ports")
+            .trim_matches(|c| c == '[' || c == ']')
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.trim().parse().unwrap())
+            .collect();
+        TestServer {
+            child,
+            addr,
+            core_ports,
+            log,
+            data_dir,
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Stats of every core, through a fresh connection.
+    pub fn stats(&self) -> Vec<proto::CoreStats> {
+        match self.connect().call(Op::Stats(proto::StatsRequest {})).result {
+            Some(R::Stats(s)) => s.cores,
+            other => panic!("stats: {other:?}"),
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value` from a tracing line (value up to the next space, quotes removed).
+fn field(line: &str, key: &str) -> String {
+    let start = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + key.len()
+        + 2;
+    let rest = &line[start..];
+    let end = if rest.starts_with('[') {
+        rest.find(']').map(|i| i + 1)
+    } else {
+        rest.find(' ')
+    }
+    .unwrap_or(rest.len());
+    rest[..end].trim_matches('"').to_string()
+}
+
+/// A blocking protocol client for tests.
+pub struct Client {
+    pub stream: TcpStream,
+    input: BytesMut,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            input: BytesMut::new(),
+            next_id: 1,
+        }
+    }
+
+    pub fn request(&mut self, op: Op) -> Request {
+        let id = self.next_id;
+        self.next_id += 1;
+        Request { id, op: Some(op) }
+    }
+
+    pub fn send(&mut self, req: &Request) {
+        self.stream.write_all(&wire::frame(req)).expect("send");
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send raw");
+    }
+
+    /// The next response, or `None` when the server closed the connection.
+    pub fn recv(&mut self) -> Option<Response> {
+        loop {
+            if let Some(payload) = wire::take_frame(&mut self.input, usize::MAX).unwrap() {
+                return Some(Response::decode(payload).expect("response decodes"));
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.input.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+    }
+
+    /// Sends one request and returns its response, checking the id.
+    pub fn call(&mut self, op: Op) -> Response {
+        let req = self.request(op);
+        self.send(&req);
+        let resp = self.recv().expect("connection closed before the response");
+        assert_eq!(resp.id, req.id, "response id");
+        resp
+    }
+
+    pub fn set(&mut self, key: &[u8], value: &[u8]) -> bool {
+        self.set_with(key, value, 0, proto::SetCondition::Always)
+    }
+
+    pub fn set_with(&mut self, key: &[u8], value: &[u8], ttl_ms: u64, cond: proto::SetCondition) -> bool {
+        let op = Op::Set(proto::SetRequest {
+            key: b(key),
+            value: b(value),
+            ttl_ms,
+            condition: cond as i32,
+        });
+        match self.call(op) {
+            Response {
+                error: None,
+                result: Some(R::Set(r)),
+                ..
+            } => r.applied,
+            other => panic!("set: {other:?}"),
+        }
+    }
+
+    pub fn get(&mut self, key: &[u8]) -> Option<Vec<u8>> {
+        match self.call(Op::Get(proto::GetRequest { key: b(key) })) {
+            Response {
+                error: None,
+                result: Some(R::Get(r)),
+                ..
+            } => r.found.then(|| r.value.to_vec()),
+            other => panic!("get: {other:?}"),
+        }
+    }
+
+    pub fn del(&mut self, key: &[u8]) -> bool {
+        match self.call(Op::Del(proto::DelRequest { key: b(key) })) {
+            Response {
+                error: None,
+                result: Some(R::Del(r)),
+                ..
+            } => r.existed,
+            other => panic!("del: {other:?}"),
+        }
+    }
+
+    pub fn exists(&mut self, key: &[u8]) -> bool {
+        match self.call(Op::Exists(proto::ExistsRequest { key: b(key) })) {
+            Response {
+                error: None,
+                result: Some(R::Exists(r)),
+                ..
+            } => r.exists,
+            other => panic!("exists: {other:?}"),
+        }
+    }
+
+    pub fn expire(&mut self, key: &[u8], ttl_ms: u64) -> bool {
+        match self.call(Op::Expire(proto::ExpireRequest { key: b(key), ttl_ms })) {
+            Response {
+                error: None,
+                result: Some(R::Expire(r)),
+                ..
+            } => r.applied,
+            other => panic!("expire: {other:?}"),
+        }
+    }
+
+    pub fn ttl(&mut self, key: &[u8]) -> i64 {
+        match self.call(Op::Ttl(proto::TtlRequest { key: b(key) })) {
+            Response {
+                error: None,
+                result: Some(R::Ttl(r)),
+                ..
+            } => r.ttl_ms,
+            other => panic!("ttl: {other:?}"),
+        }
+    }
+}
+
+pub fn b(s: &[u8]) -> Bytes {
+    Bytes::copy_from_slice(s)
+}
+
+/// The error code of a response, if it is an error.
+pub fn code(r: &Response) -> Option<proto::ErrorCode> {
+    r.error.as_ref().map(|e| proto::ErrorCode::try_from(e.code).unwrap())
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
