@@ -19,14 +19,17 @@
 //! - [`wire`]: the frame codec shared by server and clients; [`proto`]: the generated messages.
 //! - [`keyspace`]: key -> shard -> core, the routing rule the protocol documents.
 //! - [`shard`]: one shard's map, expiry and memory accounting; a core's set of shards.
+//! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
 //! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and
 //!   io_uring stay behind this module.
-//! - `src/bin/flux-server.rs`: parses flags, calls [`server::run`].
+//! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`.
 
+pub mod client;
 pub mod config;
 pub mod keyspace;
 pub mod server;
 pub mod shard;
+pub mod tools;
 pub mod wire;
 
 /// Messages of the client protocol, generated from proto/flux.proto (package `flux.v1`).

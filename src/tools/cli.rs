@@ -1,0 +1,290 @@
+//! flux-cli: one-shot commands and an interactive prompt, over the Rust client.
+//!
+//! The one-shot command line and each line typed at the prompt go through the same parser,
+//! so `flux-cli set k v --ttl 10s` and `set k v --ttl 10s` at the prompt mean the same.
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+
+use crate::client::{Client, ClientConfig, Condition, SetOptions, Ttl};
+use crate::proto::HelloResponse;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flux-cli",
+    version,
+    about = "Command-line client for Flux-KV; no command starts a prompt"
+)]
+pub struct Args {
+    /// Node address (host:port).
+    #[arg(long, default_value = "127.0.0.1:7379", env = "FLUX_ADDR")]
+    pub addr: String,
+    /// Timeout for connecting and for each request (10s, 500ms, ...).
+    #[arg(long, default_value = "5s", value_parser = super::parse_duration)]
+    pub timeout: Duration,
+    /// Print values as raw bytes instead of escaped, quoted strings.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(subcommand)]
+    pub command: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum Cmd {
+    /// Read a key.
+    Get { key: String },
+    /// Write a key.
+    Set {
+        key: String,
+        value: String,
+        /// Time to live (10s, 500ms, 1h).
+        #[arg(long, value_parser = super::parse_duration)]
+        ttl: Option<Duration>,
+        /// Only if the key does not exist.
+        #[arg(long, conflicts_with = "xx")]
+        nx: bool,
+        /// Only if the key exists.
+        #[arg(long)]
+        xx: bool,
+    },
+    /// Remove a key.
+    Del { key: String },
+    /// Does the key exist?
+    Exists { key: String },
+    /// Set a key's time to live; 0 removes the expiry.
+    Expire {
+        key: String,
+        #[arg(value_parser = super::parse_duration)]
+        ttl: Duration,
+    },
+    /// Remaining time to live in ms (-1: no expiry, -2: no such key).
+    Ttl { key: String },
+    /// Read many keys.
+    Mget {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Write many keys: KEY VALUE [KEY VALUE ...].
+    Mset {
+        #[arg(required = true, num_args = 2.., value_names = ["KEY", "VALUE"])]
+        pairs: Vec<String>,
+    },
+    /// Round trip check.
+    Ping { payload: Option<String> },
+    /// Per-core counters of the node.
+    Stats,
+    /// Node identity and routing parameters.
+    Hello,
+}
+
+/// Runs flux-cli with the process arguments.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flux-cli: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(args))
+}
+
+async fn run(args: Args) -> ExitCode {
+    let config = ClientConfig {
+        connect_timeout: args.timeout,
+        request_timeout: args.timeout,
+        ..Default::default()
+    };
+    let client = match Client::connect(&args.addr, config).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("(error) {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        Some(cmd) => match execute(&client, cmd, args.raw, &mut out).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                let _ = out.flush();
+                eprintln!("(error) {e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => {
+            drop(out);
+            prompt(&client, &args.addr, args.raw).await
+        }
+    }
+}
+
+/// The interactive prompt: line editing and history (rustyline).
+async fn prompt(client: &Client, addr: &str, raw: bool) -> ExitCode {
+    let mut editor = match rustyline::DefaultEditor::new() {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("flux-cli: no line editor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let history = std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".flux_cli_history"));
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
+    let prompt = format!("flux {addr}> ");
+    loop {
+        let line = match editor.readline(&prompt) {
+            Ok(l) => l,
+            Err(rustyline::error::ReadlineError::Interrupted) => continue,
+            Err(_) => break,
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(line);
+        if matches!(line, "quit" | "exit") {
+            break;
+        }
+        let Some(words) = shlex::split(line) else {
+            println!("(error) unbalanced quotes");
+            continue;
+        };
+        let parsed = Args::try_parse_from(std::iter::once("flux-cli".to_string()).chain(words));
+        match parsed {
+            Ok(Args { command: Some(cmd), .. }) => {
+                let mut out = std::io::stdout().lock();
+                if let Err(e) = execute(client, cmd, raw, &mut out).await {
+                    let _ = writeln!(out, "(error) {e}");
+                }
+            }
+            Ok(_) => println!("(error) type a command, `help`, or `quit`"),
+            Err(e) => println!("{e}"),
+        }
+    }
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Executes one command and prints its result.
+pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write) -> Result<(), String> {
+    let e = |e: crate::client::Error| e.to_string();
+    let io = |e: std::io::Error| e.to_string();
+    match cmd {
+        Cmd::Get { key } => {
+            let v = client.get(key).await.map_err(e)?;
+            write_value(out, v.as_ref(), raw).map_err(io)
+        }
+        Cmd::Set {
+            key,
+            value,
+            ttl,
+            nx,
+            xx,
+        } => {
+            let condition = match (nx, xx) {
+                (true, _) => Condition::IfAbsent,
+                (_, true) => Condition::IfPresent,
+                _ => Condition::Always,
+            };
+            let applied = client
+                .set_with(key, value, SetOptions { ttl, condition })
+                .await
+                .map_err(e)?;
+            writeln!(out, "{}", if applied { "OK" } else { "(not applied)" }).map_err(io)
+        }
+        Cmd::Del { key } => writeln!(out, "{}", client.del(key).await.map_err(e)? as u8).map_err(io),
+        Cmd::Exists { key } => writeln!(out, "{}", client.exists(key).await.map_err(e)? as u8).map_err(io),
+        Cmd::Expire { key, ttl } => {
+            let ttl = (!ttl.is_zero()).then_some(ttl);
+            writeln!(out, "{}", client.expire(key, ttl).await.map_err(e)? as u8).map_err(io)
+        }
+        Cmd::Ttl { key } => {
+            let ms = match client.ttl(key).await.map_err(e)? {
+                Ttl::Missing => -2,
+                Ttl::Persistent => -1,
+                Ttl::Expires(d) => d.as_millis() as i64,
+            };
+            writeln!(out, "{ms}").map_err(io)
+        }
+        Cmd::Mget { keys } => {
+            for v in client.mget(keys).await.map_err(e)? {
+                write_value(out, v.as_ref(), raw).map_err(io)?;
+            }
+            Ok(())
+        }
+        Cmd::Mset { pairs } => {
+            if pairs.len() % 2 != 0 {
+                return Err("mset takes KEY VALUE pairs".into());
+            }
+            let entries: Vec<(String, String)> = pairs.chunks(2).map(|p| (p[0].clone(), p[1].clone())).collect();
+            client.mset(entries).await.map_err(e)?;
+            writeln!(out, "OK").map_err(io)
+        }
+        Cmd::Ping { payload } => {
+            let p = client.ping(payload.unwrap_or_default()).await.map_err(e)?;
+            if p.is_empty() {
+                writeln!(out, "PONG").map_err(io)
+            } else {
+                write_value(out, Some(&p), raw).map_err(io)
+            }
+        }
+        Cmd::Stats => {
+            let cores = client.stats().await.map_err(e)?;
+            write_stats(out, &cores).map_err(io)
+        }
+        Cmd::Hello => write_hello(out, client.hello()).map_err(io),
+    }
+}
+
+/// Prints a value: escaped and quoted by default, raw bytes with `--raw`; `(nil)` if missing.
+fn write_value(out: &mut impl Write, v: Option<&Bytes>, raw: bool) -> std::io::Result<()> {
+    match (v, raw) {
+        (None, _) => writeln!(out, "(nil)"),
+        (Some(v), true) => {
+            out.write_all(v)?;
+            writeln!(out)
+        }
+        (Some(v), false) => writeln!(out, "\"{}\"", v.escape_ascii()),
+    }
+}
+
+fn write_stats(out: &mut impl Write, cores: &[crate::proto::CoreStats]) -> std::io::Result<()> {
+    writeln!(
+        out,
+        "{:>4} {:>10} {:>8} {:>14} {:>12} {:>12} {:>12} {:>14}",
+        "core", "accepted", "open", "requests", "fwd_out", "fwd_in", "keys", "memory_bytes"
+    )?;
+    for c in cores {
+        writeln!(
+            out,
+            "{:>4} {:>10} {:>8} {:>14} {:>12} {:>12} {:>12} {:>14}",
+            c.core,
+            c.connections_accepted,
+            c.connections_open,
+            c.requests,
+            c.forwarded_out,
+            c.forwarded_in,
+            c.keys,
+            c.memory_bytes
+        )?;
+    }
+    Ok(())
+}
+
+fn write_hello(out: &mut impl Write, h: &HelloResponse) -> std::io::Result<()> {
+    writeln!(out, "node_id:    {}", h.node_id)?;
+    writeln!(out, "version:    {}", h.version)?;
+    writeln!(out, "cores:      {}", h.cores)?;
+    writeln!(out, "shards:     {}", h.shards)?;
+    writeln!(out, "core_ports: {:?}", h.core_ports)?;
+    writeln!(out, "key_hash:   {}", h.key_hash)
+}
