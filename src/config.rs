@@ -29,6 +29,10 @@ pub const DEFAULT_RING_ENTRIES: u32 = 4_096;
 /// Small on purpose: sockets use the per-core network ring, not glommio's registered
 /// buffers, and RLIMIT_MEMLOCK is often only 8 MiB for the whole process.
 pub const DEFAULT_IO_MEMORY_BYTES: usize = 1 << 20;
+/// A core busy with its own sockets notices messages from other cores (forwarded keys,
+/// replies) only when glommio's preempt timer fires; glommio's default of 100 ms showed up
+/// as 100 ms stalls at p99.9 under load. 1 ms bounds them at no measured throughput cost.
+pub const DEFAULT_PREEMPT_TIMER_US: u64 = 1_000;
 
 /// Help line for every config key, in the order `--help` and the README show them.
 pub const KEY_DOCS: &[(&str, &str)] = &[
@@ -50,6 +54,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("limits.mesh_messages_max", "messages queued from one core to another before the sender waits"),
     ("runtime.ring_entries", "submission queue entries of each core's network io_uring"),
     ("runtime.io_memory_bytes", "glommio registered I/O memory per core (counts against RLIMIT_MEMLOCK)"),
+    ("runtime.preempt_timer_us", "longest a busy core runs before it looks at other cores' messages"),
     ("cluster.node_id", "node identity; empty = a random id created on first start and kept in data_dir/node_id"),
 ];
 
@@ -90,6 +95,7 @@ pub struct Limits {
 pub struct Runtime {
     pub ring_entries: u32,
     pub io_memory_bytes: usize,
+    pub preempt_timer_us: u64,
 }
 
 /// Cluster identity (registration in etcd builds on it).
@@ -137,6 +143,7 @@ impl Default for Runtime {
         Self {
             ring_entries: DEFAULT_RING_ENTRIES,
             io_memory_bytes: DEFAULT_IO_MEMORY_BYTES,
+            preempt_timer_us: DEFAULT_PREEMPT_TIMER_US,
         }
     }
 }
@@ -234,6 +241,12 @@ impl Config {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
             }
+        }
+        if !(50..=1_000_000).contains(&self.runtime.preempt_timer_us) {
+            return fail(format!(
+                "runtime.preempt_timer_us: {} is outside 50..=1000000",
+                self.runtime.preempt_timer_us
+            ));
         }
         if !self.runtime.ring_entries.is_power_of_two() || self.runtime.ring_entries < 8 {
             return fail(format!(

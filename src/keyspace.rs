@@ -38,10 +38,22 @@ impl Keyspace {
         self.cores
     }
 
+    /// The routing hash of a key: `xxh3_64(key, seed 0)`. Computed once per key operation
+    /// and carried along, so the owner core does not hash the key again.
+    #[inline]
+    pub fn hash(key: &[u8]) -> u64 {
+        xxh3_64(key)
+    }
+
     /// `xxh3_64(key, seed 0) & (shards - 1)`.
     #[inline]
     pub fn shard_of(&self, key: &[u8]) -> u32 {
-        (xxh3_64(key) & u64::from(self.shards - 1)) as u32
+        self.shard_of_hash(Self::hash(key))
+    }
+
+    #[inline]
+    pub fn shard_of_hash(&self, hash: u64) -> u32 {
+        (hash & u64::from(self.shards - 1)) as u32
     }
 
     /// Shard `s` is owned by core `s % cores`.

@@ -15,6 +15,7 @@ use glommio::sync::{Gate, Semaphore};
 use glommio::{spawn_local, timer::sleep};
 
 use super::connection;
+use super::forward::Outboxes;
 use super::listener::CoreListeners;
 use super::uring::{Ring, RingKind};
 use crate::config::Config;
@@ -35,7 +36,7 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 pub enum MeshRequest {
     /// Key operations for shards the receiving core owns, in the order to apply them.
     Commands {
-        ops: Vec<(u32, Command)>,
+        ops: Vec<(u64, Command)>,
         reply: oneshot::Sender<Vec<Outcome>>,
     },
     Stats {
@@ -83,6 +84,8 @@ pub struct Core {
     pub store: RefCell<CoreStore>,
     pub counters: Counters,
     pub ring: Rc<Ring>,
+    /// Work queued for other cores, sent once per executor round (see `forward.rs`).
+    pub outboxes: Outboxes,
     /// Senders to the other cores; taken at shutdown so their mesh services can end.
     pub mesh: RefCell<Option<Rc<Senders<MeshRequest>>>>,
     /// Closed (never signalled) at shutdown: a broadcast every task can await.
@@ -119,10 +122,7 @@ impl Core {
                 Counters::add(&self.counters.forwarded_in, ops.len() as u64);
                 let now = now_ms();
                 let mut store = self.store.borrow_mut();
-                let outcomes = ops
-                    .into_iter()
-                    .map(|(shard, cmd)| store.apply(shard, cmd, now))
-                    .collect();
+                let outcomes = ops.into_iter().map(|(hash, cmd)| store.apply(hash, cmd, now)).collect();
                 // The requester may have gone (connection closed); nothing to do then.
                 let _ = reply.send(outcomes);
             }
@@ -200,6 +200,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         )),
         counters: Counters::default(),
         ring,
+        outboxes: Outboxes::new(boot.keyspace.cores() as usize),
         mesh: RefCell::new(senders.map(Rc::new)),
         shutdown: Rc::new(Semaphore::new(0)),
         tasks: Gate::new(),

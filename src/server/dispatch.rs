@@ -15,7 +15,9 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use prost::Message;
 
-use super::core::{Core, Counters, MeshRequest};
+use super::core::{Core, MeshRequest};
+use super::forward;
+use crate::keyspace::Keyspace;
 use crate::proto::{self, request::Op, response::Result as R, CoreStats, ErrorCode, GetResponse, Request, Response};
 use crate::shard::{now_ms, Command, Condition, Outcome};
 use crate::wire;
@@ -39,17 +41,17 @@ enum Kind {
     MSet,
 }
 
-/// Key operations bound for one other core: (shard, command) in apply order, and the
+/// Key operations bound for one other core: (routing hash, command) in apply order, and the
 /// outcome slot each one fills.
 #[derive(Default)]
 struct Forward {
-    ops: Vec<(u32, Command)>,
+    ops: Vec<(u64, Command)>,
     slots: Vec<usize>,
 }
 
 /// One batch in flight on one connection.
 struct Batch<'a> {
-    core: &'a Core,
+    core: &'a Rc<Core>,
     now_ms: u64,
     plans: Vec<Plan>,
     /// One per key operation; `None` until a remote core answers (stays `None` if it cannot).
@@ -227,14 +229,14 @@ impl Batch<'_> {
     /// Applies `cmd` now if this core owns its key, else queues it for the owner core.
     fn route(&mut self, kind: Kind, cmd: Command) -> Kind {
         let ks = &self.core.keyspace;
-        let shard = ks.shard_of(cmd.key());
-        let owner = ks.core_of_shard(shard);
+        let hash = Keyspace::hash(cmd.key());
+        let owner = ks.core_of_shard(ks.shard_of_hash(hash));
         if owner == self.core.index {
-            let outcome = self.core.store.borrow_mut().apply(shard, cmd, self.now_ms);
+            let outcome = self.core.store.borrow_mut().apply(hash, cmd, self.now_ms);
             self.outcomes.push(Some(outcome));
         } else {
             let forward = &mut self.remote[owner as usize];
-            forward.ops.push((shard, cmd));
+            forward.ops.push((hash, cmd));
             forward.slots.push(self.outcomes.len());
             self.outcomes.push(None);
         }
@@ -242,25 +244,13 @@ impl Batch<'_> {
     }
 
     async fn finish(mut self) -> Vec<Response> {
-        let senders = self.core.mesh.borrow().clone();
         let mut waiting = Vec::new();
         for (target, Forward { ops, slots }) in std::mem::take(&mut self.remote).into_iter().enumerate() {
-            if ops.is_empty() {
-                continue;
-            }
-            let Some(senders) = &senders else { continue };
-            Counters::add(&self.core.counters.forwarded_out, ops.len() as u64);
-            let (reply, rx) = oneshot::channel();
-            // Waits only while the target's queue is full: that is the backpressure. The
-            // target never waits on us to drain it, so this cannot deadlock.
-            if senders
-                .send_to(target, MeshRequest::Commands { ops, reply })
-                .await
-                .is_ok()
-            {
-                waiting.push((rx, slots));
+            if !ops.is_empty() {
+                waiting.push((forward::forward(self.core, target, ops), slots));
             }
         }
+        let senders = self.core.mesh.borrow().clone();
         let stats = if self.wants_stats {
             Some(self.gather_stats(senders.as_deref()).await)
         } else {

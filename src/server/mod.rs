@@ -17,6 +17,7 @@
 mod connection;
 mod core;
 mod dispatch;
+mod forward;
 mod listener;
 mod uring;
 
@@ -108,6 +109,7 @@ impl Server {
                 .map_err(|e| StartError::Invalid(format!("cannot read the CPU topology: {e}")))?,
         );
         let io_memory = config.runtime.io_memory_bytes;
+        let preempt = Duration::from_micros(config.runtime.preempt_timer_us);
         let mesh_depth = config.limits.mesh_messages_max;
         let boot = Arc::new(core::Boot {
             config,
@@ -121,6 +123,7 @@ impl Server {
         let handles = LocalExecutorPoolBuilder::new(placement)
             .name("flux-core")
             .io_memory(io_memory)
+            .preempt_timer(preempt)
             .on_all_shards(move || {
                 let (boot, mesh) = (boot.clone(), mesh.clone());
                 async move { core::run(boot, mesh).await }

@@ -190,9 +190,9 @@ impl Ring {
                 w.wake();
             }
             // Let the woken tasks run (and queue their next operations) before the next
-            // submit, so one io_uring_enter carries the work of many connections. glommio's
-            // own wake-ups (mesh messages, timers) land on its latency ring and preempt this
-            // loop, so cross-core traffic is not held back by a busy network ring.
+            // submit, so one io_uring_enter carries the work of many connections. While this
+            // loop keeps the run queue busy, glommio looks at other cores' messages only when
+            // its preempt timer fires: `runtime.preempt_timer_us` bounds that wait.
             glommio::executor().yield_now().await;
         }
     }

@@ -16,15 +16,18 @@ use std::collections::BTreeSet;
 
 use bytes::Bytes;
 use hashbrown::HashTable;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Bytes charged per entry on top of key and value: the table slot, the `Bytes` handles and
 /// allocator rounding, measured roughly. Keeps `memory_bytes_max` honest for small values.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 96;
 
-/// Seed for the in-shard table hash. It must differ from the routing hash (seed 0): every key
-/// of a shard shares the routing hash's low bits, which would pile them into the same buckets.
-const TABLE_SEED: u64 = 0x9E37_79B9_7F4A_7C15;
+/// The in-shard table hash, derived from the routing hash so a key is hashed once. Every
+/// key of a shard shares the routing hash's low bits (they chose the shard), and hashbrown
+/// indexes buckets by the low bits, so the high half is folded down before multiplying.
+#[inline]
+pub fn table_hash(route_hash: u64) -> u64 {
+    (route_hash ^ (route_hash >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
 
 /// When a SET applies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,8 +113,8 @@ fn charge(key_len: usize, value_len: usize) -> u64 {
     (key_len + value_len) as u64 + ENTRY_OVERHEAD_BYTES
 }
 
-fn hash(key: &[u8]) -> u64 {
-    xxh3_64_with_seed(key, TABLE_SEED)
+fn rehash(e: &Entry) -> u64 {
+    table_hash(crate::keyspace::Keyspace::hash(&e.key))
 }
 
 /// The keys of one shard.
@@ -136,25 +139,34 @@ impl Shard {
         self.memory_bytes
     }
 
-    /// Applies one command at time `now_ms`. A write may grow this shard's memory by at most
-    /// `room_bytes` (what is left of its core's share of `limits.memory_bytes_max`).
-    pub fn apply(&mut self, cmd: Command, now_ms: u64, room_bytes: u64) -> Outcome {
+    /// Applies one command at time `now_ms`. `h` is [`table_hash`] of the key's routing hash.
+    /// A write may grow this shard's memory by at most `room_bytes` (what is left of its
+    /// core's share of `limits.memory_bytes_max`).
+    pub fn apply(&mut self, h: u64, cmd: Command, now_ms: u64, room_bytes: u64) -> Outcome {
         match cmd {
-            Command::Get { key } => Outcome::Value(self.live_entry(&key, now_ms).map(|e| e.value.clone())),
-            Command::Exists { key } => Outcome::Applied(self.live_entry(&key, now_ms).is_some()),
-            Command::Ttl { key } => Outcome::Ttl(match self.live_entry(&key, now_ms) {
+            Command::Get { key } => Outcome::Value(self.live_entry(h, &key, now_ms).map(|e| e.value.clone())),
+            Command::Exists { key } => Outcome::Applied(self.live_entry(h, &key, now_ms).is_some()),
+            Command::Ttl { key } => Outcome::Ttl(match self.live_entry(h, &key, now_ms) {
                 None => -2,
                 Some(e) if e.expire_at_ms == 0 => -1,
                 Some(e) => (e.expire_at_ms - now_ms).min(i64::MAX as u64) as i64,
             }),
-            Command::Del { key } => Outcome::Applied(self.remove(&key, now_ms)),
+            Command::Del { key } => Outcome::Applied(match self.table.find_entry(h, |e| e.key == key) {
+                Ok(occ) => {
+                    let (entry, _) = occ.remove();
+                    self.forget(&entry);
+                    entry.live(now_ms)
+                }
+                Err(_) => false,
+            }),
             Command::Expire { key, ttl_ms } => {
-                let deadline = deadline(now_ms, ttl_ms);
-                let Some(e) = self.live_entry(&key, now_ms) else {
+                let new = deadline(now_ms, ttl_ms);
+                let Some(e) = self.live_entry(h, &key, now_ms) else {
                     return Outcome::Applied(false);
                 };
-                let (k, old) = (e.key.clone(), e.expire_at_ms);
-                self.set_deadline(&k, old, deadline);
+                let old = std::mem::replace(&mut e.expire_at_ms, new);
+                let key = e.key.clone();
+                move_deadline(&mut self.deadlines, &key, old, new);
                 Outcome::Applied(true)
             }
             Command::Set {
@@ -162,12 +174,15 @@ impl Shard {
                 value,
                 ttl_ms,
                 condition,
-            } => self.set(key, value, deadline(now_ms, ttl_ms), condition, now_ms, room_bytes),
+            } => self.set(h, key, value, deadline(now_ms, ttl_ms), condition, now_ms, room_bytes),
         }
     }
 
+    /// One probe for every case: overwrite in place (live or expired), or insert.
+    #[allow(clippy::too_many_arguments)]
     fn set(
         &mut self,
+        h: u64,
         key: Bytes,
         value: Bytes,
         expire_at_ms: u64,
@@ -175,80 +190,75 @@ impl Shard {
         now_ms: u64,
         room_bytes: u64,
     ) -> Outcome {
-        let exists = self.live_entry(&key, now_ms).is_some();
-        match (condition, exists) {
-            (Condition::IfAbsent, true) | (Condition::IfPresent, false) => return Outcome::Applied(false),
-            _ => {}
-        }
-        let h = hash(&key);
-        if let Some(e) = self.table.find_mut(h, |e| e.key == key) {
-            let (old_charge, new_charge) = (e.charge(), charge(e.key.len(), value.len()));
-            if new_charge.saturating_sub(old_charge) > room_bytes {
-                return Outcome::OutOfMemory;
+        match self.table.find_entry(h, |e| e.key == key) {
+            Ok(mut occ) => {
+                let live = occ.get().live(now_ms);
+                let blocked = match condition {
+                    Condition::Always => false,
+                    Condition::IfAbsent => live,
+                    Condition::IfPresent => !live,
+                };
+                if blocked {
+                    if !live {
+                        let (entry, _) = occ.remove();
+                        self.forget(&entry);
+                    }
+                    return Outcome::Applied(false);
+                }
+                let e = occ.get_mut();
+                let (old_charge, new_charge) = (e.charge(), charge(e.key.len(), value.len()));
+                if new_charge.saturating_sub(old_charge) > room_bytes {
+                    return Outcome::OutOfMemory;
+                }
+                // Copy: the request frame's buffer must not be pinned by a stored value.
+                e.value = Bytes::copy_from_slice(&value);
+                move_deadline(&mut self.deadlines, &e.key, e.expire_at_ms, expire_at_ms);
+                e.expire_at_ms = expire_at_ms;
+                self.memory_bytes = self.memory_bytes - old_charge + new_charge;
             }
-            // Copy: the request frame's buffer must not be pinned by a stored value.
-            e.value = Bytes::copy_from_slice(&value);
-            let (k, old) = (e.key.clone(), e.expire_at_ms);
-            self.memory_bytes = self.memory_bytes - old_charge + new_charge;
-            self.set_deadline(&k, old, expire_at_ms);
-        } else {
-            let new_charge = charge(key.len(), value.len());
-            if new_charge > room_bytes {
-                return Outcome::OutOfMemory;
+            Err(absent) => {
+                if condition == Condition::IfPresent {
+                    return Outcome::Applied(false);
+                }
+                let new_charge = charge(key.len(), value.len());
+                if new_charge > room_bytes {
+                    return Outcome::OutOfMemory;
+                }
+                let key = Bytes::copy_from_slice(&key);
+                if expire_at_ms != 0 {
+                    self.deadlines.insert((expire_at_ms, key.clone()));
+                }
+                let entry = Entry {
+                    key,
+                    value: Bytes::copy_from_slice(&value),
+                    expire_at_ms,
+                };
+                absent.into_table().insert_unique(h, entry, rehash);
+                self.memory_bytes += new_charge;
             }
-            let key = Bytes::copy_from_slice(&key);
-            let entry = Entry {
-                key: key.clone(),
-                value: Bytes::copy_from_slice(&value),
-                expire_at_ms: 0,
-            };
-            self.table.insert_unique(h, entry, |e| hash(&e.key));
-            self.memory_bytes += new_charge;
-            self.set_deadline(&key, 0, expire_at_ms);
         }
         Outcome::Applied(true)
     }
 
     /// The entry for `key` if it exists and has not expired; an expired one is removed now.
-    fn live_entry(&mut self, key: &[u8], now_ms: u64) -> Option<&mut Entry> {
-        let h = hash(key);
-        let live = self.table.find(h, |e| e.key == key)?.live(now_ms);
-        if !live {
-            self.remove_entry(key, h);
-            return None;
+    fn live_entry(&mut self, h: u64, key: &[u8], now_ms: u64) -> Option<&mut Entry> {
+        let occ = self.table.find_entry(h, |e| e.key == key).ok()?;
+        if occ.get().live(now_ms) {
+            return Some(occ.into_mut());
         }
-        self.table.find_mut(h, |e| e.key == key)
+        let (entry, _) = occ.remove();
+        self.memory_bytes -= entry.charge();
+        if entry.expire_at_ms != 0 {
+            self.deadlines.remove(&(entry.expire_at_ms, entry.key));
+        }
+        None
     }
 
-    /// Removes `key`; true when it existed and was live.
-    fn remove(&mut self, key: &[u8], now_ms: u64) -> bool {
-        match self.remove_entry(key, hash(key)) {
-            Some(e) => e.live(now_ms),
-            None => false,
-        }
-    }
-
-    fn remove_entry(&mut self, key: &[u8], h: u64) -> Option<Entry> {
-        let (entry, _) = self.table.find_entry(h, |e| e.key == key).ok()?.remove();
+    /// Accounts for an entry that left the table.
+    fn forget(&mut self, entry: &Entry) {
         self.memory_bytes -= entry.charge();
         if entry.expire_at_ms != 0 {
             self.deadlines.remove(&(entry.expire_at_ms, entry.key.clone()));
-        }
-        Some(entry)
-    }
-
-    fn set_deadline(&mut self, key: &Bytes, old: u64, new: u64) {
-        if old == new {
-            return;
-        }
-        if old != 0 {
-            self.deadlines.remove(&(old, key.clone()));
-        }
-        if new != 0 {
-            self.deadlines.insert((new, key.clone()));
-        }
-        if let Some(e) = self.table.find_mut(hash(key), |e| e.key == *key) {
-            e.expire_at_ms = new;
         }
     }
 
@@ -257,13 +267,20 @@ impl Shard {
     pub fn sweep(&mut self, now_ms: u64, max_keys: usize) -> usize {
         let mut removed = 0;
         while removed < max_keys {
-            let Some((deadline, key)) = self.deadlines.first().cloned() else {
+            let Some((deadline, _)) = self.deadlines.first() else {
                 break;
             };
-            if deadline > now_ms {
+            if *deadline > now_ms {
                 break;
             }
-            self.remove_entry(&key, hash(&key));
+            let Some((_, key)) = self.deadlines.pop_first() else {
+                break;
+            };
+            let h = table_hash(crate::keyspace::Keyspace::hash(&key));
+            if let Ok(occ) = self.table.find_entry(h, |e| e.key == key) {
+                let (entry, _) = occ.remove();
+                self.memory_bytes -= entry.charge();
+            }
             removed += 1;
         }
         removed
@@ -272,6 +289,19 @@ impl Shard {
     /// The earliest deadline in this shard, if any key has one.
     pub fn next_deadline_ms(&self) -> Option<u64> {
         self.deadlines.first().map(|(d, _)| *d)
+    }
+}
+
+/// Moves `key`'s entry in the deadline index from `old` to `new` (0 = none).
+fn move_deadline(deadlines: &mut BTreeSet<(u64, Bytes)>, key: &Bytes, old: u64, new: u64) {
+    if old == new {
+        return;
+    }
+    if old != 0 {
+        deadlines.remove(&(old, key.clone()));
+    }
+    if new != 0 {
+        deadlines.insert((new, key.clone()));
     }
 }
 
@@ -310,17 +340,21 @@ mod tests {
     fn get(k: &str) -> Command {
         Command::Get { key: b(k) }
     }
+    fn apply(s: &mut Shard, cmd: Command, now_ms: u64, room: u64) -> Outcome {
+        let h = table_hash(crate::keyspace::Keyspace::hash(cmd.key()));
+        s.apply(h, cmd, now_ms, room)
+    }
 
     // Goal: memory accounting returns to zero when every key is gone, whichever way it went.
     #[test]
     fn memory_accounting_balances() {
         let mut s = Shard::default();
-        s.apply(set("a", "1", 0, Condition::Always), 0, u64::MAX);
-        s.apply(set("a", "12345", 0, Condition::Always), 0, u64::MAX);
-        s.apply(set("b", "x", 5, Condition::Always), 0, u64::MAX);
+        apply(&mut s, set("a", "1", 0, Condition::Always), 0, u64::MAX);
+        apply(&mut s, set("a", "12345", 0, Condition::Always), 0, u64::MAX);
+        apply(&mut s, set("b", "x", 5, Condition::Always), 0, u64::MAX);
         assert_eq!(s.memory_bytes(), charge(1, 5) + charge(1, 1));
         assert_eq!(
-            s.apply(Command::Del { key: b("a") }, 0, u64::MAX),
+            apply(&mut s, Command::Del { key: b("a") }, 0, u64::MAX),
             Outcome::Applied(true)
         );
         assert_eq!(s.sweep(10, 100), 1);
@@ -334,27 +368,31 @@ mod tests {
         // Room for exactly one entry of a 1-byte key and a 10-byte value.
         let room = charge(1, 10);
         assert_eq!(
-            s.apply(set("a", "0123456789", 0, Condition::Always), 0, room),
+            apply(&mut s, set("a", "0123456789", 0, Condition::Always), 0, room),
             Outcome::Applied(true)
         );
-        assert_eq!(s.apply(set("b", "1", 0, Condition::Always), 0, 0), Outcome::OutOfMemory);
         assert_eq!(
-            s.apply(set("a", "0123456789a", 0, Condition::Always), 0, 0),
+            apply(&mut s, set("b", "1", 0, Condition::Always), 0, 0),
             Outcome::OutOfMemory
         );
         assert_eq!(
-            s.apply(set("a", "01", 0, Condition::Always), 0, 0),
+            apply(&mut s, set("a", "0123456789a", 0, Condition::Always), 0, 0),
+            Outcome::OutOfMemory
+        );
+        assert_eq!(
+            apply(&mut s, set("a", "01", 0, Condition::Always), 0, 0),
             Outcome::Applied(true)
         );
-        assert_eq!(s.apply(get("a"), 0, u64::MAX), Outcome::Value(Some(b("01"))));
+        assert_eq!(apply(&mut s, get("a"), 0, u64::MAX), Outcome::Value(Some(b("01"))));
     }
 
     // Goal: re-setting or persisting a key keeps exactly one deadline entry for it.
     #[test]
     fn deadlines_follow_the_entry() {
         let mut s = Shard::default();
-        s.apply(set("k", "v", 100, Condition::Always), 0, u64::MAX);
-        s.apply(
+        apply(&mut s, set("k", "v", 100, Condition::Always), 0, u64::MAX);
+        apply(
+            &mut s,
             Command::Expire {
                 key: b("k"),
                 ttl_ms: 200,
@@ -363,11 +401,14 @@ mod tests {
             u64::MAX,
         );
         assert_eq!(s.next_deadline_ms(), Some(200));
-        s.apply(Command::Expire { key: b("k"), ttl_ms: 0 }, 0, u64::MAX);
+        apply(&mut s, Command::Expire { key: b("k"), ttl_ms: 0 }, 0, u64::MAX);
         assert_eq!(s.next_deadline_ms(), None);
-        assert_eq!(s.apply(Command::Ttl { key: b("k") }, 300, u64::MAX), Outcome::Ttl(-1));
-        s.apply(set("k", "v", 50, Condition::Always), 0, u64::MAX);
-        s.apply(set("k", "v", 0, Condition::Always), 0, u64::MAX);
+        assert_eq!(
+            apply(&mut s, Command::Ttl { key: b("k") }, 300, u64::MAX),
+            Outcome::Ttl(-1)
+        );
+        apply(&mut s, set("k", "v", 50, Condition::Always), 0, u64::MAX);
+        apply(&mut s, set("k", "v", 0, Condition::Always), 0, u64::MAX);
         assert_eq!(s.deadlines.len(), 0);
     }
 }

@@ -1,6 +1,6 @@
 //! The shards one core owns, and that core's share of the memory limit.
 
-use super::{Command, Outcome, Shard};
+use super::{table_hash, Command, Outcome, Shard};
 use crate::keyspace::Keyspace;
 
 /// All shards owned by one core. Lives in that core's thread only.
@@ -43,18 +43,20 @@ impl CoreStore {
         self.core
     }
 
-    /// Applies `cmd` to `shard`, which this core must own.
-    pub fn apply(&mut self, shard: u32, cmd: Command, now_ms: u64) -> Outcome {
+    /// Applies `cmd`, whose key has routing hash `hash` (`Keyspace::hash`); this core must
+    /// own the key's shard.
+    pub fn apply(&mut self, hash: u64, cmd: Command, now_ms: u64) -> Outcome {
+        debug_assert_eq!(Keyspace::hash(cmd.key()), hash);
+        let shard = self.keyspace.shard_of_hash(hash);
         assert_eq!(
             self.keyspace.core_of_shard(shard),
             self.core,
             "shard {shard} routed to the wrong core"
         );
-        debug_assert_eq!(self.keyspace.shard_of(cmd.key()), shard);
         let room = self.memory_bytes_max.saturating_sub(self.memory_bytes);
         let s = &mut self.shards[self.keyspace.local_index(shard)];
         let before = s.memory_bytes();
-        let outcome = s.apply(cmd, now_ms, room);
+        let outcome = s.apply(table_hash(hash), cmd, now_ms, room);
         self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
         outcome
     }
@@ -108,14 +110,14 @@ mod tests {
         let mut store = CoreStore::new(ks, 1, 2 * 3 * (96 + 2 + 1));
         let mut applied = 0;
         for key in key_on_core(&ks, 1, 5) {
-            let shard = ks.shard_of(&key);
+            let hash = Keyspace::hash(&key);
             let set = Command::Set {
                 key,
                 value: Bytes::from_static(b"v"),
                 ttl_ms: 0,
                 condition: Condition::Always,
             };
-            if store.apply(shard, set, 0) == Outcome::Applied(true) {
+            if store.apply(hash, set, 0) == Outcome::Applied(true) {
                 applied += 1;
             }
         }
@@ -129,9 +131,8 @@ mod tests {
         let ks = Keyspace::new(8, 1).unwrap();
         let mut store = CoreStore::new(ks, 0, 0);
         for key in key_on_core(&ks, 0, 50) {
-            let shard = ks.shard_of(&key);
             store.apply(
-                shard,
+                Keyspace::hash(&key),
                 Command::Set {
                     key,
                     value: Bytes::new(),
@@ -154,6 +155,6 @@ mod tests {
         let ks = Keyspace::new(8, 2).unwrap();
         let mut store = CoreStore::new(ks, 0, 0);
         let key = key_on_core(&ks, 1, 1).remove(0);
-        store.apply(ks.shard_of(&key), Command::Get { key }, 0);
+        store.apply(Keyspace::hash(&key), Command::Get { key }, 0);
     }
 }

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Flux-KV versus Redis 7, side by side in one run: SET, C=100 connections, N=500,000
+# requests (4 * N when pipelined with 16 per connection). Writes bench/results/vs-redis.md
+# and bench/results/vs-redis.json.
+#
+# Two workloads, because redis-benchmark's default is not the old service's:
+#   one-key   redis-benchmark -t set writes the same key ("key:__rand_int__") every time;
+#             flux-bench --keys 1 does the same.
+#   distinct  the old service's workload: every SET a new key user_<conn>_<i>, value
+#             value_<i % 1000> (flux-bench's default); redis-benchmark -r 1000000000 comes
+#             closest (random keys from a space of 10^9).
+# Servers: Redis (no persistence) and flux-server with 1 shard core, both pinned to
+# SERVER_CPU; flux-server with one shard core per CPU. Clients are pinned to CLIENT_CPU.
+# On a 2-CPU machine the all-cores server shares CPU 0 with the client.
+source "$(dirname "$0")/lib.sh"
+N=${N:-500000}
+C=${C:-100}
+need redis-server redis-server
+need redis-benchmark redis-tools
+need bc bc
+build
+ROWS="$WORK/rows.tsv"
+: >"$ROWS"
+
+# row SERVER CLIENT WORKLOAD PIPELINE RPS SERVER_CPU CLIENT_CPU P50 P99 P999
+row() { printf '%s\t' "$@" | sed 's/\t$//' >>"$ROWS"; echo >>"$ROWS"; }
+
+flux_bench() {  # flux_bench SERVER_LABEL PID PORT WORKLOAD PIPELINE ARGS...
+  local server=$1 pid=$2 port=$3 workload=$4 p=$5; shift 5
+  local n=$N; [ "$p" -gt 1 ] && n=$((4 * N))
+  local out="$WORK/run.json"
+  measure "$pid" "$out" "$BIN/flux-bench" --addr "127.0.0.1:$port" -c "$C" -n "$n" -P "$p" --json "$@"
+  row "$server" "flux-bench${*:+ $*}" "$workload" "$p" "$(json_field "$out" qps | cut -d. -f1)" "$SERVER_CPU_PCT" \
+    "$(json_field "$out" client_cpu_percent)" "$(json_field "$out" latency_us.p50)" \
+    "$(json_field "$out" latency_us.p99)" "$(json_field "$out" latency_us.p999)"
+  log "$(tail -1 "$ROWS")"
+}
+
+redis_benchmark() {  # redis_benchmark WORKLOAD PIPELINE ARGS...
+  local workload=$1 p=$2; shift 2
+  local n=$N; [ "$p" -gt 1 ] && n=$((4 * N))
+  measure "$REDIS_PID" "$WORK/rb.csv" redis-benchmark -p "$REDIS_PORT" -t set -c "$C" -n "$n" -P "$p" --csv "$@"
+  row "Redis" "redis-benchmark${*:+ $*}" "$workload" "$p" "$(redis_rps "$WORK/rb.csv")" "$SERVER_CPU_PCT" "" "" "" ""
+  log "$(tail -1 "$ROWS")"
+}
+
+log "Redis on CPU $SERVER_CPU"
+start_redis
+for p in 1 16; do
+  redis_benchmark one-key "$p"
+  flux_bench Redis "$REDIS_PID" "$REDIS_PORT" one-key "$p" --protocol resp --keys 1
+  redis-cli -p "$REDIS_PORT" flushall >/dev/null
+  redis_benchmark distinct "$p" -r 1000000000
+  redis-cli -p "$REDIS_PORT" flushall >/dev/null
+  flux_bench Redis "$REDIS_PID" "$REDIS_PORT" distinct "$p" --protocol resp
+  redis-cli -p "$REDIS_PORT" flushall >/dev/null
+done
+stop_pid "$REDIS_PID"
+
+for layout in one all; do
+  if [ "$layout" = one ]; then
+    label="Flux-KV 1 core"; args=(--cores 1 --cpus "$SERVER_CPU")
+  else
+    label="Flux-KV $NPROC cores"; args=(--cores "$NPROC" --cpus "$(seq -s, 0 $((NPROC - 1)))")
+  fi
+  for p in 1 16; do
+    for workload in one-key distinct; do
+      # A fresh server per run, so every distinct-keys run starts from an empty store.
+      log "$label, $workload, pipeline $p"
+      start_flux "$layout" "${args[@]}"
+      if [ "$workload" = one-key ]; then
+        flux_bench "$label" "$FLUX_PID" "$FLUX_PORT" "$workload" "$p" --keys 1
+      else
+        flux_bench "$label" "$FLUX_PID" "$FLUX_PORT" "$workload" "$p"
+      fi
+      stop_pid "$FLUX_PID"
+    done
+  done
+done
+
+python3 - "$ROWS" "$RESULTS" "$N" "$C" "$NPROC" "$CLIENT_CPU" "$SERVER_CPU" \
+  "$(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2)" "$(uname -r)" <<'PY'
+import json, sys, datetime
+rows_file, results, n, c, nproc, client_cpu, server_cpu, redis_version, kernel = sys.argv[1:]
+keys = ["server", "client", "workload", "pipeline", "rps", "server_cpu", "client_cpu", "p50", "p99", "p999"]
+rows = []
+for line in open(rows_file):
+    if line.strip():
+        r = dict(zip(keys, line.rstrip("\n").split("\t")))
+        r["pipeline"], r["rps"], r["server_cpu"] = int(r["pipeline"]), int(r["rps"]), float(r["server_cpu"])
+        rows.append(r)
+
+def find(server, client_prefix, workload, p):
+    for r in rows:
+        if r["server"] == server and r["client"].startswith(client_prefix) and r["workload"] == workload and r["pipeline"] == p:
+            return r
+    return None
+
+md = [f"# Flux-KV vs Redis: SET, {c} connections", "",
+      f"Measured by `bench/vs-redis.sh` on {datetime.date.today()}: {nproc} CPUs, Linux {kernel}, Redis {redis_version} "
+      f"without persistence. Clients on CPU {client_cpu}; Redis and the 1-core Flux-KV on CPU {server_cpu}; the "
+      f"{nproc}-core Flux-KV on CPUs 0-{int(nproc)-1}, sharing CPU {client_cpu} with the client. {n} requests "
+      f"without pipelining, {4*int(n)} with 16 per connection. `server CPU` is the server process's user+system "
+      f"time over the run (% of one core); `us/req` is server CPU per request.", "",
+      "Workloads: **one-key** is redis-benchmark's default (`-t set` writes the same key every time); "
+      "**distinct** is the old service's benchmark (a new key `user_<conn>_<i>` per SET, values "
+      "`value_<i % 1000>`); redis-benchmark's nearest is `-r 1000000000`.", ""]
+
+ref = {(w, p): find("Redis", "redis-benchmark", w, p) for w in ("one-key", "distinct") for p in (1, 16)}
+head = find("Redis", "redis-benchmark", "one-key", 1)
+flux_all = f"Flux-KV {nproc} cores"
+lit = find(flux_all, "flux-bench", "distinct", 1)
+lit16 = find(flux_all, "flux-bench", "distinct", 16)
+head16 = find("Redis", "redis-benchmark", "one-key", 16)
+md += ["## The comparison the issue names", "",
+       f"flux-bench `-c {c} -n {n}` (distinct keys) against flux-server with {nproc} shard cores, versus "
+       f"`redis-benchmark -t set -c {c} -n {n}` against Redis (one key):", "",
+       f"- no pipelining: {lit['rps']:,} vs {head['rps']:,} requests/s = **{lit['rps']/head['rps']:.2f}x**",
+       f"- pipeline 16: {lit16['rps']:,} vs {head16['rps']:,} requests/s = **{lit16['rps']/head16['rps']:.2f}x**", "",
+       "## All runs", "",
+       "| server | client | workload | pipeline | requests/s | vs Redis, same workload and pipeline | server CPU | us/req | client CPU | p50 / p99 / p99.9 us |",
+       "|---|---|---|---|---|---|---|---|---|---|"]
+for r in rows:
+    base = ref[(r["workload"], r["pipeline"])]
+    vs = f"{r['rps']/base['rps']:.2f}x" if base else ""
+    same = find("Redis", "flux-bench", r["workload"], r["pipeline"])
+    if r["server"].startswith("Flux") and same:
+        vs += f" ({r['rps']/same['rps']:.2f}x vs Redis with flux-bench)"
+    us = 10000 * r["server_cpu"] / r["rps"] if r["rps"] else 0
+    lat = f"{r['p50']} / {r['p99']} / {r['p999']}" if r["p50"] else ""
+    cc = f"{r['client_cpu']} %" if r["client_cpu"] else ""
+    md.append(f"| {r['server']} | {r['client']} | {r['workload']} | {r['pipeline']} | {r['rps']:,} | {vs} | "
+              f"{r['server_cpu']:.0f} % | {us:.2f} | {cc} | {lat} |")
+open(f"{results}/vs-redis.md", "w").write("\n".join(md) + "\n")
+json.dump(rows, open(f"{results}/vs-redis.json", "w"), indent=1)
+print("\n".join(md))
+PY
