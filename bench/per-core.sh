@@ -28,7 +28,9 @@ for cores in $(seq 1 "$NPROC"); do
   stop_pid "$FLUX_PID"
   qps=$(json_field "$out" qps | cut -d. -f1)
   per=$((qps / cores))
-  per_core=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(" ".join(f"{c["core"]}:{int(c["qps"])}({100*c["forwarded_share"]:.0f}% fwd)" for c in d["per_core"]))' "$out")
+  per_core=$(python3 -c 'import json,sys
+d = json.load(open(sys.argv[1]))
+print(", ".join("core %d: %d (%.0f%% fwd)" % (c["core"], c["qps"], 100 * c["forwarded_share"]) for c in d["per_core"]))' "$out")
   printf '%s %s %s\n' "$cores" "$qps" "$per" >>"$DATA"
   rows+=("| $cores | $cpus | $qps | $per | $per_core | $SERVER_CPU_PCT % | $(json_field "$out" client_cpu_percent) % | $(json_field "$out" latency_us.p50) / $(json_field "$out" latency_us.p99) |")
 done

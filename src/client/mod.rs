@@ -8,6 +8,8 @@
 //! - MGET and MSET are split per owning core and reassembled in order.
 //! - A missing key is `None`, never an empty value; server errors keep their code and text.
 //!
+//! A complete program is in `examples/quickstart.rs` (`cargo run --example quickstart`).
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use flux_kv::client::{Client, ClientConfig, SetOptions};
