@@ -42,10 +42,11 @@ set title "Flux-KV SET throughput by shard cores ($C connections, pipeline $P, $
 set xlabel "shard cores"
 set ylabel "requests/s"
 set yrange [0:*]
+set offsets 0.3, 0.3, graph 0.15, 0
 set xtics 1
 set boxwidth 0.35
 set style fill solid 0.8
-set key top left
+set key top right
 plot "$DATA" using (\$1-0.18):2 with boxes title "total", \
      "$DATA" using (\$1+0.18):3 with boxes title "per core"
 GP
