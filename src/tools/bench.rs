@@ -135,7 +135,8 @@ struct Plan {
     completed: AtomicU64,
     errors: AtomicU64,
     deadline: Option<Instant>,
-    fixed_value: Bytes,
+    /// The values requests use, built once: `value_<0..999>`, or one fixed-size value.
+    values: Vec<Bytes>,
 }
 
 impl Plan {
@@ -148,19 +149,27 @@ impl Plan {
         self.args.requests.saturating_sub(start).min(want as u64) as usize
     }
 
-    /// The i-th request of connection `conn`: (is_set, key, value).
-    fn request(&self, conn: usize, i: u64) -> (bool, Bytes, Bytes) {
+    /// The i-th request of connection `conn`: (is_set, key, value). Cheap on purpose: the
+    /// load generator must not be what limits the measurement.
+    fn request(&self, conn: usize, i: u64, key: &mut Vec<u8>) -> (bool, Bytes, Bytes) {
         let (sets, gets) = self.args.ratio;
         let is_set = (i % u64::from(sets + gets)) < u64::from(sets);
-        let key = match self.args.keys {
-            Some(n) => Bytes::from(format!("key:{}", fastrand::u64(0..n.max(1)))),
-            None => Bytes::from(format!("user_{conn}_{i}")),
-        };
-        let value = match self.args.value_bytes {
-            Some(_) => self.fixed_value.clone(),
-            None => Bytes::from(format!("value_{}", i % 1000)),
-        };
-        (is_set, key, value)
+        let mut num = itoa::Buffer::new();
+        key.clear();
+        match self.args.keys {
+            Some(n) => {
+                key.extend_from_slice(b"key:");
+                key.extend_from_slice(num.format(fastrand::u64(0..n.max(1))).as_bytes());
+            }
+            None => {
+                key.extend_from_slice(b"user_");
+                key.extend_from_slice(num.format(conn).as_bytes());
+                key.push(b'_');
+                key.extend_from_slice(num.format(i).as_bytes());
+            }
+        }
+        let value = self.values[(i % self.values.len() as u64) as usize].clone();
+        (is_set, Bytes::copy_from_slice(key), value)
     }
 }
 
@@ -190,7 +199,10 @@ async fn run(args: Args) -> Result<u64, String> {
     };
     let before = stats(&args).await;
     let plan = Arc::new(Plan {
-        fixed_value: Bytes::from(vec![b'x'; args.value_bytes.unwrap_or(0)]),
+        values: match args.value_bytes {
+            Some(n) => vec![Bytes::from(vec![b'x'; n])],
+            None => (0..1000).map(|i| Bytes::from(format!("value_{i}"))).collect(),
+        },
         deadline: args.duration.map(|d| Instant::now() + d),
         args,
         routing,
@@ -242,13 +254,14 @@ async fn worker(plan: Arc<Plan>, conn: usize) -> Result<Histogram<u64>, String> 
     let mut input: Vec<BytesMut> = (0..streams.len()).map(|_| BytesMut::with_capacity(64 << 10)).collect();
     let mut i: u64 = 0;
     let mut id: u64 = 0;
+    let mut key = Vec::with_capacity(64);
     loop {
         let k = plan.claim(plan.args.pipeline);
         if k == 0 {
             break;
         }
         for _ in 0..k {
-            let (is_set, key, value) = plan.request(conn, i);
+            let (is_set, key, value) = plan.request(conn, i, &mut key);
             i += 1;
             let target = match &plan.routing {
                 Some((ks, _)) => ks.core_of(&key) as usize,
