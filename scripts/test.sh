@@ -54,6 +54,11 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 log "cargo test"
-# Doc tests (the crate docs' examples) are not part of --all-targets; run them first.
-cargo test --doc --locked
-cargo test --all-targets --locked
+# Doc tests (the crate docs' examples) are not part of --all-targets.
+out=$(mktemp)
+trap 'rm -f "$out"' EXIT
+cargo test --all-targets --locked 2>&1 | tee "$out"
+cargo test --doc --locked 2>&1 | tee -a "$out"
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$out"
