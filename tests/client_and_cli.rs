@@ -16,17 +16,6 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-fn free_port_pair() -> u16 {
-    for _ in 0..100 {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
-    panic!("no free port pair");
-}
-
 // Goal: typed results: a missing key is None (an empty value is Some(empty)), TTLs and
 // conditions map to their types, server errors keep their code and message.
 #[test]
@@ -101,7 +90,7 @@ fn pipelining_over_one_connection() {
 // server's forwarded counters staying at zero; MGET/MSET split per core and keep order.
 #[test]
 fn shard_aware_routing_never_forwards() {
-    let base = free_port_pair();
+    let base = common::free_port_pair();
     let server = TestServer::start(&["--cores", "2", "--core-port-base", &base.to_string()]);
     rt().block_on(async {
         let c = Client::connect(&server.addr.to_string(), ClientConfig::default())

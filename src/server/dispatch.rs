@@ -175,32 +175,22 @@ impl Batch<'_> {
     fn check(&self, op: &Op) -> Result<(), proto::Error> {
         let limits = &self.core.config.limits;
         let key = |k: &Bytes| {
-            if k.len() > limits.key_bytes_max {
-                Err(err(
-                    ErrorCode::KeyTooLarge,
-                    format!(
-                        "key of {} bytes exceeds limits.key_bytes_max ({})",
-                        k.len(),
-                        limits.key_bytes_max
-                    ),
-                ))
-            } else {
-                Ok(())
-            }
+            within(
+                k.len(),
+                limits.key_bytes_max,
+                ErrorCode::KeyTooLarge,
+                "key",
+                "limits.key_bytes_max",
+            )
         };
         let value = |v: &Bytes| {
-            if v.len() > limits.value_bytes_max {
-                Err(err(
-                    ErrorCode::ValueTooLarge,
-                    format!(
-                        "value of {} bytes exceeds limits.value_bytes_max ({})",
-                        v.len(),
-                        limits.value_bytes_max
-                    ),
-                ))
-            } else {
-                Ok(())
-            }
+            within(
+                v.len(),
+                limits.value_bytes_max,
+                ErrorCode::ValueTooLarge,
+                "value",
+                "limits.value_bytes_max",
+            )
         };
         match op {
             Op::Get(r) => key(&r.key),
@@ -380,6 +370,14 @@ fn get_response(o: Outcome) -> GetResponse {
             value: Bytes::new(),
         },
     }
+}
+
+/// `Ok` when `len <= max`, else the error `code` naming the limit.
+fn within(len: usize, max: usize, code: ErrorCode, what: &str, limit: &str) -> Result<(), proto::Error> {
+    if len > max {
+        return Err(err(code, format!("{what} of {len} bytes exceeds {limit} ({max})")));
+    }
+    Ok(())
 }
 
 fn ok(id: u64, result: R) -> Response {
