@@ -28,6 +28,9 @@ use crate::shard::{now_ms, Command, CoreStore, Outcome};
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 pub const SWEEP_KEYS_MAX: usize = 2_000;
 
+/// How often an executor wakes while it waits for the other cores to join the mesh.
+const MESH_JOIN_TICK: Duration = Duration::from_millis(1);
+
 /// Back-off after an accept error such as EMFILE, so a full descriptor table does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
 
@@ -138,7 +141,7 @@ impl Core {
 pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), String> {
     let (senders, mut receivers) = match mesh {
         Some(m) => {
-            let (s, r) = m.join().await.map_err(|e| format!("cannot join the core mesh: {e}"))?;
+            let (s, r) = join_mesh(m).await?;
             (Some(s), Some(r))
         }
         None => (None, None),
@@ -175,6 +178,34 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
     core.mesh.borrow_mut().take();
     futures::future::join_all(peers).await;
     Ok(())
+}
+
+/// Joins the core mesh. glommio wakes a channel end waiting for its peer to connect only
+/// when its own executor happens to wake up; if that executor is parked, the join never
+/// completes (about 1 start in 40 hung here). A short ticker keeps the executor waking
+/// until the mesh is joined.
+async fn join_mesh(
+    mesh: MeshBuilderFull,
+) -> Result<
+    (
+        Senders<MeshRequest>,
+        glommio::channels::channel_mesh::Receivers<MeshRequest>,
+    ),
+    String,
+> {
+    let joining = Rc::new(Cell::new(true));
+    let ticker = spawn_local({
+        let joining = joining.clone();
+        async move {
+            while joining.get() {
+                sleep(MESH_JOIN_TICK).await;
+            }
+        }
+    });
+    let joined = mesh.join().await.map_err(|e| format!("cannot join the core mesh: {e}"));
+    joining.set(false);
+    ticker.await;
+    joined
 }
 
 async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest>>) -> Result<Rc<Core>, String> {
