@@ -55,7 +55,19 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("runtime.ring_entries", "submission queue entries of each core's network io_uring"),
     ("runtime.io_memory_bytes", "glommio registered I/O memory per core (counts against RLIMIT_MEMLOCK)"),
     ("runtime.preempt_timer_us", "longest a busy core runs before it looks at other cores' messages"),
+    ("control_cpu", "CPU the control core (change capture forwarder) is pinned to; -1 = the CPU after the shard cores, or the last one"),
     ("cluster.node_id", "node identity; empty = a random id created on first start and kept in data_dir/node_id"),
+    ("cdc.enabled", "publish every change to RabbitMQ"),
+    ("cdc.amqp_url", "broker address, amqp://user:password@host:port/vhost"),
+    ("cdc.exchange", "durable topic exchange for protobuf batches (routing key <node_id>.<shard>)"),
+    ("cdc.format", "protobuf (ChangeBatch per shard, topic exchange) or json (the old service's messages, fanout exchange flux_kv_events)"),
+    ("cdc.batch_events_max", "events in one published batch"),
+    ("cdc.batch_bytes_max", "encoded bytes in one published batch"),
+    ("cdc.batch_delay_ms", "longest an event waits for its batch to fill"),
+    ("cdc.queue_events_max", "events queued per shard core for the control core"),
+    ("cdc.confirms_pending_max", "published batches awaiting the broker's confirm before the forwarder stops taking more"),
+    ("cdc.overflow", "when a change queue is full: block (writers wait) or drop (counted in Stats)"),
+    ("cdc.reconnect_delay_max_ms", "longest pause between reconnection attempts to the broker"),
 ];
 
 /// The effective configuration of a node. Field names are the config keys.
@@ -70,9 +82,63 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log_level: String,
     pub shutdown_timeout_ms: u64,
+    pub control_cpu: i64,
     pub limits: Limits,
     pub runtime: Runtime,
     pub cluster: Cluster,
+    pub cdc: Cdc,
+}
+
+/// Change data capture: every write forwarded to RabbitMQ by the control core.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Cdc {
+    pub enabled: bool,
+    pub amqp_url: String,
+    pub exchange: String,
+    pub format: CdcFormat,
+    pub batch_events_max: usize,
+    pub batch_bytes_max: usize,
+    pub batch_delay_ms: u64,
+    pub queue_events_max: usize,
+    pub confirms_pending_max: usize,
+    pub overflow: Overflow,
+    pub reconnect_delay_max_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CdcFormat {
+    Protobuf,
+    Json,
+}
+
+/// What a full change queue does to writers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overflow {
+    /// Writers wait until the control core catches up: nothing is lost.
+    Block,
+    /// Writers go on; events that do not fit are counted as dropped.
+    Drop,
+}
+
+impl Default for Cdc {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            exchange: "flux.cdc".into(),
+            format: CdcFormat::Protobuf,
+            batch_events_max: 1_024,
+            batch_bytes_max: 1 << 20,
+            batch_delay_ms: 5,
+            queue_events_max: 1 << 16,
+            confirms_pending_max: 4_096,
+            overflow: Overflow::Block,
+            reconnect_delay_max_ms: 5_000,
+        }
+    }
 }
 
 /// Every limit of the data path. Units are in the names.
@@ -117,8 +183,10 @@ impl Default for Config {
             log_level: "info".into(),
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             limits: Limits::default(),
+            control_cpu: -1,
             runtime: Runtime::default(),
             cluster: Cluster::default(),
+            cdc: Cdc::default(),
         }
     }
 }
@@ -241,6 +309,21 @@ impl Config {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
             }
+        }
+        let c = &self.cdc;
+        for (name, v) in [
+            ("cdc.batch_events_max", c.batch_events_max),
+            ("cdc.batch_bytes_max", c.batch_bytes_max),
+            ("cdc.queue_events_max", c.queue_events_max),
+            ("cdc.confirms_pending_max", c.confirms_pending_max),
+            ("cdc.batch_delay_ms", c.batch_delay_ms as usize),
+        ] {
+            if v == 0 {
+                return fail(format!("{name} must be at least 1"));
+            }
+        }
+        if c.enabled && !c.amqp_url.starts_with("amqp://") {
+            return fail(format!("cdc.amqp_url: {:?} is not an amqp:// URL", c.amqp_url));
         }
         if !(50..=1_000_000).contains(&self.runtime.preempt_timer_us) {
             return fail(format!(

@@ -20,10 +20,12 @@
 //! - [`keyspace`]: key -> shard -> core, the routing rule the protocol documents.
 //! - [`shard`]: one shard's map, expiry and memory accounting; a core's set of shards.
 //! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
+//! - [`cdc`]: change capture: per-core lock-free queues, the control core's forwarder.
 //! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and
 //!   io_uring stay behind this module.
 //! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`.
 
+pub mod cdc;
 pub mod client;
 pub mod config;
 pub mod keyspace;
@@ -35,4 +37,9 @@ pub mod wire;
 /// Messages of the client protocol, generated from proto/flux.proto (package `flux.v1`).
 pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/flux.v1.rs"));
+
+    /// Change events published to RabbitMQ, from proto/cdc.proto (package `flux.cdc.v1`).
+    pub mod cdc {
+        include!(concat!(env!("OUT_DIR"), "/flux.cdc.v1.rs"));
+    }
 }

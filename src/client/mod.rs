@@ -391,8 +391,13 @@ impl Client {
 
     /// Per-core counters of the whole node.
     pub async fn stats(&self) -> Result<Vec<CoreStats>, Error> {
+        Ok(self.stats_response().await?.cores)
+    }
+
+    /// Per-core counters and the change-capture forwarder's counters.
+    pub async fn stats_response(&self) -> Result<proto::StatsResponse, Error> {
         match self.call_on(None, Op::Stats(proto::StatsRequest {})).await? {
-            R::Stats(s) => Ok(s.cores),
+            R::Stats(s) => Ok(s),
             other => Err(unexpected("Stats", &other)),
         }
     }

@@ -18,6 +18,8 @@ use super::connection;
 use super::forward::Outboxes;
 use super::listener::CoreListeners;
 use super::uring::{Ring, RingKind};
+use crate::cdc::capture::CaptureQueue;
+use crate::cdc::CdcCounters;
 use crate::config::Config;
 use crate::keyspace::Keyspace;
 use crate::proto::{CoreStats, HelloResponse};
@@ -27,6 +29,10 @@ use crate::shard::{now_ms, Command, CoreStore, Outcome};
 /// enough to never stall requests, frequent enough that an expired key is gone in ~1 s.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 pub const SWEEP_KEYS_MAX: usize = 2_000;
+
+/// How often a writer held back by a full change queue looks again. The control core drains
+/// the queues every millisecond.
+const CDC_ROOM_POLL: Duration = Duration::from_millis(1);
 
 /// How often an executor wakes while it waits for the other cores to join the mesh.
 const MESH_JOIN_TICK: Duration = Duration::from_millis(1);
@@ -59,6 +65,9 @@ pub struct Boot {
     /// Resolves (or is cancelled) when the node must stop.
     pub shutdown: Shared<oneshot::Receiver<()>>,
     pub ready: Mutex<mpsc::Sender<Result<(u32, RingKind), String>>>,
+    /// Change-capture queues (producer ends), taken by core index; empty when CDC is off.
+    pub capture: Mutex<Vec<Option<CaptureQueue>>>,
+    pub cdc: Arc<CdcCounters>,
 }
 
 /// Counters behind `CoreStats`.
@@ -95,6 +104,8 @@ pub struct Core {
     pub shutdown: Rc<Semaphore>,
     /// Accept loops and connections; shutdown waits for it to empty.
     pub tasks: Gate,
+    /// The control core's change-capture counters (for Stats).
+    pub cdc: Arc<CdcCounters>,
 }
 
 impl Core {
@@ -110,6 +121,16 @@ impl Core {
             forwarded_in: c.forwarded_in.get(),
             keys: store.keys(),
             memory_bytes: store.memory_bytes(),
+            cdc_queue_events: store.cdc_counts().0,
+            cdc_events_dropped: store.cdc_counts().1,
+        }
+    }
+
+    /// Waits until change capture can take this core's next writes (`cdc.overflow = block`
+    /// with a full queue); returns at once when capture is off or has room.
+    pub async fn cdc_room(&self) {
+        while !self.store.borrow_mut().cdc_ready() {
+            sleep(CDC_ROOM_POLL).await;
         }
     }
 
@@ -216,6 +237,12 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         .get_mut(index as usize)
         .and_then(Option::take)
         .ok_or_else(|| format!("no listener for core {index}"))?;
+    let capture = boot
+        .capture
+        .lock()
+        .map_err(|_| "capture table poisoned".to_string())?
+        .get_mut(index as usize)
+        .and_then(Option::take);
     let ring =
         Ring::new(boot.config.runtime.ring_entries).map_err(|e| format!("cannot create the network ring: {e}"))?;
     spawn_local(ring.clone().drive()).detach();
@@ -228,6 +255,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
             boot.keyspace,
             index,
             boot.config.limits.memory_bytes_max,
+            capture,
         )),
         counters: Counters::default(),
         ring,
@@ -235,6 +263,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         mesh: RefCell::new(senders.map(Rc::new)),
         shutdown: Rc::new(Semaphore::new(0)),
         tasks: Gate::new(),
+        cdc: boot.cdc.clone(),
     });
     spawn_local(sweep(core.clone())).detach();
     let CoreListeners { shared, own } = listeners;
@@ -249,6 +278,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
 
 async fn serve_peer(core: Rc<Core>, rx: ConnectedReceiver<MeshRequest>) {
     while let Some(msg) = rx.recv().await {
+        core.cdc_room().await;
         core.handle_mesh(msg);
     }
 }
@@ -289,6 +319,10 @@ async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
 /// right away (after yielding) instead of waiting a full interval.
 async fn sweep(core: Rc<Core>) {
     loop {
+        if !core.store.borrow_mut().cdc_ready() {
+            sleep(SWEEP_INTERVAL).await;
+            continue;
+        }
         let removed = core.store.borrow_mut().sweep(now_ms(), SWEEP_KEYS_MAX);
         if removed == SWEEP_KEYS_MAX {
             glommio::executor().yield_now().await;

@@ -64,6 +64,7 @@ struct Batch<'a> {
 /// Executes the requests in `frames` (payloads of complete frames) and returns one response
 /// per frame, in the same order.
 pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
+    core.cdc_room().await;
     let cores = core.keyspace.cores() as usize;
     let mut batch = Batch {
         core,
@@ -264,6 +265,7 @@ impl Batch<'_> {
                     id,
                     R::Stats(proto::StatsResponse {
                         cores: stats.clone().unwrap_or_default(),
+                        cdc: Some(self.core.cdc.snapshot(self.core.config.cdc.enabled)),
                     }),
                 ),
                 Plan::Keys { id, kind, ops } => {

@@ -23,6 +23,7 @@ mod uring;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
 pub use self::uring::RingKind;
+use crate::cdc::forwarder::{self, Forwarder};
+use crate::cdc::{capture, CdcCounters};
 use crate::config::Config;
 use crate::keyspace::{Keyspace, KEY_HASH_NAME};
 use crate::proto::HelloResponse;
@@ -108,6 +111,18 @@ impl Server {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| StartError::Invalid(format!("cannot read the CPU topology: {e}")))?,
         );
+        // Change capture: one queue per core, drained by the control core.
+        let cdc = Arc::new(CdcCounters::default());
+        let (capture, forwarder) = if config.cdc.enabled {
+            let (producers, consumers): (Vec<_>, Vec<_>) = (0..cores)
+                .map(|_| capture::queue(config.cdc.queue_events_max, config.cdc.overflow))
+                .unzip();
+            let f = Forwarder::new(config.cdc.clone(), node_id.clone(), consumers, cdc.clone());
+            (producers.into_iter().map(Some).collect(), Some(f))
+        } else {
+            (Vec::new(), None)
+        };
+        let control_cpu = control_cpu(&config, &cpus)?;
         let io_memory = config.runtime.io_memory_bytes;
         let preempt = Duration::from_micros(config.runtime.preempt_timer_us);
         let mesh_depth = config.limits.mesh_messages_max;
@@ -118,6 +133,8 @@ impl Server {
             listeners: Mutex::new(listeners.into_iter().map(Some).collect()),
             shutdown: shutdown_rx.shared(),
             ready: Mutex::new(ready_tx),
+            capture: Mutex::new(capture),
+            cdc,
         });
         let mesh = (cores > 1).then(|| MeshBuilder::full(cores as usize, mesh_depth));
         let handles = LocalExecutorPoolBuilder::new(placement)
@@ -130,6 +147,11 @@ impl Server {
             })
             .map_err(|e| StartError::Core(e.to_string()))?;
 
+        let stop_forwarder = Arc::new(AtomicBool::new(false));
+        let control = match forwarder {
+            Some(f) => Some(forwarder::spawn(f, control_cpu, stop_forwarder.clone())?),
+            None => None,
+        };
         let (exit_tx, exited) = mpsc::channel();
         std::thread::Builder::new().name("flux-join".into()).spawn(move || {
             let failures: Vec<String> = handles
@@ -141,6 +163,11 @@ impl Server {
                     Err(e) => Some(e.to_string()),
                 })
                 .collect();
+            // The cores are gone, so no more changes: let the control core flush and stop.
+            stop_forwarder.store(true, Ordering::Release);
+            if let Some(control) = control {
+                let _ = control.join();
+            }
             let _ = exit_tx.send(if failures.is_empty() {
                 Ok(())
             } else {
@@ -241,6 +268,24 @@ fn pick_cpus(config: &Config) -> Result<Vec<usize>, StartError> {
         )));
     }
     Ok(online[..cores].to_vec())
+}
+
+/// The control core's CPU: `control_cpu` if set, else the first online CPU no shard core
+/// uses, else the last shard core's (shared: fine while the control core has little to do).
+fn control_cpu(config: &Config, shard_cpus: &[usize]) -> Result<Option<usize>, StartError> {
+    if config.control_cpu >= 0 {
+        return Ok(Some(config.control_cpu as usize));
+    }
+    let online: Vec<usize> = CpuSet::online()
+        .map_err(|e| StartError::Invalid(format!("cannot list online CPUs: {e}")))?
+        .into_iter()
+        .map(|l| l.cpu)
+        .collect();
+    Ok(online
+        .iter()
+        .copied()
+        .find(|c| !shard_cpus.contains(c))
+        .or(shard_cpus.last().copied()))
 }
 
 /// The node id: configured, or created once and kept in `data_dir/node_id`.

@@ -92,6 +92,31 @@ pub enum Outcome {
     OutOfMemory,
 }
 
+/// What a change did (the `Op` of proto/cdc.proto).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeOp {
+    Set,
+    Del,
+    Expire,
+    Expired,
+}
+
+/// One applied change, for change data capture. Owned and `Send`: it travels to the control
+/// core as it is; serialization happens there, never on the shard core.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub shard: u32,
+    /// Per-shard sequence number, gap-free from 1.
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub op: ChangeOp,
+    pub key: Bytes,
+    /// The new value (SET only).
+    pub value: Bytes,
+    /// The key's expiry after the change; 0 = none.
+    pub expire_at_ms: u64,
+}
+
 struct Entry {
     key: Bytes,
     value: Bytes,
@@ -117,16 +142,64 @@ fn rehash(e: &Entry) -> u64 {
     table_hash(crate::keyspace::Keyspace::hash(&e.key))
 }
 
+/// The changes of one shard: the sequence counter and, when capture is on, the changes
+/// not yet handed to the core's queue.
+struct ChangeLog {
+    shard: u32,
+    /// Sequence number of the last change (counted even when nobody captures changes).
+    seq: u64,
+    capture: bool,
+    changes: Vec<Change>,
+}
+
+impl ChangeLog {
+    /// Records one change with the next sequence number.
+    fn record(&mut self, op: ChangeOp, key: &Bytes, value: Bytes, expire_at_ms: u64, now_ms: u64) {
+        self.seq += 1;
+        if self.capture {
+            let (shard, seq, key) = (self.shard, self.seq, key.clone());
+            self.changes.push(Change {
+                shard,
+                seq,
+                timestamp_ms: now_ms,
+                op,
+                key,
+                value,
+                expire_at_ms,
+            });
+        }
+    }
+}
+
 /// The keys of one shard.
-#[derive(Default)]
 pub struct Shard {
     table: HashTable<Entry>,
     /// (deadline, key) for every entry with an expiry.
     deadlines: BTreeSet<(u64, Bytes)>,
     memory_bytes: u64,
+    log: ChangeLog,
 }
 
 impl Shard {
+    pub fn new(id: u32, capture: bool) -> Self {
+        Shard {
+            table: HashTable::new(),
+            deadlines: BTreeSet::new(),
+            memory_bytes: 0,
+            log: ChangeLog {
+                shard: id,
+                seq: 0,
+                capture,
+                changes: Vec::new(),
+            },
+        }
+    }
+
+    /// The changes recorded since the last call, in the order they were applied.
+    pub fn take_changes(&mut self) -> std::vec::Drain<'_, Change> {
+        self.log.changes.drain(..)
+    }
+
     pub fn len(&self) -> usize {
         self.table.len()
     }
@@ -155,7 +228,10 @@ impl Shard {
                 Ok(occ) => {
                     let (entry, _) = occ.remove();
                     self.forget(&entry);
-                    entry.live(now_ms)
+                    let live = entry.live(now_ms);
+                    let op = if live { ChangeOp::Del } else { ChangeOp::Expired };
+                    self.log.record(op, &entry.key, Bytes::new(), 0, now_ms);
+                    live
                 }
                 Err(_) => false,
             }),
@@ -167,6 +243,7 @@ impl Shard {
                 let old = std::mem::replace(&mut e.expire_at_ms, new);
                 let key = e.key.clone();
                 move_deadline(&mut self.deadlines, &key, old, new);
+                self.log.record(ChangeOp::Expire, &key, Bytes::new(), new, now_ms);
                 Outcome::Applied(true)
             }
             Command::Set {
@@ -202,6 +279,7 @@ impl Shard {
                     if !live {
                         let (entry, _) = occ.remove();
                         self.forget(&entry);
+                        self.log.record(ChangeOp::Expired, &entry.key, Bytes::new(), 0, now_ms);
                     }
                     return Outcome::Applied(false);
                 }
@@ -215,6 +293,12 @@ impl Shard {
                 move_deadline(&mut self.deadlines, &e.key, e.expire_at_ms, expire_at_ms);
                 e.expire_at_ms = expire_at_ms;
                 self.memory_bytes = self.memory_bytes - old_charge + new_charge;
+                let value = if self.log.capture {
+                    e.value.clone()
+                } else {
+                    Bytes::new()
+                };
+                self.log.record(ChangeOp::Set, &e.key, value, expire_at_ms, now_ms);
             }
             Err(absent) => {
                 if condition == Condition::IfPresent {
@@ -233,6 +317,12 @@ impl Shard {
                     value: Bytes::copy_from_slice(&value),
                     expire_at_ms,
                 };
+                let value = if self.log.capture {
+                    entry.value.clone()
+                } else {
+                    Bytes::new()
+                };
+                self.log.record(ChangeOp::Set, &entry.key, value, expire_at_ms, now_ms);
                 absent.into_table().insert_unique(h, entry, rehash);
                 self.memory_bytes += new_charge;
             }
@@ -247,10 +337,12 @@ impl Shard {
             return Some(occ.into_mut());
         }
         let (entry, _) = occ.remove();
+        // Fields, not `self.forget`: the returned entry above keeps `self.table` borrowed.
         self.memory_bytes -= entry.charge();
         if entry.expire_at_ms != 0 {
-            self.deadlines.remove(&(entry.expire_at_ms, entry.key));
+            self.deadlines.remove(&(entry.expire_at_ms, entry.key.clone()));
         }
+        self.log.record(ChangeOp::Expired, &entry.key, Bytes::new(), 0, now_ms);
         None
     }
 
@@ -280,6 +372,7 @@ impl Shard {
             if let Ok(occ) = self.table.find_entry(h, |e| e.key == key) {
                 let (entry, _) = occ.remove();
                 self.memory_bytes -= entry.charge();
+                self.log.record(ChangeOp::Expired, &entry.key, Bytes::new(), 0, now_ms);
             }
             removed += 1;
         }
@@ -348,7 +441,7 @@ mod tests {
     // Goal: memory accounting returns to zero when every key is gone, whichever way it went.
     #[test]
     fn memory_accounting_balances() {
-        let mut s = Shard::default();
+        let mut s = Shard::new(0, true);
         apply(&mut s, set("a", "1", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("a", "12345", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("b", "x", 5, Condition::Always), 0, u64::MAX);
@@ -364,7 +457,7 @@ mod tests {
     // Goal: the room limit refuses growth past the limit but allows shrinking writes and deletes.
     #[test]
     fn memory_room_refuses_growth_only() {
-        let mut s = Shard::default();
+        let mut s = Shard::new(0, true);
         // Room for exactly one entry of a 1-byte key and a 10-byte value.
         let room = charge(1, 10);
         assert_eq!(
@@ -389,7 +482,7 @@ mod tests {
     // Goal: re-setting or persisting a key keeps exactly one deadline entry for it.
     #[test]
     fn deadlines_follow_the_entry() {
-        let mut s = Shard::default();
+        let mut s = Shard::new(0, true);
         apply(&mut s, set("k", "v", 100, Condition::Always), 0, u64::MAX);
         apply(
             &mut s,
@@ -410,5 +503,36 @@ mod tests {
         apply(&mut s, set("k", "v", 50, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("k", "v", 0, Condition::Always), 0, u64::MAX);
         assert_eq!(s.deadlines.len(), 0);
+    }
+
+    // Goal: every applied write records one change with a gap-free per-shard seq, in apply
+    // order; refused writes and reads of live keys record nothing.
+    #[test]
+    fn changes_are_recorded_in_order() {
+        let mut s = Shard::new(7, true);
+        apply(&mut s, set("a", "1", 0, Condition::Always), 10, u64::MAX);
+        apply(&mut s, set("a", "x", 0, Condition::IfAbsent), 11, u64::MAX);
+        apply(&mut s, get("a"), 12, u64::MAX);
+        apply(&mut s, Command::Expire { key: b("a"), ttl_ms: 5 }, 13, u64::MAX);
+        apply(&mut s, set("b", "2", 0, Condition::Always), 14, u64::MAX);
+        apply(&mut s, Command::Del { key: b("b") }, 15, u64::MAX);
+        apply(&mut s, get("a"), 100, u64::MAX); // a expired at 18: removed on access
+        let got: Vec<(u64, ChangeOp, Bytes, u64)> = s
+            .take_changes()
+            .map(|c| {
+                assert_eq!(c.shard, 7);
+                (c.seq, c.op, c.key, c.expire_at_ms)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (1, ChangeOp::Set, b("a"), 0),
+                (2, ChangeOp::Expire, b("a"), 18),
+                (3, ChangeOp::Set, b("b"), 0),
+                (4, ChangeOp::Del, b("b"), 0),
+                (5, ChangeOp::Expired, b("a"), 0),
+            ]
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The shards one core owns, and that core's share of the memory limit.
 
 use super::{table_hash, Command, Outcome, Shard};
+use crate::cdc::capture::CaptureQueue;
 use crate::keyspace::Keyspace;
 
 /// All shards owned by one core. Lives in that core's thread only.
@@ -14,13 +15,18 @@ pub struct CoreStore {
     memory_bytes: u64,
     /// Where the next sweep starts, so a bounded sweep visits every shard in turn.
     sweep_cursor: usize,
+    /// Change capture, when enabled: every change goes here in apply order.
+    capture: Option<CaptureQueue>,
 }
 
 impl CoreStore {
     /// `node_memory_bytes_max` is the node-wide limit (0 = unlimited); each core gets an equal
     /// share so no core has to ask another before a write.
-    pub fn new(keyspace: Keyspace, core: u32, node_memory_bytes_max: u64) -> Self {
-        let shards = keyspace.shards_of_core(core).map(|_| Shard::default()).collect();
+    pub fn new(keyspace: Keyspace, core: u32, node_memory_bytes_max: u64, capture: Option<CaptureQueue>) -> Self {
+        let shards = keyspace
+            .shards_of_core(core)
+            .map(|id| Shard::new(id, capture.is_some()))
+            .collect();
         let memory_bytes_max = match node_memory_bytes_max {
             0 => u64::MAX,
             n => (n / u64::from(keyspace.cores())).max(1),
@@ -32,6 +38,7 @@ impl CoreStore {
             memory_bytes_max,
             memory_bytes: 0,
             sweep_cursor: 0,
+            capture,
         }
     }
 
@@ -58,12 +65,17 @@ impl CoreStore {
         let before = s.memory_bytes();
         let outcome = s.apply(table_hash(hash), cmd, now_ms, room);
         self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
+        if let Some(q) = &mut self.capture {
+            s.take_changes().for_each(|c| q.push(c));
+        }
         outcome
     }
 
     /// Removes at most `max_keys` expired keys across this core's shards. Returns how many
     /// were removed; equal to `max_keys` means more may be due.
     pub fn sweep(&mut self, now_ms: u64, max_keys: usize) -> usize {
+        // Each removal is a change event: never remove more than the change queue can take.
+        let max_keys = self.capture.as_ref().map_or(max_keys, |q| max_keys.min(q.room()));
         let n = self.shards.len();
         let mut removed = 0;
         for step in 0..n {
@@ -75,9 +87,23 @@ impl CoreStore {
             let before = s.memory_bytes();
             removed += s.sweep(now_ms, max_keys - removed);
             self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
+            if let Some(q) = &mut self.capture {
+                s.take_changes().for_each(|c| q.push(c));
+            }
         }
         self.sweep_cursor = (self.sweep_cursor + 1) % n.max(1);
         removed
+    }
+
+    /// True when writes may be applied now: change capture is off, or its queue has no
+    /// backlog (`cdc.overflow = block` holds writers back until it has drained).
+    pub fn cdc_ready(&mut self) -> bool {
+        self.capture.as_mut().is_none_or(|q| q.pump())
+    }
+
+    /// (events queued for the control core, events dropped).
+    pub fn cdc_counts(&self) -> (u64, u64) {
+        self.capture.as_ref().map_or((0, 0), |q| (q.depth(), q.dropped()))
     }
 
     pub fn keys(&self) -> u64 {
@@ -107,7 +133,7 @@ mod tests {
     #[test]
     fn memory_share_is_enforced_across_shards() {
         let ks = Keyspace::new(8, 2).unwrap();
-        let mut store = CoreStore::new(ks, 1, 2 * 3 * (96 + 2 + 1));
+        let mut store = CoreStore::new(ks, 1, 2 * 3 * (96 + 2 + 1), None);
         let mut applied = 0;
         for key in key_on_core(&ks, 1, 5) {
             let hash = Keyspace::hash(&key);
@@ -129,7 +155,7 @@ mod tests {
     #[test]
     fn sweep_is_bounded() {
         let ks = Keyspace::new(8, 1).unwrap();
-        let mut store = CoreStore::new(ks, 0, 0);
+        let mut store = CoreStore::new(ks, 0, 0, None);
         for key in key_on_core(&ks, 0, 50) {
             store.apply(
                 Keyspace::hash(&key),
@@ -153,7 +179,7 @@ mod tests {
     #[should_panic(expected = "routed to the wrong core")]
     fn wrong_core_is_caught() {
         let ks = Keyspace::new(8, 2).unwrap();
-        let mut store = CoreStore::new(ks, 0, 0);
+        let mut store = CoreStore::new(ks, 0, 0, None);
         let key = key_on_core(&ks, 1, 1).remove(0);
         store.apply(Keyspace::hash(&key), Command::Get { key }, 0);
     }

@@ -238,8 +238,26 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
             }
         }
         Cmd::Stats => {
-            let cores = client.stats().await.map_err(e)?;
-            write_stats(out, &cores).map_err(io)
+            let stats = client.stats_response().await.map_err(e)?;
+            write_stats(out, &stats.cores).map_err(io)?;
+            match stats.cdc {
+                Some(c) if c.enabled => writeln!(
+                    out,
+                    "cdc: connected {}, events published {}, batches {}, confirms pending {}, reconnects {}, republished {}, write-to-confirm p50 {} ms p99 {} ms, queued {}, dropped {}",
+                    c.connected,
+                    c.events_published,
+                    c.batches_published,
+                    c.confirms_pending,
+                    c.reconnects,
+                    c.republished_batches,
+                    c.confirm_delay_p50_ms,
+                    c.confirm_delay_p99_ms,
+                    stats.cores.iter().map(|c| c.cdc_queue_events).sum::<u64>(),
+                    stats.cores.iter().map(|c| c.cdc_events_dropped).sum::<u64>(),
+                )
+                .map_err(io),
+                _ => writeln!(out, "cdc: off").map_err(io),
+            }
         }
         Cmd::Hello => write_hello(out, client.hello()).map_err(io),
     }

@@ -1,6 +1,7 @@
 //! The command-line tools behind the thin binaries in `src/bin/`.
 
 pub mod bench;
+pub mod cdc_tail;
 pub mod cli;
 
 /// Parses durations such as `10s`, `250ms`, `2m`; a bare number is milliseconds.

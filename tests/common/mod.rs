@@ -105,8 +105,13 @@ impl TestServer {
 
     /// Stats of every core, through a fresh connection.
     pub fn stats(&self) -> Vec<proto::CoreStats> {
+        self.stats_response().cores
+    }
+
+    /// The whole Stats response (cores and change capture).
+    pub fn stats_response(&self) -> proto::StatsResponse {
         match self.connect().call(Op::Stats(proto::StatsRequest {})).result {
-            Some(R::Stats(s)) => s.cores,
+            Some(R::Stats(s)) => s,
             other => panic!("stats: {other:?}"),
         }
     }

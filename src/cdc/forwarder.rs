@@ -1,0 +1,425 @@
+//! The control core's change forwarder: drains every shard core's change queue, packs the
+//! events into batches bounded by count, bytes and time, publishes them to RabbitMQ with
+//! publisher confirms, and forgets a batch only when the broker has confirmed it.
+//!
+//! Order and delivery: batches are published in the order they were closed and confirmed
+//! by delivery tag (1, 2, ... per channel). A nack, or a lost connection, puts every
+//! unconfirmed batch back at the front of the outbox, in order, to be published again: a
+//! consumer may see a batch twice (it dedupes by node_id + shard + seq), never out of order
+//! after dedupe, and never miss one.
+//!
+//! Bounds: at most `cdc.confirms_pending_max` batches are closed-but-unconfirmed; past that
+//! the forwarder stops draining the shard cores' queues, which fill, which holds writers
+//! back (`cdc.overflow = block`). Nothing waits on the broker anywhere else.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amqprs::callbacks::{ChannelCallback, DefaultConnectionCallback};
+use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments, ExchangeDeclareArguments};
+use amqprs::connection::Connection;
+use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return, DELIVERY_MODE_PERSISTENT};
+use hdrhistogram::Histogram;
+use prost::Message;
+use rtrb::Consumer;
+use tokio::sync::mpsc;
+
+use super::{encode, CdcCounters};
+use crate::config::{Cdc, CdcFormat};
+use crate::shard::{now_ms, Change};
+
+/// The old service's exchange, for `cdc.format = "json"`.
+pub const JSON_EXCHANGE: &str = "flux_kv_events";
+/// How often the forwarder drains the queues and closes due batches.
+const TICK: Duration = Duration::from_millis(1);
+/// Events taken from one core's queue per tick, so one busy core cannot starve the rest.
+const DRAIN_EVENTS_MAX: usize = 16_384;
+/// First pause before reconnecting; doubles up to `cdc.reconnect_delay_max_ms`.
+const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
+/// Heartbeat so a silently dead broker connection is noticed.
+const HEARTBEAT_S: u16 = 10;
+/// On shutdown, how long the forwarder keeps trying to get everything confirmed.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A closed batch, ready to publish (or published and awaiting its confirm).
+struct Ready {
+    exchange_is_json: bool,
+    routing_key: String,
+    body: Vec<u8>,
+    /// Apply times of its events, for the write-to-confirm delay.
+    timestamps_ms: Vec<u64>,
+}
+
+/// A batch still collecting events of one shard.
+struct Building {
+    events: Vec<crate::proto::cdc::ChangeEvent>,
+    bytes: usize,
+    opened: Instant,
+}
+
+enum Confirm {
+    Ack { tag: u64, multiple: bool },
+    Nack { tag: u64, multiple: bool },
+}
+
+/// Sends the broker's confirms from amqprs' callback into the forwarder loop.
+struct ConfirmCallback(mpsc::UnboundedSender<Confirm>);
+
+#[async_trait::async_trait]
+impl ChannelCallback for ConfirmCallback {
+    async fn close(&mut self, _: &Channel, close: CloseChannel) -> Result<(), amqprs::error::Error> {
+        tracing::warn!(reason = %close, "broker closed the change-capture channel");
+        Ok(())
+    }
+    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
+        Ok(())
+    }
+    async fn flow(&mut self, _: &Channel, active: bool) -> Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
+        let _ = self.0.send(Confirm::Ack {
+            tag: ack.delivery_tag(),
+            multiple: ack.mutiple(),
+        });
+    }
+    async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
+        let _ = self.0.send(Confirm::Nack {
+            tag: nack.delivery_tag(),
+            multiple: nack.multiple(),
+        });
+    }
+    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
+}
+
+/// An open connection with a channel in confirm mode.
+struct Link {
+    connection: Connection,
+    channel: Channel,
+    /// Delivery tag the next publish gets (confirm mode numbers publishes from 1).
+    next_tag: u64,
+    /// Bounded by `unconfirmed` (at most one confirm per published batch is in flight).
+    confirms: mpsc::UnboundedReceiver<Confirm>,
+}
+
+/// The forwarder's state (lives on the control thread).
+pub struct Forwarder {
+    config: Cdc,
+    node_id: String,
+    queues: Vec<Consumer<Change>>,
+    counters: Arc<CdcCounters>,
+    building: HashMap<u32, Building>,
+    outbox: VecDeque<Ready>,
+    unconfirmed: BTreeMap<u64, Ready>,
+    delay_ms: Histogram<u64>,
+    link: Option<Link>,
+    reconnect_at: Instant,
+    reconnect_delay: Duration,
+}
+
+impl Forwarder {
+    pub fn new(config: Cdc, node_id: String, queues: Vec<Consumer<Change>>, counters: Arc<CdcCounters>) -> Self {
+        Forwarder {
+            config,
+            node_id,
+            queues,
+            counters,
+            building: HashMap::new(),
+            outbox: VecDeque::new(),
+            unconfirmed: BTreeMap::new(),
+            delay_ms: Histogram::new_with_bounds(1, 3_600_000, 2).expect("static histogram bounds"),
+            link: None,
+            reconnect_at: Instant::now(),
+            reconnect_delay: RECONNECT_DELAY_MIN,
+        }
+    }
+
+    /// Runs until `stop` is set and everything taken from the queues is confirmed (or the
+    /// flush timeout passes, which is logged with what is left).
+    pub async fn run(mut self, stop: Arc<AtomicBool>) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            tick.tick().await;
+            if self.link.is_none() && Instant::now() >= self.reconnect_at {
+                self.connect().await;
+            }
+            let stopping = stop.load(Ordering::Acquire);
+            self.drain(stopping);
+            self.publish().await;
+            self.take_confirms();
+            if stopping {
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                let idle = self.unconfirmed.is_empty() && self.outbox.is_empty() && self.building.is_empty();
+                if idle && self.queues.iter().all(|q| q.is_empty()) {
+                    break;
+                }
+                if since.elapsed() > FLUSH_TIMEOUT {
+                    let left: usize = self.outbox.len() + self.unconfirmed.len();
+                    tracing::error!(
+                        batches = left,
+                        "shutdown: change batches not confirmed by the broker in time"
+                    );
+                    break;
+                }
+            }
+        }
+        if let Some(link) = self.link.take() {
+            let _ = link.connection.close().await;
+        }
+    }
+
+    async fn connect(&mut self) {
+        match open(&self.config).await {
+            Ok(link) => {
+                if self.counters.reconnects.load(Ordering::Relaxed) > 0 || !self.unconfirmed.is_empty() {
+                    tracing::info!("change capture: connected to the broker again");
+                } else {
+                    tracing::info!("change capture: connected to the broker");
+                }
+                self.link = Some(link);
+                self.counters.connected.store(true, Ordering::Relaxed);
+                self.reconnect_delay = RECONNECT_DELAY_MIN;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_ms = self.reconnect_delay.as_millis() as u64, "change capture: broker unreachable");
+                self.reconnect_at = Instant::now() + self.reconnect_delay;
+                let max = Duration::from_millis(self.config.reconnect_delay_max_ms);
+                self.reconnect_delay = (self.reconnect_delay * 2).min(max);
+            }
+        }
+    }
+
+    /// Takes events from the shard cores' queues into per-shard batches, and closes the
+    /// batches that are full or old enough (all of them when stopping).
+    fn drain(&mut self, stopping: bool) {
+        let cap = self.config.confirms_pending_max;
+        for q in 0..self.queues.len() {
+            let mut taken = 0;
+            while taken < DRAIN_EVENTS_MAX && self.outbox.len() + self.unconfirmed.len() < cap {
+                let Ok(change) = self.queues[q].pop() else { break };
+                taken += 1;
+                self.add(change);
+            }
+        }
+        let delay = Duration::from_millis(self.config.batch_delay_ms);
+        let due: Vec<u32> = self
+            .building
+            .iter()
+            .filter(|(_, b)| stopping || b.opened.elapsed() >= delay)
+            .map(|(s, _)| *s)
+            .collect();
+        for shard in due {
+            self.close(shard);
+        }
+    }
+
+    fn add(&mut self, change: Change) {
+        if self.config.format == CdcFormat::Json {
+            if let Some(body) = encode::json(&change) {
+                let ready = Ready {
+                    exchange_is_json: true,
+                    routing_key: String::new(),
+                    body,
+                    timestamps_ms: vec![change.timestamp_ms],
+                };
+                self.outbox.push_back(ready);
+            }
+            return;
+        }
+        let event = encode::event(&self.node_id, &change);
+        let len = event.encoded_len();
+        let b = self.building.entry(change.shard).or_insert_with(|| Building {
+            events: Vec::new(),
+            bytes: 0,
+            opened: Instant::now(),
+        });
+        b.events.push(event);
+        b.bytes += len;
+        if b.events.len() >= self.config.batch_events_max || b.bytes >= self.config.batch_bytes_max {
+            self.close(change.shard);
+        }
+    }
+
+    fn close(&mut self, shard: u32) {
+        let Some(b) = self.building.remove(&shard) else { return };
+        let timestamps_ms = b.events.iter().map(|e| e.timestamp_ms).collect();
+        self.outbox.push_back(Ready {
+            exchange_is_json: false,
+            routing_key: format!("{}.{shard}", self.node_id),
+            body: encode::batch(b.events),
+            timestamps_ms,
+        });
+    }
+
+    /// Publishes the outbox in order while the confirm window has room.
+    async fn publish(&mut self) {
+        while self.unconfirmed.len() < self.config.confirms_pending_max {
+            let Some(link) = self.link.as_mut() else { return };
+            let Some(ready) = self.outbox.pop_front() else { return };
+            let exchange = if ready.exchange_is_json {
+                JSON_EXCHANGE
+            } else {
+                self.config.exchange.as_str()
+            };
+            let args = BasicPublishArguments::new(exchange, &ready.routing_key);
+            let content_type = if ready.exchange_is_json {
+                "application/json"
+            } else {
+                "application/x-protobuf"
+            };
+            let props = BasicProperties::default()
+                .with_delivery_mode(DELIVERY_MODE_PERSISTENT)
+                .with_content_type(content_type)
+                .finish();
+            match link.channel.basic_publish(props, ready.body.clone(), args).await {
+                Ok(()) => {
+                    let tag = link.next_tag;
+                    link.next_tag += 1;
+                    self.unconfirmed.insert(tag, ready);
+                }
+                Err(e) => {
+                    self.outbox.push_front(ready);
+                    self.lose_link(&e.to_string());
+                    return;
+                }
+            }
+        }
+        self.counters
+            .confirms_pending
+            .store(self.unconfirmed.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Applies the confirms that arrived; notices a dead connection.
+    fn take_confirms(&mut self) {
+        let Some(link) = self.link.as_mut() else { return };
+        let mut nacked = false;
+        let now = now_ms();
+        while let Ok(confirm) = link.confirms.try_recv() {
+            let (tag, multiple, ack) = match confirm {
+                Confirm::Ack { tag, multiple } => (tag, multiple, true),
+                Confirm::Nack { tag, multiple } => (tag, multiple, false),
+            };
+            let tags: Vec<u64> = if multiple {
+                self.unconfirmed.range(..=tag).map(|(t, _)| *t).collect()
+            } else {
+                vec![tag]
+            };
+            if !ack {
+                nacked = true;
+                tracing::warn!(tag, multiple, "broker nacked a change batch; publishing it again");
+                continue;
+            }
+            for t in tags {
+                if let Some(done) = self.unconfirmed.remove(&t) {
+                    self.counters.batches_published.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .events_published
+                        .fetch_add(done.timestamps_ms.len() as u64, Ordering::Relaxed);
+                    for ts in done.timestamps_ms {
+                        let _ = self.delay_ms.record(now.saturating_sub(ts).max(1));
+                    }
+                }
+            }
+        }
+        let dead = !link.connection.is_open() || !link.channel.is_open();
+        if nacked {
+            // Everything not yet confirmed goes again, in order (consumers dedupe by seq).
+            self.requeue_unconfirmed();
+        }
+        if dead {
+            self.lose_link("connection closed");
+        }
+        self.counters
+            .confirms_pending
+            .store(self.unconfirmed.len() as u64, Ordering::Relaxed);
+        self.counters
+            .delay_p50_ms
+            .store(self.delay_ms.value_at_quantile(0.5), Ordering::Relaxed);
+        self.counters
+            .delay_p99_ms
+            .store(self.delay_ms.value_at_quantile(0.99), Ordering::Relaxed);
+    }
+
+    fn requeue_unconfirmed(&mut self) {
+        let n = self.unconfirmed.len() as u64;
+        for (_, ready) in std::mem::take(&mut self.unconfirmed).into_iter().rev() {
+            self.outbox.push_front(ready);
+        }
+        self.counters.republished_batches.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn lose_link(&mut self, why: &str) {
+        tracing::warn!(
+            reason = why,
+            unconfirmed = self.unconfirmed.len(),
+            "change capture: lost the broker connection"
+        );
+        self.requeue_unconfirmed();
+        self.link = None;
+        self.counters.connected.store(false, Ordering::Relaxed);
+        self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        self.reconnect_at = Instant::now() + self.reconnect_delay;
+    }
+}
+
+/// Opens a connection and a confirm-mode channel, and declares the exchange.
+async fn open(config: &Cdc) -> Result<Link, String> {
+    let mut args = super::amqp_args(&config.amqp_url)?;
+    args.heartbeat(HEARTBEAT_S).connection_name("flux-kv-cdc");
+    let connect = Connection::open(&args);
+    let connection = tokio::time::timeout(Duration::from_secs(5), connect)
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    connection
+        .register_callback(DefaultConnectionCallback)
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = connection.open_channel(None).await.map_err(|e| e.to_string())?;
+    let (tx, confirms) = mpsc::unbounded_channel();
+    channel
+        .register_callback(ConfirmCallback(tx))
+        .await
+        .map_err(|e| e.to_string())?;
+    channel
+        .confirm_select(ConfirmSelectArguments::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let (name, kind) = match config.format {
+        CdcFormat::Protobuf => (config.exchange.as_str(), "topic"),
+        CdcFormat::Json => (JSON_EXCHANGE, "fanout"),
+    };
+    let mut declare = ExchangeDeclareArguments::new(name, kind);
+    declare.durable = true;
+    channel.exchange_declare(declare).await.map_err(|e| e.to_string())?;
+    Ok(Link {
+        connection,
+        channel,
+        next_tag: 1,
+        confirms,
+    })
+}
+
+/// Starts the control core: one thread, pinned to `cpu`, running the forwarder on a tokio
+/// current-thread runtime until `stop` is set and the queues are flushed.
+pub fn spawn(
+    forwarder: Forwarder,
+    cpu: Option<usize>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new().name("flux-control".into()).spawn(move || {
+        if let Some(id) = cpu {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                tracing::warn!(cpu = id, "cannot pin the control core");
+            }
+        }
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(forwarder.run(stop)),
+            Err(e) => tracing::error!(error = %e, "control core: cannot start its runtime"),
+        }
+    })
+}

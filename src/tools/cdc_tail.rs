@@ -1,0 +1,214 @@
+//! flux-cdc-tail: consume Flux-KV's change events from RabbitMQ, print them, and check that
+//! every shard's sequence numbers arrive without gaps.
+//!
+//! It binds its own queue to the exchange (declaring the exchange the same way the server
+//! does, so it may start first) and says `ready` on stderr once bound: events published
+//! before that are not routed to it. Duplicates (at-least-once delivery) are dropped by
+//! (node_id, shard, seq) and counted; a seq that skips ahead is a gap, reported at once.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use amqprs::callbacks::{DefaultChannelCallback, DefaultConnectionCallback};
+use amqprs::channel::{BasicConsumeArguments, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments};
+use amqprs::connection::Connection;
+use clap::Parser;
+use prost::Message;
+
+use crate::proto::cdc::{ChangeBatch, ChangeEvent, Op};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "flux-cdc-tail",
+    version,
+    about = "Print Flux-KV change events and check per-shard seq continuity"
+)]
+pub struct Args {
+    #[arg(
+        long,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        env = "FLUX_CDC_AMQP_URL"
+    )]
+    pub amqp_url: String,
+    /// Exchange to bind to (protobuf format); the JSON format always uses flux_kv_events.
+    #[arg(long, default_value = "flux.cdc")]
+    pub exchange: String,
+    #[arg(long, value_enum, default_value = "protobuf")]
+    pub format: Format,
+    /// Topic binding, e.g. `#` for everything or `<node_id>.*`.
+    #[arg(long, default_value = "#")]
+    pub binding: String,
+    /// One JSON object per event on stdout instead of a text line.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many distinct events.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit when no message arrived for this long (10s, 500ms).
+    #[arg(long, value_parser = super::parse_duration)]
+    pub idle_timeout: Option<Duration>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Protobuf,
+    Json,
+}
+
+/// Per-shard continuity check over (node_id, shard, seq).
+#[derive(Default)]
+pub struct Continuity {
+    next: HashMap<(String, u32), u64>,
+    pub events: u64,
+    pub duplicates: u64,
+    pub gaps: u64,
+}
+
+impl Continuity {
+    /// True when the event is new; duplicates are counted and skipped; a skip ahead is a gap.
+    pub fn accept(&mut self, e: &ChangeEvent) -> bool {
+        let next = self.next.entry((e.node_id.clone(), e.shard)).or_insert(1);
+        if e.seq < *next {
+            self.duplicates += 1;
+            return false;
+        }
+        if e.seq > *next {
+            self.gaps += 1;
+            eprintln!(
+                "gap: node {} shard {} expected seq {} got {}",
+                e.node_id, e.shard, *next, e.seq
+            );
+        }
+        *next = e.seq + 1;
+        self.events += 1;
+        true
+    }
+}
+
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("flux-cdc-tail: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("flux-cdc-tail: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Returns Ok(true) when no gap was seen.
+async fn run(args: Args) -> Result<bool, String> {
+    let conn_args = crate::cdc::amqp_args(&args.amqp_url)?;
+    let conn = Connection::open(&conn_args).await.map_err(|e| e.to_string())?;
+    conn.register_callback(DefaultConnectionCallback)
+        .await
+        .map_err(|e| e.to_string())?;
+    let channel = conn.open_channel(None).await.map_err(|e| e.to_string())?;
+    channel
+        .register_callback(DefaultChannelCallback)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (exchange, kind, binding) = match args.format {
+        Format::Protobuf => (args.exchange.clone(), "topic", args.binding.clone()),
+        Format::Json => (
+            crate::cdc::forwarder::JSON_EXCHANGE.to_string(),
+            "fanout",
+            String::new(),
+        ),
+    };
+    let mut declare = ExchangeDeclareArguments::new(&exchange, kind);
+    declare.durable = true;
+    channel.exchange_declare(declare).await.map_err(|e| e.to_string())?;
+    let (queue, _, _) = channel
+        .queue_declare(QueueDeclareArguments::exclusive_server_named())
+        .await
+        .map_err(|e| e.to_string())?
+        .ok_or("no queue name from the broker")?;
+    channel
+        .queue_bind(QueueBindArguments::new(&queue, &exchange, &binding))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut consume = BasicConsumeArguments::new(&queue, "flux-cdc-tail");
+    consume.manual_ack(false);
+    let (_, mut rx) = channel
+        .basic_consume_rx(consume.finish())
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!("ready: queue {queue} bound to {exchange} ({binding})");
+
+    let mut seen = Continuity::default();
+    let mut out = std::io::stdout().lock();
+    loop {
+        let msg = match args.idle_timeout {
+            Some(t) => match tokio::time::timeout(t, rx.recv()).await {
+                Ok(m) => m,
+                Err(_) => break,
+            },
+            None => rx.recv().await,
+        };
+        let Some(msg) = msg else { break };
+        let body = msg.content.unwrap_or_default();
+        match args.format {
+            Format::Json => {
+                seen.events += 1;
+                let _ = out.write_all(&body);
+                let _ = writeln!(out);
+            }
+            Format::Protobuf => {
+                let batch = ChangeBatch::decode(&body[..]).map_err(|e| format!("message is not a ChangeBatch: {e}"))?;
+                for e in batch.events.iter().filter(|e| seen.accept(e)) {
+                    let _ = print_event(&mut out, e, args.json);
+                }
+            }
+        }
+        let _ = out.flush();
+        if args.count.is_some_and(|n| seen.events >= n) {
+            break;
+        }
+    }
+    eprintln!(
+        "events {}, duplicates {}, gaps {}",
+        seen.events, seen.duplicates, seen.gaps
+    );
+    let _ = conn.close().await;
+    Ok(seen.gaps == 0)
+}
+
+fn print_event(out: &mut impl Write, e: &ChangeEvent, json: bool) -> std::io::Result<()> {
+    let op = match Op::try_from(e.op) {
+        Ok(Op::Set) => "SET",
+        Ok(Op::Del) => "DEL",
+        Ok(Op::Expire) => "EXPIRE",
+        Ok(Op::Expired) => "EXPIRED",
+        Err(_) => "UNKNOWN",
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    if json {
+        let v = serde_json::json!({
+            "node_id": e.node_id, "shard": e.shard, "seq": e.seq, "timestamp_ms": e.timestamp_ms,
+            "op": op, "key": text(&e.key), "value": text(&e.value), "expire_at_ms": e.expire_at_ms,
+        });
+        writeln!(out, "{v}")
+    } else {
+        writeln!(
+            out,
+            "{} shard {} seq {} {op} {:?} {:?} expire_at_ms {}",
+            e.node_id,
+            e.shard,
+            e.seq,
+            e.key.escape_ascii().to_string(),
+            e.value.escape_ascii().to_string(),
+            e.expire_at_ms
+        )
+    }
+}
