@@ -22,7 +22,6 @@ use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments, Ex
 use amqprs::connection::Connection;
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return, DELIVERY_MODE_PERSISTENT};
 use hdrhistogram::Histogram;
-use prost::Message;
 use rtrb::Consumer;
 use tokio::sync::mpsc;
 
@@ -52,10 +51,10 @@ struct Ready {
     timestamps_ms: Vec<u64>,
 }
 
-/// A batch still collecting events of one shard.
+/// A batch still collecting events of one shard, already encoded as a `ChangeBatch`.
 struct Building {
-    events: Vec<crate::proto::cdc::ChangeEvent>,
-    bytes: usize,
+    body: Vec<u8>,
+    timestamps_ms: Vec<u64>,
     opened: Instant,
 }
 
@@ -230,28 +229,25 @@ impl Forwarder {
             }
             return;
         }
-        let event = encode::event(&self.node_id, &change);
-        let len = event.encoded_len();
         let b = self.building.entry(change.shard).or_insert_with(|| Building {
-            events: Vec::new(),
-            bytes: 0,
+            body: Vec::with_capacity(4096),
+            timestamps_ms: Vec::new(),
             opened: Instant::now(),
         });
-        b.events.push(event);
-        b.bytes += len;
-        if b.events.len() >= self.config.batch_events_max || b.bytes >= self.config.batch_bytes_max {
+        encode::put_event(&self.node_id, &change, &mut b.body);
+        b.timestamps_ms.push(change.timestamp_ms);
+        if b.timestamps_ms.len() >= self.config.batch_events_max || b.body.len() >= self.config.batch_bytes_max {
             self.close(change.shard);
         }
     }
 
     fn close(&mut self, shard: u32) {
         let Some(b) = self.building.remove(&shard) else { return };
-        let timestamps_ms = b.events.iter().map(|e| e.timestamp_ms).collect();
         self.outbox.push_back(Ready {
             exchange_is_json: false,
             routing_key: format!("{}.{shard}", self.node_id),
-            body: encode::batch(b.events),
-            timestamps_ms,
+            body: b.body,
+            timestamps_ms: b.timestamps_ms,
         });
     }
 
