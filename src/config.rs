@@ -66,7 +66,8 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cdc.batch_delay_ms", "longest an event waits for its batch to fill; longer = fewer, larger broker messages"),
     ("cdc.queue_events_max", "events queued per shard core for the control core"),
     ("cdc.confirms_pending_max", "published batches awaiting the broker's confirm before the forwarder stops taking more"),
-    ("cdc.overflow", "when a change queue is full: block (writers wait) or drop (counted in Stats)"),
+    ("cdc.spool_bytes_max", "disk spool (data_dir/cdc-spool) for batches that pile up while the broker is away"),
+    ("cdc.overflow", "when the queues and the spool are full: block (writers wait) or drop (counted in Stats)"),
     ("cdc.reconnect_delay_max_ms", "longest pause between reconnection attempts to the broker"),
 ];
 
@@ -102,6 +103,7 @@ pub struct Cdc {
     pub batch_delay_ms: u64,
     pub queue_events_max: usize,
     pub confirms_pending_max: usize,
+    pub spool_bytes_max: u64,
     pub overflow: Overflow,
     pub reconnect_delay_max_ms: u64,
 }
@@ -135,6 +137,7 @@ impl Default for Cdc {
             batch_delay_ms: 50,
             queue_events_max: 1 << 16,
             confirms_pending_max: 4_096,
+            spool_bytes_max: 1 << 30,
             overflow: Overflow::Block,
             reconnect_delay_max_ms: 5_000,
         }

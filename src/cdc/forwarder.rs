@@ -25,8 +25,9 @@ use hdrhistogram::Histogram;
 use rtrb::Consumer;
 use tokio::sync::mpsc;
 
+use super::spool::Spool;
 use super::{encode, CdcCounters};
-use crate::config::{Cdc, CdcFormat};
+use crate::config::{Cdc, CdcFormat, Overflow};
 use crate::shard::{now_ms, Change};
 
 /// The old service's exchange, for `cdc.format = "json"`.
@@ -47,8 +48,11 @@ struct Ready {
     exchange_is_json: bool,
     routing_key: String,
     body: Vec<u8>,
-    /// Apply times of its events, for the write-to-confirm delay.
+    events: u32,
+    /// Apply times of its events, for the write-to-confirm delay (not kept when spooled).
     timestamps_ms: Vec<u64>,
+    /// The spool segment it was read from, released when the broker confirms it.
+    spool_segment: Option<u64>,
 }
 
 /// A batch still collecting events of one shard, already encoded as a `ChangeBatch`.
@@ -110,7 +114,10 @@ pub struct Forwarder {
     queues: Vec<Consumer<Change>>,
     counters: Arc<CdcCounters>,
     building: HashMap<u32, Building>,
+    /// Closed batches in publish order; older than anything in `spool`.
     outbox: VecDeque<Ready>,
+    /// Where closed batches go, in order, while the broker is away and `outbox` is full.
+    spool: Option<Spool>,
     unconfirmed: BTreeMap<u64, Ready>,
     delay_ms: Histogram<u64>,
     link: Option<Link>,
@@ -119,20 +126,29 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    pub fn new(config: Cdc, node_id: String, queues: Vec<Consumer<Change>>, counters: Arc<CdcCounters>) -> Self {
-        Forwarder {
+    /// `spool_dir` holds the disk spool (`<data_dir>/cdc-spool`).
+    pub fn new(
+        config: Cdc,
+        node_id: String,
+        queues: Vec<Consumer<Change>>,
+        counters: Arc<CdcCounters>,
+        spool_dir: &std::path::Path,
+    ) -> std::io::Result<Self> {
+        let spool = Some(Spool::open(spool_dir, config.spool_bytes_max)?);
+        Ok(Forwarder {
             config,
             node_id,
             queues,
             counters,
             building: HashMap::new(),
             outbox: VecDeque::new(),
+            spool,
             unconfirmed: BTreeMap::new(),
             delay_ms: Histogram::new_with_bounds(1, 3_600_000, 2).expect("static histogram bounds"),
             link: None,
             reconnect_at: Instant::now(),
             reconnect_delay: RECONNECT_DELAY_MIN,
-        }
+        })
     }
 
     /// Runs until `stop` is set and everything taken from the queues is confirmed (or the
@@ -152,7 +168,10 @@ impl Forwarder {
             self.take_confirms();
             if stopping {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
-                let idle = self.unconfirmed.is_empty() && self.outbox.is_empty() && self.building.is_empty();
+                let idle = self.unconfirmed.is_empty()
+                    && self.outbox.is_empty()
+                    && self.building.is_empty()
+                    && self.spool.as_ref().is_none_or(Spool::is_empty);
                 if idle && self.queues.iter().all(|q| q.is_empty()) {
                     break;
                 }
@@ -195,10 +214,9 @@ impl Forwarder {
     /// Takes events from the shard cores' queues into per-shard batches, and closes the
     /// batches that are full or old enough (all of them when stopping).
     fn drain(&mut self, stopping: bool) {
-        let cap = self.config.confirms_pending_max;
         for q in 0..self.queues.len() {
             let mut taken = 0;
-            while taken < DRAIN_EVENTS_MAX && self.outbox.len() + self.unconfirmed.len() < cap {
+            while taken < DRAIN_EVENTS_MAX && self.has_room() {
                 let Ok(change) = self.queues[q].pop() else { break };
                 taken += 1;
                 self.add(change);
@@ -216,6 +234,51 @@ impl Forwarder {
         }
     }
 
+    /// Whether closed batches can still be taken in: memory for them, or room in the spool
+    /// for a full batch. When not, the shard cores' queues fill and hold writers back
+    /// (`cdc.overflow = block`); with `drop`, batches the spool cannot take are dropped.
+    fn has_room(&self) -> bool {
+        let in_memory = self.spool.as_ref().is_none_or(Spool::is_empty)
+            && self.outbox.len() + self.unconfirmed.len() < self.config.confirms_pending_max;
+        in_memory
+            || self.config.overflow == Overflow::Drop
+            || self
+                .spool
+                .as_ref()
+                .is_some_and(|s| s.has_room(self.config.batch_bytes_max))
+    }
+
+    /// Queues a closed batch behind everything older: in memory while there is room and
+    /// nothing is spooled, else at the end of the spool.
+    fn enqueue(&mut self, ready: Ready) {
+        let spooled = self.spool.as_ref().is_some_and(|s| !s.is_empty());
+        if !spooled && self.outbox.len() + self.unconfirmed.len() < self.config.confirms_pending_max {
+            self.outbox.push_back(ready);
+            return;
+        }
+        let Some(spool) = self.spool.as_mut() else {
+            self.outbox.push_back(ready);
+            return;
+        };
+        if !spool.has_room(ready.body.len()) {
+            self.counters
+                .events_dropped
+                .fetch_add(u64::from(ready.events), Ordering::Relaxed);
+            tracing::warn!(
+                events = ready.events,
+                "change spool full: batch dropped (cdc.overflow = drop)"
+            );
+            return;
+        }
+        if let Err(e) = spool.append(ready.exchange_is_json, &ready.routing_key, &ready.body, ready.events) {
+            // A spool that cannot be written is a disk problem; keep the batch in memory.
+            tracing::error!(error = %e, "cannot write the change spool");
+            self.outbox.push_back(ready);
+            return;
+        }
+        self.counters.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
+    }
+
     fn add(&mut self, change: Change) {
         if self.config.format == CdcFormat::Json {
             if let Some(body) = encode::json(&change) {
@@ -223,9 +286,11 @@ impl Forwarder {
                     exchange_is_json: true,
                     routing_key: String::new(),
                     body,
+                    events: 1,
                     timestamps_ms: vec![change.timestamp_ms],
+                    spool_segment: None,
                 };
-                self.outbox.push_back(ready);
+                self.enqueue(ready);
             }
             return;
         }
@@ -243,19 +308,24 @@ impl Forwarder {
 
     fn close(&mut self, shard: u32) {
         let Some(b) = self.building.remove(&shard) else { return };
-        self.outbox.push_back(Ready {
+        self.enqueue(Ready {
             exchange_is_json: false,
             routing_key: format!("{}.{shard}", self.node_id),
             body: b.body,
+            events: b.timestamps_ms.len() as u32,
             timestamps_ms: b.timestamps_ms,
+            spool_segment: None,
         });
     }
 
     /// Publishes the outbox in order while the confirm window has room.
     async fn publish(&mut self) {
         while self.unconfirmed.len() < self.config.confirms_pending_max {
+            if self.link.is_none() {
+                return;
+            }
+            let Some(ready) = self.next_to_publish() else { return };
             let Some(link) = self.link.as_mut() else { return };
-            let Some(ready) = self.outbox.pop_front() else { return };
             let exchange = if ready.exchange_is_json {
                 JSON_EXCHANGE
             } else {
@@ -289,6 +359,31 @@ impl Forwarder {
             .store(self.unconfirmed.len() as u64, Ordering::Relaxed);
     }
 
+    /// The oldest batch not yet published: from memory, else from the spool.
+    fn next_to_publish(&mut self) -> Option<Ready> {
+        if let Some(r) = self.outbox.pop_front() {
+            return Some(r);
+        }
+        let spool = self.spool.as_mut()?;
+        let read = spool.read();
+        self.counters.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
+        let record = match read {
+            Ok(r) => r?,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the change spool");
+                return None;
+            }
+        };
+        Some(Ready {
+            exchange_is_json: record.json,
+            routing_key: record.routing_key,
+            body: record.body,
+            events: record.events,
+            timestamps_ms: Vec::new(),
+            spool_segment: Some(record.segment),
+        })
+    }
+
     /// Applies the confirms that arrived; notices a dead connection.
     fn take_confirms(&mut self) {
         let Some(link) = self.link.as_mut() else { return };
@@ -314,9 +409,13 @@ impl Forwarder {
                     self.counters.batches_published.fetch_add(1, Ordering::Relaxed);
                     self.counters
                         .events_published
-                        .fetch_add(done.timestamps_ms.len() as u64, Ordering::Relaxed);
+                        .fetch_add(u64::from(done.events), Ordering::Relaxed);
                     for ts in done.timestamps_ms {
                         let _ = self.delay_ms.record(now.saturating_sub(ts).max(1));
+                    }
+                    if let (Some(seg), Some(spool)) = (done.spool_segment, self.spool.as_mut()) {
+                        spool.confirmed(seg);
+                        self.counters.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
                     }
                 }
             }

@@ -10,11 +10,13 @@
 //!
 //! - `capture.rs`: the shard core's bounded, lock-free queue and its overflow policy.
 //! - `forwarder.rs`: the control core: batching, publishing, confirms, reconnects.
+//! - `spool.rs`: the disk spool for batches that pile up while the broker is away.
 //! - `encode.rs`: events as protobuf `ChangeBatch` or as the old service's JSON.
 
 pub mod capture;
 pub mod encode;
 pub mod forwarder;
+pub mod spool;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -67,6 +69,8 @@ pub struct CdcCounters {
     pub republished_batches: AtomicU64,
     pub delay_p50_ms: AtomicU64,
     pub delay_p99_ms: AtomicU64,
+    pub spool_bytes: AtomicU64,
+    pub events_dropped: AtomicU64,
 }
 
 impl CdcCounters {
@@ -82,6 +86,8 @@ impl CdcCounters {
             republished_batches: self.republished_batches.load(r),
             confirm_delay_p50_ms: self.delay_p50_ms.load(r),
             confirm_delay_p99_ms: self.delay_p99_ms.load(r),
+            spool_bytes: self.spool_bytes.load(r),
+            events_dropped: self.events_dropped.load(r),
         }
     }
 }

@@ -117,7 +117,10 @@ impl Server {
             let (producers, consumers): (Vec<_>, Vec<_>) = (0..cores)
                 .map(|_| capture::queue(config.cdc.queue_events_max, config.cdc.overflow))
                 .unzip();
-            let f = Forwarder::new(config.cdc.clone(), node_id.clone(), consumers, cdc.clone());
+            let spool_dir = config.data_dir.join("cdc-spool");
+            let f = Forwarder::new(config.cdc.clone(), node_id.clone(), consumers, cdc.clone(), &spool_dir).map_err(
+                |e| StartError::Invalid(format!("cannot open the change spool in {}: {e}", spool_dir.display())),
+            )?;
             (producers.into_iter().map(Some).collect(), Some(f))
         } else {
             (Vec::new(), None)

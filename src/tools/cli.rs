@@ -243,7 +243,7 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
             match stats.cdc {
                 Some(c) if c.enabled => writeln!(
                     out,
-                    "cdc: connected {}, events published {}, batches {}, confirms pending {}, reconnects {}, republished {}, write-to-confirm p50 {} ms p99 {} ms, queued {}, dropped {}",
+                    "cdc: connected {}, events published {}, batches {}, confirms pending {}, reconnects {}, republished {}, write-to-confirm p50 {} ms p99 {} ms, queued {}, spool bytes {}, dropped {}",
                     c.connected,
                     c.events_published,
                     c.batches_published,
@@ -253,7 +253,8 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
                     c.confirm_delay_p50_ms,
                     c.confirm_delay_p99_ms,
                     stats.cores.iter().map(|c| c.cdc_queue_events).sum::<u64>(),
-                    stats.cores.iter().map(|c| c.cdc_events_dropped).sum::<u64>(),
+                    c.spool_bytes,
+                    stats.cores.iter().map(|c| c.cdc_events_dropped).sum::<u64>() + c.events_dropped,
                 )
                 .map_err(io),
                 _ => writeln!(out, "cdc: off").map_err(io),
