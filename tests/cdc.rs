@@ -16,6 +16,19 @@ fn unique(prefix: &str) -> String {
     format!("{prefix}.{}.{nanos}", std::process::id())
 }
 
+/// flux-cdc-tail printing JSON lines for `exchange`, exiting after `count` events or when idle.
+fn tail_json(exchange: &str, count: usize, idle: &str) -> Child {
+    tail(&[
+        "--exchange",
+        exchange,
+        "--json",
+        "--count",
+        &count.to_string(),
+        "--idle-timeout",
+        idle,
+    ])
+}
+
 /// flux-cdc-tail bound and ready (it prints `ready` once its queue is bound).
 fn tail(args: &[&str]) -> Child {
     let mut child = Command::new(env!("CARGO_BIN_EXE_flux-cdc-tail"))
@@ -43,15 +56,7 @@ fn tail(args: &[&str]) -> Child {
 #[test]
 fn hundred_thousand_writes_arrive_complete_and_in_order() {
     let exchange = unique("test.cdc");
-    let tail = tail(&[
-        "--exchange",
-        &exchange,
-        "--json",
-        "--count",
-        "100000",
-        "--idle-timeout",
-        "30s",
-    ]);
+    let tail = tail_json(&exchange, 100000, "30s");
     let server = TestServer::start(&["--cores", "2", "--cdc-enabled", "true", "--cdc-exchange", &exchange]);
 
     // 50,000 keys written twice: v1 then v2, pipelined on two connections.
@@ -128,15 +133,7 @@ fn hundred_thousand_writes_arrive_complete_and_in_order() {
 #[test]
 fn every_kind_of_change_is_captured() {
     let exchange = unique("test.cdc.kinds");
-    let tail = tail(&[
-        "--exchange",
-        &exchange,
-        "--json",
-        "--count",
-        "6",
-        "--idle-timeout",
-        "20s",
-    ]);
+    let tail = tail_json(&exchange, 6, "20s");
     let server = TestServer::start(&["--cores", "1", "--cdc-enabled", "true", "--cdc-exchange", &exchange]);
     let mut c = server.connect();
     c.set(b"a", b"1");
@@ -281,15 +278,7 @@ fn broker_outage_loses_nothing() {
     let exchange = unique("test.cdc.outage");
     let proxy = Proxy::start(false);
     let total = 30_000;
-    let tail = tail(&[
-        "--exchange",
-        &exchange,
-        "--json",
-        "--count",
-        &total.to_string(),
-        "--idle-timeout",
-        "30s",
-    ]);
+    let tail = tail_json(&exchange, total, "30s");
     let server = TestServer::start(&[
         "--cores",
         "2",
@@ -354,15 +343,7 @@ fn broker_outage_loses_nothing() {
 fn broker_absent_at_start() {
     let exchange = unique("test.cdc.absent");
     let proxy = Proxy::start(true);
-    let tail = tail(&[
-        "--exchange",
-        &exchange,
-        "--json",
-        "--count",
-        "5000",
-        "--idle-timeout",
-        "30s",
-    ]);
+    let tail = tail_json(&exchange, 5000, "30s");
     let server = TestServer::start(&[
         "--cdc-enabled",
         "true",

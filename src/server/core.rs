@@ -112,6 +112,7 @@ impl Core {
     pub fn stats(&self) -> CoreStats {
         let store = self.store.borrow();
         let c = &self.counters;
+        let (cdc_queue_events, cdc_events_dropped) = store.cdc_counts();
         CoreStats {
             core: self.index,
             connections_accepted: c.connections_accepted.get(),
@@ -121,8 +122,8 @@ impl Core {
             forwarded_in: c.forwarded_in.get(),
             keys: store.keys(),
             memory_bytes: store.memory_bytes(),
-            cdc_queue_events: store.cdc_counts().0,
-            cdc_events_dropped: store.cdc_counts().1,
+            cdc_queue_events,
+            cdc_events_dropped,
         }
     }
 
