@@ -57,6 +57,10 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("runtime.preempt_timer_us", "longest a busy core runs before it looks at other cores' messages"),
     ("control_cpu", "CPU the control core (change capture forwarder) is pinned to; -1 = the CPU after the shard cores, or the last one"),
     ("cluster.node_id", "node identity; empty = a random id created on first start and kept in data_dir/node_id"),
+    ("cluster.etcd_endpoints", "etcd endpoints, comma-separated (host:port); empty = standalone, no registration"),
+    ("cluster.prefix", "etcd key prefix; the node registers at <prefix>/nodes/<node_id>"),
+    ("cluster.advertise_addr", "address clients use to reach this node; empty = FLUX_POD_IP, else the listen address unless it is a wildcard, else the first non-loopback interface address"),
+    ("cluster.lease_ttl_ms", "registration lease; a node that stops renewing it leaves the cluster after this long"),
     ("cdc.enabled", "publish every change to RabbitMQ"),
     ("cdc.amqp_url", "broker address, amqp://user:password@host:port/vhost"),
     ("cdc.exchange", "durable topic exchange for protobuf batches (routing key <node_id>.<shard>)"),
@@ -167,11 +171,27 @@ pub struct Runtime {
     pub preempt_timer_us: u64,
 }
 
-/// Cluster identity (registration in etcd builds on it).
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// Cluster identity and registration in etcd.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Cluster {
     pub node_id: String,
+    pub etcd_endpoints: Vec<String>,
+    pub prefix: String,
+    pub advertise_addr: String,
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            node_id: String::new(),
+            etcd_endpoints: Vec::new(),
+            prefix: "/flux".into(),
+            advertise_addr: String::new(),
+            lease_ttl_ms: 10_000,
+        }
+    }
 }
 
 impl Default for Config {
@@ -312,6 +332,12 @@ impl Config {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
             }
+        }
+        if self.cluster.lease_ttl_ms < 1_000 {
+            return fail(format!(
+                "cluster.lease_ttl_ms: {} is below 1000 (etcd leases count whole seconds)",
+                self.cluster.lease_ttl_ms
+            ));
         }
         let c = &self.cdc;
         for (name, v) in [

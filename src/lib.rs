@@ -21,12 +21,14 @@
 //! - [`shard`]: one shard's map, expiry and memory accounting; a core's set of shards.
 //! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
 //! - [`cdc`]: change capture: per-core lock-free queues, the control core's forwarder.
+//! - [`cluster`]: etcd registration (node side) and rendezvous routing (client side).
 //! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and
 //!   io_uring stay behind this module.
 //! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`.
 
 pub mod cdc;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod keyspace;
 pub mod server;

@@ -498,23 +498,3 @@ async fn open(config: &Cdc) -> Result<Link, String> {
         confirms,
     })
 }
-
-/// Starts the control core: one thread, pinned to `cpu`, running the forwarder on a tokio
-/// current-thread runtime until `stop` is set and the queues are flushed.
-pub fn spawn(
-    forwarder: Forwarder,
-    cpu: Option<usize>,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("flux-control".into()).spawn(move || {
-        if let Some(id) = cpu {
-            if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
-                tracing::warn!(cpu = id, "cannot pin the control core");
-            }
-        }
-        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-            Ok(rt) => rt.block_on(forwarder.run(stop)),
-            Err(e) => tracing::error!(error = %e, "control core: cannot start its runtime"),
-        }
-    })
-}

@@ -7,6 +7,8 @@
 //!   request takes a cross-core hop inside the server. Otherwise it uses the shared port.
 //! - MGET and MSET are split per owning core and reassembled in order.
 //! - A missing key is `None`, never an empty value; server errors keep their code and text.
+//! - [`Cluster`] finds the nodes through etcd and routes each key to its node by
+//!   rendezvous hashing (see `cluster.rs` for the rule and what membership changes mean).
 //!
 //! A complete program is in `examples/quickstart.rs` (`cargo run --example quickstart`).
 //!
@@ -25,6 +27,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cluster;
 mod connection;
 
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -34,6 +37,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use self::cluster::Cluster;
 pub use self::connection::Connection;
 use crate::keyspace::{Keyspace, KEY_HASH_NAME};
 use crate::proto::{self, request::Op, response::Result as R, CoreStats, ErrorCode, HelloResponse, Response};
@@ -81,6 +85,9 @@ pub enum Error {
     /// The server answered something this client does not expect.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// Membership could not be read from etcd, or no node is registered.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 impl Error {

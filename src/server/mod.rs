@@ -15,6 +15,7 @@
 //! is used.
 
 mod connection;
+mod control;
 mod core;
 mod dispatch;
 mod forward;
@@ -33,8 +34,10 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
 pub use self::uring::RingKind;
-use crate::cdc::forwarder::{self, Forwarder};
+use crate::cdc::forwarder::Forwarder;
 use crate::cdc::{capture, CdcCounters};
+use crate::cluster::registration::{advertise_addr, LeaveRequest, Registration};
+use crate::cluster::NodeInfo;
 use crate::config::Config;
 use crate::keyspace::{Keyspace, KEY_HASH_NAME};
 use crate::proto::HelloResponse;
@@ -55,12 +58,26 @@ pub struct Server {
 
 /// Starts a graceful shutdown from any thread (a signal handler thread, a test).
 #[derive(Clone)]
-pub struct ShutdownHandle(Arc<Mutex<Option<oneshot::Sender<()>>>>);
+pub struct ShutdownHandle {
+    cores: Arc<Mutex<Option<oneshot::Sender<()>>>>,
+    /// Asks the control core to leave the cluster (revoke the etcd lease).
+    leave: Option<tokio::sync::mpsc::UnboundedSender<LeaveRequest>>,
+}
+
+/// How long shutdown waits for the etcd lease to be revoked before draining anyway.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl ShutdownHandle {
-    /// Stop accepting, answer what was read, refuse the rest. Idempotent.
+    /// Leave the cluster first (clients stop routing here at once), then stop accepting,
+    /// answer what was read, refuse the rest. Idempotent.
     pub fn shutdown(&self) {
-        if let Some(tx) = self.0.lock().ok().and_then(|mut t| t.take()) {
+        if let Some(leave) = &self.leave {
+            let (done, wait) = mpsc::channel();
+            if leave.send(done).is_ok() {
+                let _ = wait.recv_timeout(LEAVE_TIMEOUT);
+            }
+        }
+        if let Some(tx) = self.cores.lock().ok().and_then(|mut t| t.take()) {
             let _ = tx.send(());
         }
     }
@@ -126,6 +143,24 @@ impl Server {
             (Vec::new(), None)
         };
         let control_cpu = control_cpu(&config, &cpus)?;
+        let (serving_tx, serving) = tokio::sync::watch::channel(false);
+        let (registration, leave) = if config.cluster.etcd_endpoints.is_empty() {
+            (None, None)
+        } else {
+            let info = NodeInfo {
+                node_id: node_id.clone(),
+                addr: advertise_addr(&config.cluster.advertise_addr, local_addr),
+                core_ports: core_ports.clone(),
+                cores,
+                shards: config.shards,
+                version: env!("CARGO_PKG_VERSION").into(),
+                started_at_ms: crate::shard::now_ms(),
+            };
+            let endpoints = config.cluster.etcd_endpoints.clone();
+            let ttl = config.cluster.lease_ttl_ms;
+            let (r, leave) = Registration::new(endpoints, &config.cluster.prefix, info, ttl, serving);
+            (Some(r), Some(leave))
+        };
         let io_memory = config.runtime.io_memory_bytes;
         let preempt = Duration::from_micros(config.runtime.preempt_timer_us);
         let mesh_depth = config.limits.mesh_messages_max;
@@ -150,11 +185,8 @@ impl Server {
             })
             .map_err(|e| StartError::Core(e.to_string()))?;
 
-        let stop_forwarder = Arc::new(AtomicBool::new(false));
-        let control = match forwarder {
-            Some(f) => Some(forwarder::spawn(f, control_cpu, stop_forwarder.clone())?),
-            None => None,
-        };
+        let stop_control = Arc::new(AtomicBool::new(false));
+        let control = control::spawn(forwarder, registration, control_cpu, stop_control.clone())?;
         let (exit_tx, exited) = mpsc::channel();
         std::thread::Builder::new().name("flux-join".into()).spawn(move || {
             let failures: Vec<String> = handles
@@ -167,7 +199,7 @@ impl Server {
                 })
                 .collect();
             // The cores are gone, so no more changes: let the control core flush and stop.
-            stop_forwarder.store(true, Ordering::Release);
+            stop_control.store(true, Ordering::Release);
             if let Some(control) = control {
                 let _ = control.join();
             }
@@ -190,13 +222,18 @@ impl Server {
                 Err(_) => return Err(StartError::Core("cores did not report ready in time".into())),
             }
         }
+        // Every core accepts connections: the node may now be announced in etcd.
+        let _ = serving_tx.send(true);
         Ok(Server {
             local_addr,
             core_ports,
             node_id,
             cores,
             ring,
-            shutdown: ShutdownHandle(Arc::new(Mutex::new(Some(shutdown_tx)))),
+            shutdown: ShutdownHandle {
+                cores: Arc::new(Mutex::new(Some(shutdown_tx))),
+                leave,
+            },
             exited,
         })
     }

@@ -59,6 +59,13 @@ pub struct Args {
     /// Send each key straight to its owner core's port (needs the server's core_port_base).
     #[arg(long)]
     pub shard_aware: bool,
+    /// Find the nodes through etcd (comma-separated endpoints) instead of --addr, and send
+    /// each key to the node rendezvous hashing picks.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd key prefix the nodes register under (with --etcd).
+    #[arg(long, default_value = "/flux")]
+    pub prefix: String,
     /// One JSON object on stdout instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -126,11 +133,36 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Where each request goes when there is more than one place to send it.
+enum Routing {
+    /// One connection per core port; the key's owner core.
+    Cores(Keyspace, Vec<SocketAddr>),
+    /// One connection per cluster node; the node rendezvous hashing picks.
+    Nodes(Vec<String>, Vec<SocketAddr>),
+}
+
+impl Routing {
+    fn addrs(&self) -> &[SocketAddr] {
+        match self {
+            Routing::Cores(_, a) | Routing::Nodes(_, a) => a,
+        }
+    }
+
+    fn target(&self, key: &[u8]) -> usize {
+        match self {
+            Routing::Cores(ks, _) => ks.core_of(key) as usize,
+            Routing::Nodes(ids, _) => {
+                let owner = crate::cluster::rendezvous(ids.iter().map(String::as_str), key);
+                ids.iter().position(|id| Some(id.as_str()) == owner).unwrap_or(0)
+            }
+        }
+    }
+}
+
 /// What every connection needs to build its requests.
 struct Plan {
     args: Args,
-    /// Some when sending to per-core ports.
-    routing: Option<(Keyspace, Vec<SocketAddr>)>,
+    routing: Option<Routing>,
     issued: AtomicU64,
     completed: AtomicU64,
     errors: AtomicU64,
@@ -174,7 +206,24 @@ impl Plan {
 }
 
 async fn run(args: Args) -> Result<u64, String> {
-    let routing = if args.shard_aware && args.protocol == Protocol::Flux {
+    let routing = if !args.etcd.is_empty() {
+        let cluster = crate::client::Cluster::connect(&args.etcd, &args.prefix, ClientConfig::default())
+            .await
+            .map_err(|e| e.to_string())?;
+        let nodes = cluster.nodes();
+        if nodes.is_empty() {
+            return Err("no nodes are registered in etcd".into());
+        }
+        let addrs = nodes
+            .iter()
+            .map(|n| {
+                n.addr
+                    .parse()
+                    .map_err(|_| format!("node {} has a bad address {:?}", n.node_id, n.addr))
+            })
+            .collect::<Result<Vec<SocketAddr>, String>>()?;
+        Some(Routing::Nodes(nodes.into_iter().map(|n| n.node_id).collect(), addrs))
+    } else if args.shard_aware && args.protocol == Protocol::Flux {
         let client = Client::connect_addr(
             args.addr,
             ClientConfig {
@@ -193,7 +242,7 @@ async fn run(args: Args) -> Result<u64, String> {
             .iter()
             .map(|p| SocketAddr::new(args.addr.ip(), *p as u16))
             .collect();
-        Some((*client.keyspace(), ports))
+        Some(Routing::Cores(*client.keyspace(), ports))
     } else {
         None
     };
@@ -240,7 +289,7 @@ async fn run(args: Args) -> Result<u64, String> {
 async fn worker(plan: Arc<Plan>, conn: usize) -> Result<Histogram<u64>, String> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let addrs: Vec<SocketAddr> = match &plan.routing {
-        Some((_, ports)) => ports.clone(),
+        Some(r) => r.addrs().to_vec(),
         None => vec![plan.args.addr],
     };
     let mut streams = Vec::with_capacity(addrs.len());
@@ -263,10 +312,7 @@ async fn worker(plan: Arc<Plan>, conn: usize) -> Result<Histogram<u64>, String> 
         for _ in 0..k {
             let (is_set, key, value) = plan.request(conn, i, &mut key);
             i += 1;
-            let target = match &plan.routing {
-                Some((ks, _)) => ks.core_of(&key) as usize,
-                None => 0,
-            };
+            let target = plan.routing.as_ref().map_or(0, |r| r.target(&key));
             id += 1;
             encode(plan.args.protocol, id, is_set, key, value, &mut out[target]);
             expected[target] += 1;
@@ -387,7 +433,8 @@ fn take_resp(input: &mut BytesMut) -> Result<Option<bool>, String> {
 }
 
 async fn stats(args: &Args) -> Option<Vec<CoreStats>> {
-    if args.protocol != Protocol::Flux {
+    // Per-core figures are per node; with --etcd there are several nodes: left out.
+    if args.protocol != Protocol::Flux || !args.etcd.is_empty() {
         return None;
     }
     let client = Client::connect_addr(
@@ -486,7 +533,8 @@ fn report(
             "pipeline": a.pipeline,
             "ratio": format!("{}:{}", a.ratio.0, a.ratio.1),
             "protocol": format!("{:?}", a.protocol).to_lowercase(),
-            "shard_aware": plan.routing.is_some(),
+            "shard_aware": matches!(plan.routing, Some(Routing::Cores(..))),
+            "nodes": match &plan.routing { Some(Routing::Nodes(ids, _)) => ids.len(), _ => 1 },
         });
         println!("{out}");
         return;
@@ -500,7 +548,7 @@ fn report(
         "  SET:GET {}:{}, shard-aware: {}",
         a.ratio.0,
         a.ratio.1,
-        plan.routing.is_some()
+        matches!(plan.routing, Some(Routing::Cores(..)))
     );
     println!("  throughput: {qps:.0} requests/s, errors: {errors}");
     println!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 
-use crate::client::{Client, ClientConfig, Condition, SetOptions, Ttl};
+use crate::client::{Client, ClientConfig, Cluster, Condition, SetOptions, Ttl};
 use crate::proto::HelloResponse;
 
 #[derive(Parser, Debug)]
@@ -29,6 +29,13 @@ pub struct Args {
     /// Print values as raw bytes instead of escaped, quoted strings.
     #[arg(long)]
     pub raw: bool,
+    /// Find the nodes through etcd (comma-separated endpoints) instead of --addr; keys go
+    /// to the node rendezvous hashing picks.
+    #[arg(long, value_delimiter = ',')]
+    pub etcd: Vec<String>,
+    /// etcd key prefix the nodes register under (with --etcd).
+    #[arg(long, default_value = "/flux")]
+    pub prefix: String,
     #[command(subcommand)]
     pub command: Option<Cmd>,
 }
@@ -79,6 +86,19 @@ pub enum Cmd {
     Stats,
     /// Node identity and routing parameters.
     Hello,
+    /// The cluster's members (needs --etcd).
+    Nodes,
+}
+
+impl Cmd {
+    /// The key a single-key command routes by, in cluster mode.
+    fn key(&self) -> Option<&str> {
+        match self {
+            Cmd::Get { key } | Cmd::Set { key, .. } | Cmd::Del { key } | Cmd::Exists { key } => Some(key),
+            Cmd::Expire { key, .. } | Cmd::Ttl { key } => Some(key),
+            _ => None,
+        }
+    }
 }
 
 /// Runs flux-cli with the process arguments.
@@ -100,6 +120,15 @@ async fn run(args: Args) -> ExitCode {
         request_timeout: args.timeout,
         ..Default::default()
     };
+    if !args.etcd.is_empty() {
+        return match run_cluster(&args, config).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("(error) {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let client = match Client::connect(&args.addr, config).await {
         Ok(c) => c,
         Err(e) => {
@@ -122,6 +151,76 @@ async fn run(args: Args) -> ExitCode {
             prompt(&client, &args.addr, args.raw).await
         }
     }
+}
+
+/// One command against a cluster found through etcd: single-key commands go to the key's
+/// node; MGET/MSET go key by key; the rest run on every member.
+async fn run_cluster(args: &Args, config: ClientConfig) -> Result<(), String> {
+    let cluster = Cluster::connect(&args.etcd, &args.prefix, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out = std::io::stdout().lock();
+    let io = |e: std::io::Error| e.to_string();
+    let Some(cmd) = args.command.clone() else {
+        return Err("with --etcd, give a command (the prompt needs --addr)".into());
+    };
+    match cmd {
+        Cmd::Nodes => {
+            for n in cluster.nodes() {
+                writeln!(
+                    out,
+                    "{} {} cores {} shards {} core_ports {:?} version {}",
+                    n.node_id, n.addr, n.cores, n.shards, n.core_ports, n.version
+                )
+                .map_err(io)?;
+            }
+            Ok(())
+        }
+        Cmd::Mget { keys } => {
+            for key in keys {
+                execute_on_owner(&cluster, Cmd::Get { key: key.clone() }, &key, args.raw, &mut out).await?;
+            }
+            Ok(())
+        }
+        Cmd::Mset { pairs } => {
+            if pairs.len() % 2 != 0 {
+                return Err("mset takes KEY VALUE pairs".into());
+            }
+            for p in pairs.chunks(2) {
+                let set = Cmd::Set {
+                    key: p[0].clone(),
+                    value: p[1].clone(),
+                    ttl: None,
+                    nx: false,
+                    xx: false,
+                };
+                execute_on_owner(&cluster, set, &p[0], args.raw, &mut std::io::sink()).await?;
+            }
+            writeln!(out, "OK").map_err(io)
+        }
+        cmd => match cmd.key().map(str::to_string) {
+            Some(key) => execute_on_owner(&cluster, cmd, &key, args.raw, &mut out).await,
+            None => {
+                for n in cluster.nodes() {
+                    writeln!(out, "# {} {}", n.node_id, n.addr).map_err(io)?;
+                    let client = cluster.client_of(&n.node_id).await.map_err(|e| e.to_string())?;
+                    execute(&client, cmd.clone(), args.raw, &mut out).await?;
+                }
+                Ok(())
+            }
+        },
+    }
+}
+
+async fn execute_on_owner(
+    cluster: &Cluster,
+    cmd: Cmd,
+    key: &str,
+    raw: bool,
+    out: &mut impl Write,
+) -> Result<(), String> {
+    let (_, client) = cluster.client_for(key.as_bytes()).await.map_err(|e| e.to_string())?;
+    execute(&client, cmd, raw, out).await
 }
 
 /// The interactive prompt: line editing and history (rustyline).
@@ -261,6 +360,7 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
             }
         }
         Cmd::Hello => write_hello(out, client.hello()).map_err(io),
+        Cmd::Nodes => Err("nodes needs --etcd".into()),
     }
 }
 

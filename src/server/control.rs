@@ -1,0 +1,50 @@
+//! The control core: one thread, pinned, running a tokio current-thread runtime for the
+//! work that needs tokio (amqprs, etcd-client): the change-capture forwarder and the etcd
+//! registration. Shard cores never wait on it; they hand it work through bounded queues.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::cdc::forwarder::Forwarder;
+use crate::cluster::registration::Registration;
+
+/// Starts the control thread when there is anything for it to do. It runs until `stop` is
+/// set (after the shard cores have stopped) and its tasks have finished.
+pub fn spawn(
+    forwarder: Option<Forwarder>,
+    registration: Option<Registration>,
+    cpu: Option<usize>,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
+    if forwarder.is_none() && registration.is_none() {
+        return Ok(None);
+    }
+    let thread = std::thread::Builder::new().name("flux-control".into()).spawn(move || {
+        if let Some(id) = cpu {
+            if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
+                tracing::warn!(cpu = id, "cannot pin the control core");
+            }
+        }
+        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                tracing::error!(error = %e, "control core: cannot start its runtime");
+                return;
+            }
+        };
+        rt.block_on(async {
+            let forward = async {
+                if let Some(f) = forwarder {
+                    f.run(stop.clone()).await;
+                }
+            };
+            let register = async {
+                if let Some(r) = registration {
+                    r.run(stop.clone()).await;
+                }
+            };
+            tokio::join!(forward, register);
+        });
+    })?;
+    Ok(Some(thread))
+}
