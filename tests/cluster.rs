@@ -171,6 +171,22 @@ fn three_nodes_route_keys_and_leave() {
     // kill -9: the lease is not renewed; the key goes within TTL + 2 s.
     servers[2].signal(libc::SIGKILL);
     let killed = Instant::now();
+    servers[2].wait_exit(Duration::from_secs(5));
+    // Until its lease expires n3 is still a member: its keys fail fast with a clear error.
+    let n3_key = keys
+        .iter()
+        .find(|k| rendezvous(["n1", "n2", "n3"], k.as_bytes()) == Some("n3"))
+        .unwrap();
+    if cluster.node_for(n3_key.as_bytes()).as_deref() == Some("n3") {
+        let started = Instant::now();
+        let err = rt.block_on(cluster.get(n3_key.clone())).unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(err.to_string().contains("127.0.0.1"), "the error names the node: {err}");
+    }
     assert!(eventually(Duration::from_secs(4), || ids(&etcd.nodes(&rt)) == ["n1", "n2"]));
     assert!(killed.elapsed() < Duration::from_secs(4));
     assert!(rt.block_on(cluster.wait_for(Duration::from_secs(2), |n| n.len() == 2)));
