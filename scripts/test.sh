@@ -21,6 +21,7 @@ ensure_packages() {
   command -v redis-server >/dev/null || missing+=(redis-server)  # side-by-side benchmarks
   command -v redis-benchmark >/dev/null || missing+=(redis-tools)
   command -v ss >/dev/null || missing+=(iproute2)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)       # checks the unit file
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq
