@@ -140,7 +140,10 @@ impl Cluster {
         if let Some(c) = existing {
             return Ok(c);
         }
-        let client = Arc::new(Client::connect(&addr, self.shared.config.clone()).await?);
+        let client = match Client::connect(&addr, self.shared.config.clone()).await {
+            Ok(c) => Arc::new(c),
+            Err(e) => return Err(self.failed(&node_id, e)),
+        };
         if let Some(m) = self
             .shared
             .members
@@ -153,27 +156,25 @@ impl Cluster {
         Ok(client)
     }
 
-    /// Forgets a node's connection after a transport error, so the next request reconnects
-    /// (or goes elsewhere once membership changed).
-    fn forget(&self, node_id: &str, err: &Error) {
+    /// After a transport error: forget the node's connection, so the next request
+    /// reconnects (or goes elsewhere once membership changed), and name the node in the
+    /// error. Server errors pass through unchanged.
+    fn failed(&self, node_id: &str, err: Error) -> Error {
         if matches!(err, Error::Server { .. }) {
-            return;
+            return err;
         }
-        if let Some(m) = self
-            .shared
-            .members
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .get_mut(node_id)
-        {
+        let mut members = self.shared.members.write().unwrap_or_else(|p| p.into_inner());
+        let addr = members.get(node_id).map(|m| m.info.addr.clone()).unwrap_or_default();
+        if let Some(m) = members.get_mut(node_id) {
             m.client = None;
         }
+        Error::Cluster(format!("node {node_id} ({addr}) is unreachable: {err}"))
     }
 
     pub async fn get(&self, key: impl Into<Bytes>) -> Result<Option<Bytes>, Error> {
         let key = key.into();
         let (node, c) = self.client_for(&key).await?;
-        c.get(key).await.inspect_err(|e| self.forget(&node, e))
+        c.get(key).await.map_err(|e| self.failed(&node, e))
     }
 
     pub async fn set(&self, key: impl Into<Bytes>, value: impl Into<Bytes>) -> Result<(), Error> {
@@ -188,15 +189,13 @@ impl Cluster {
     ) -> Result<bool, Error> {
         let key = key.into();
         let (node, c) = self.client_for(&key).await?;
-        c.set_with(key, value, opts)
-            .await
-            .inspect_err(|e| self.forget(&node, e))
+        c.set_with(key, value, opts).await.map_err(|e| self.failed(&node, e))
     }
 
     pub async fn del(&self, key: impl Into<Bytes>) -> Result<bool, Error> {
         let key = key.into();
         let (node, c) = self.client_for(&key).await?;
-        c.del(key).await.inspect_err(|e| self.forget(&node, e))
+        c.del(key).await.map_err(|e| self.failed(&node, e))
     }
 
     /// Waits until the membership satisfies `f` (for tools and tests), at most `timeout`.
