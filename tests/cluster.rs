@@ -217,13 +217,19 @@ fn three_nodes_route_keys_and_leave() {
 }
 
 // Goal: etcd away for longer than the lease TTL, then back: a registered node registers
-// again by itself, and a node started while etcd was down registers once etcd is up.
+// again by itself, a node started while etcd was down registers once etcd is up, and a
+// client that was following the members sees both.
 #[test]
 fn registration_survives_etcd_outage() {
     let rt = rt();
     let mut etcd = Etcd::start();
     let _a = node(&etcd, "a");
     assert!(eventually(Duration::from_secs(10), || ids(&etcd.nodes(&rt)) == ["a"]));
+    // A client following the members must catch up after the outage as well.
+    let cluster = rt
+        .block_on(Cluster::connect(&[etcd.endpoint()], "/flux", ClientConfig::default()))
+        .unwrap();
+    assert_eq!(ids(&cluster.nodes()), ["a"]);
     etcd.stop();
     let b = node(&etcd, "b"); // starts and serves without etcd
     b.connect().set(b"k", b"v");
@@ -233,6 +239,11 @@ fn registration_survives_etcd_outage() {
         eventually(Duration::from_secs(15), || ids(&etcd.nodes(&rt)) == ["a", "b"]),
         "registered: {:?}",
         ids(&etcd.nodes(&rt))
+    );
+    assert!(
+        rt.block_on(cluster.wait_for(Duration::from_secs(15), |n| n.len() == 2)),
+        "the client sees {:?}",
+        ids(&cluster.nodes())
     );
 }
 

@@ -37,71 +37,145 @@ struct Shared {
 #[derive(Clone)]
 pub struct Cluster {
     shared: Arc<Shared>,
-    _watch: Arc<tokio::task::JoinHandle<()>>,
+    _watch: Arc<WatchTask>,
+}
+
+const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Stops following membership when the last `Cluster` clone goes.
+struct WatchTask(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchTask {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Where the members are read from.
+struct Source {
+    endpoints: Vec<String>,
+    dir: String,
+    timeout: Duration,
+    request_timeout: Duration,
+}
+
+impl Source {
+    /// Connects and reads every member; returns the revision the read saw.
+    async fn list(&self) -> Result<(etcd_client::Client, HashMap<String, NodeInfo>, i64), Error> {
+        let etcd = |e: etcd_client::Error| Error::Cluster(e.to_string());
+        let options = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_timeout(self.request_timeout);
+        let mut client = tokio::time::timeout(
+            self.timeout,
+            etcd_client::Client::connect(&self.endpoints, Some(options)),
+        )
+        .await
+        .map_err(|_| Error::Timeout(format!("connecting to etcd at {:?}", self.endpoints)))?
+        .map_err(etcd)?;
+        let listing = client
+            .get(self.dir.clone(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(etcd)?;
+        let revision = listing.header().map_or(0, |h| h.revision());
+        let members = listing
+            .kvs()
+            .iter()
+            .filter_map(|kv| serde_json::from_slice::<NodeInfo>(kv.value()).ok())
+            .map(|info| (info.node_id.clone(), info))
+            .collect();
+        Ok((client, members, revision))
+    }
+
+    /// Applies changes from the revision after `revision` until the watch ends.
+    async fn follow(&self, shared: &Shared, mut client: etcd_client::Client, revision: i64) {
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let Ok(mut stream) = client.watch(self.dir.clone(), Some(options)).await else {
+            return;
+        };
+        while let Ok(Some(resp)) = stream.message().await {
+            let mut members = shared.members.write().unwrap_or_else(|p| p.into_inner());
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let node_id = String::from_utf8_lossy(kv.key())
+                    .trim_start_matches(&self.dir)
+                    .to_string();
+                match event.event_type() {
+                    EventType::Put => {
+                        if let Ok(info) = serde_json::from_slice::<NodeInfo>(kv.value()) {
+                            members.insert(node_id, Member { info, client: None });
+                        }
+                    }
+                    // A delete carries the key only.
+                    EventType::Delete => {
+                        members.remove(&node_id);
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Replaces the members, keeping the connection of a node whose address is unchanged.
+    fn replace(&self, fresh: HashMap<String, NodeInfo>) {
+        let mut members = self.members.write().unwrap_or_else(|p| p.into_inner());
+        let mut next = HashMap::with_capacity(fresh.len());
+        for (id, info) in fresh {
+            let client = members
+                .remove(&id)
+                .filter(|m| m.info.addr == info.addr)
+                .and_then(|m| m.client);
+            next.insert(id, Member { info, client });
+        }
+        *members = next;
+    }
 }
 
 impl Cluster {
     /// Reads the members from etcd (`endpoints`, `prefix` as the nodes use) and keeps
     /// watching them.
     pub async fn connect(endpoints: &[String], prefix: &str, config: ClientConfig) -> Result<Cluster, Error> {
-        let timeout = config.connect_timeout;
-        let options = ConnectOptions::new()
-            .with_connect_timeout(timeout)
-            .with_timeout(config.request_timeout);
-        let etcd = |e: etcd_client::Error| Error::Cluster(e.to_string());
-        let mut etcd_client = tokio::time::timeout(timeout, etcd_client::Client::connect(endpoints, Some(options)))
-            .await
-            .map_err(|_| Error::Timeout(format!("connecting to etcd at {endpoints:?}")))?
-            .map_err(etcd)?;
-        let dir = format!("{}/nodes/", prefix.trim_end_matches('/'));
-        let listing = etcd_client
-            .get(dir.clone(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(etcd)?;
-        let revision = listing.header().map_or(0, |h| h.revision());
-        let mut members = HashMap::new();
-        for kv in listing.kvs() {
-            if let Ok(info) = serde_json::from_slice::<NodeInfo>(kv.value()) {
-                members.insert(info.node_id.clone(), Member { info, client: None });
-            }
-        }
+        let source = Source {
+            endpoints: endpoints.to_vec(),
+            dir: format!("{}/nodes/", prefix.trim_end_matches('/')),
+            timeout: config.connect_timeout,
+            request_timeout: config.request_timeout,
+        };
+        let (client, members, revision) = source.list().await?;
         let shared = Arc::new(Shared {
-            members: RwLock::new(members),
+            members: RwLock::new(HashMap::new()),
             config,
         });
-        let mut stream = etcd_client
-            .watch(
-                dir.clone(),
-                Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)),
-            )
-            .await
-            .map_err(etcd)?;
+        shared.replace(members);
         let watched = shared.clone();
-        let watch = tokio::spawn(async move {
-            // Keeps the etcd client (and so the watch) alive for the life of the task.
-            let _etcd = etcd_client;
-            while let Ok(Some(resp)) = stream.message().await {
-                let mut members = watched.members.write().unwrap_or_else(|p| p.into_inner());
-                for event in resp.events() {
-                    let Some(kv) = event.kv() else { continue };
-                    let node_id = String::from_utf8_lossy(kv.key()).trim_start_matches(&dir).to_string();
-                    match event.event_type() {
-                        EventType::Put => {
-                            if let Ok(info) = serde_json::from_slice::<NodeInfo>(kv.value()) {
-                                members.insert(node_id, Member { info, client: None });
-                            }
-                        }
-                        EventType::Delete => {
-                            members.remove(&node_id);
-                        }
+        let task = tokio::spawn(async move {
+            let mut current = Some((client, revision));
+            let mut retry = WATCH_RETRY_MIN;
+            loop {
+                if let Some((client, revision)) = current.take() {
+                    source.follow(&watched, client, revision).await;
+                    tracing::warn!("cluster: the etcd watch ended; reading the members again");
+                }
+                tokio::time::sleep(retry).await;
+                match source.list().await {
+                    Ok((client, members, revision)) => {
+                        // A full read: whatever changed while the watch was down is caught up.
+                        watched.replace(members);
+                        current = Some((client, revision));
+                        retry = WATCH_RETRY_MIN;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: etcd unreachable; membership not updated");
+                        retry = (retry * 2).min(WATCH_RETRY_MAX);
                     }
                 }
             }
-            tracing::warn!("cluster: the etcd watch ended; membership is no longer updated");
         });
         Ok(Cluster {
             shared,
-            _watch: Arc::new(watch),
+            _watch: Arc::new(WatchTask(task)),
         })
     }
 

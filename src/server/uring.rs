@@ -210,13 +210,15 @@ impl Ring {
                 .submitter()
                 .enter::<libc::sigset_t>(to_submit, 0, IORING_ENTER_GETEVENTS, None)
         };
-        let done: Vec<(u64, i32)> = inner.uring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (user_data, res) in done {
+        // Disjoint borrows: walk the completion queue while updating the slots (no copy).
+        let Inner { uring, ops, .. } = &mut *inner;
+        for cqe in uring.completion() {
+            let (user_data, res) = (cqe.user_data(), cqe.result());
             if user_data == CANCEL_USER_DATA {
                 continue;
             }
             let key = user_data as usize;
-            match inner.ops.get_mut(key) {
+            match ops.get_mut(key) {
                 Some(slot @ Slot::Waiting(_)) => {
                     if let Slot::Waiting(Some(w)) = std::mem::replace(slot, Slot::Done(res)) {
                         wakers.push(w);
@@ -227,7 +229,7 @@ impl Ring {
                         // SAFETY: an accept nobody awaits any more produced this descriptor.
                         unsafe { libc::close(res) };
                     }
-                    inner.ops.remove(key);
+                    ops.remove(key);
                 }
                 Some(Slot::Done(_)) | None => debug_assert!(false, "completion for unknown op {key}"),
             }
