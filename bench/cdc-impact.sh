@@ -18,7 +18,7 @@ AMQP=${AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}
 rows=()
 run() {  # run LABEL CDC(true|false) SERVER-ARGS...
   local label=$1 cdc=$2; shift 2
-  start_flux "$label" --cdc-enabled "$cdc" --cdc-exchange "$EXCHANGE" --cdc-amqp-url "$AMQP" "$@"
+  start_flux "$label" --persistence-enabled false --cdc-enabled "$cdc" --cdc-exchange "$EXCHANGE" --cdc-amqp-url "$AMQP" "$@"
   local out="$WORK/$label.json"
   measure "$FLUX_PID" "$out" "$BIN/flux-bench" --addr "127.0.0.1:$FLUX_PORT" -c "$C" -n "$N" --json
   local qps; qps=$(json_field "$out" qps | cut -d. -f1)

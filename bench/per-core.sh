@@ -22,7 +22,7 @@ rows=()
 for cores in $(seq 1 "$NPROC"); do
   if [ "$cores" -eq 1 ]; then cpus=$SERVER_CPU; else cpus=$(seq -s, 0 $((cores - 1))); fi
   log "$cores shard core(s) on CPUs $cpus"
-  start_flux "cores$cores" --cores "$cores" --cpus "$cpus"
+  start_flux "cores$cores" --cores "$cores" --cpus "$cpus" --persistence-enabled false
   out="$WORK/cores$cores.json"
   measure "$FLUX_PID" "$out" "$BIN/flux-bench" --addr "127.0.0.1:$FLUX_PORT" -c "$C" -n "$N" -P "$P" --json "${extra[@]}"
   stop_pid "$FLUX_PID"

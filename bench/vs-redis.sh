@@ -11,7 +11,8 @@
 #             closest (random keys from a space of 10^9).
 # Servers: Redis (no persistence) and flux-server with 1 shard core, both pinned to
 # SERVER_CPU; flux-server with one shard core per CPU. Clients are pinned to CLIENT_CPU.
-# On a 2-CPU machine the all-cores server shares CPU 0 with the client.
+# On a 2-CPU machine the all-cores server shares CPU 0 with the client. Like Redis here,
+# Flux-KV runs without persistence (bench/durability.sh compares the log modes).
 source "$(dirname "$0")/lib.sh"
 N=${N:-500000}
 C=${C:-100}
@@ -59,9 +60,9 @@ stop_pid "$REDIS_PID"
 
 for layout in one all; do
   if [ "$layout" = one ]; then
-    label="Flux-KV 1 core"; args=(--cores 1 --cpus "$SERVER_CPU")
+    label="Flux-KV 1 core"; args=(--cores 1 --cpus "$SERVER_CPU" --persistence-enabled false)
   else
-    label="Flux-KV $NPROC cores"; args=(--cores "$NPROC" --cpus "$(seq -s, 0 $((NPROC - 1)))")
+    label="Flux-KV $NPROC cores"; args=(--cores "$NPROC" --cpus "$(seq -s, 0 $((NPROC - 1)))" --persistence-enabled false)
   fi
   for p in 1 16; do
     for workload in one-key distinct; do

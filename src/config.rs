@@ -61,6 +61,8 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cluster.prefix", "etcd key prefix; the node registers at <prefix>/nodes/<node_id>"),
     ("cluster.advertise_addr", "address clients use to reach this node; empty = FLUX_POD_IP, else the listen address unless it is a wildcard, else the first non-loopback interface address"),
     ("cluster.lease_ttl_ms", "registration lease; a node that stops renewing it leaves the cluster after this long"),
+    ("persistence.enabled", "write every change to a per-core write-ahead log under data_dir/wal and replay it at start"),
+    ("persistence.fsync", "always (acknowledge after fdatasync; one per executor round), everysec, or no"),
     ("cdc.enabled", "publish every change to RabbitMQ"),
     ("cdc.amqp_url", "broker address, amqp://user:password@host:port/vhost"),
     ("cdc.exchange", "durable topic exchange for protobuf batches (routing key <node_id>.<shard>)"),
@@ -91,7 +93,37 @@ pub struct Config {
     pub limits: Limits,
     pub runtime: Runtime,
     pub cluster: Cluster,
+    pub persistence: Persistence,
     pub cdc: Cdc,
+}
+
+/// The write-ahead log.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Persistence {
+    pub enabled: bool,
+    pub fsync: Fsync,
+}
+
+impl Default for Persistence {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            fsync: Fsync::Everysec,
+        }
+    }
+}
+
+/// When a write is acknowledged relative to the log reaching the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Fsync {
+    /// After its record is on disk (group commit: one fdatasync per executor round).
+    Always,
+    /// At once; the log is synced every second.
+    Everysec,
+    /// At once; the kernel writes the log back when it likes.
+    No,
 }
 
 /// Change data capture: every write forwarded to RabbitMQ by the control core.
@@ -209,6 +241,7 @@ impl Default for Config {
             control_cpu: -1,
             runtime: Runtime::default(),
             cluster: Cluster::default(),
+            persistence: Persistence::default(),
             cdc: Cdc::default(),
         }
     }
@@ -244,6 +277,8 @@ impl Default for Runtime {
 pub struct Invocation {
     pub config: Config,
     pub print_config: bool,
+    /// Cut damaged logs at the first bad record instead of refusing to start.
+    pub repair: bool,
 }
 
 impl Config {
@@ -296,6 +331,7 @@ impl Config {
         Ok(Invocation {
             config,
             print_config: matches.get_flag("print-config"),
+            repair: matches.get_flag("repair"),
         })
     }
 
@@ -432,6 +468,12 @@ fn command(keys: &[(String, Value)]) -> Command {
         .about("Flux-KV: thread-per-core key-value server")
         .after_help("Every flag is also a FLUX_* variable and a TOML key: --limits-frame-bytes-max = FLUX_LIMITS_FRAME_BYTES_MAX = limits.frame_bytes_max")
         .arg(Arg::new("config").long("config").value_name("FILE").help("TOML config file"))
+        .arg(
+            Arg::new("repair")
+                .long("repair")
+                .action(ArgAction::SetTrue)
+                .help("cut a damaged write-ahead log at its first bad record instead of refusing to start"),
+        )
         .arg(
             Arg::new("print-config")
                 .long("print-config")

@@ -22,6 +22,7 @@
 //! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
 //! - [`cdc`]: change capture: per-core lock-free queues, the control core's forwarder.
 //! - [`cluster`]: etcd registration (node side) and rendezvous routing (client side).
+//! - [`wal`]: the per-core write-ahead log and recovery.
 //! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and
 //!   io_uring stay behind this module.
 //! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`.
@@ -34,6 +35,7 @@ pub mod keyspace;
 pub mod server;
 pub mod shard;
 pub mod tools;
+pub mod wal;
 pub mod wire;
 
 /// Messages of the client protocol, generated from proto/flux.proto (package `flux.v1`).

@@ -236,7 +236,7 @@ fn cli_prompt() {
     let server = TestServer::start(&[]);
     let mut child = Command::new(env!("CARGO_BIN_EXE_flux-cli"))
         .args(["--addr", &server.addr.to_string()])
-        .env("HOME", server.data_dir.path())
+        .env("HOME", &server.dir)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()

@@ -185,7 +185,7 @@ fn ping_and_hello() {
     assert!(h.node_id.starts_with("flux-"));
     assert!(h.core_ports.is_empty());
     // The node id is kept in the data dir.
-    let stored = std::fs::read_to_string(server.data_dir.path().join("node_id")).unwrap();
+    let stored = std::fs::read_to_string(server.dir.join("node_id")).unwrap();
     assert_eq!(stored.trim(), h.node_id);
 }
 

@@ -23,7 +23,9 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log_level)
+    // glommio logs a failed iopoll probe as an error on devices without polled I/O and then
+    // simply does not use it; silenced unless log_level names glommio::reactor itself.
+    let filter = tracing_subscriber::EnvFilter::try_new(format!("glommio::reactor=off,{}", config.log_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -41,7 +43,7 @@ fn main() -> ExitCode {
     };
     let shutdown_timeout = Duration::from_millis(config.shutdown_timeout_ms);
     let shards = config.shards;
-    let server = match Server::start(config) {
+    let server = match Server::start_with(config, invocation.repair) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("cannot start: {e}");

@@ -84,7 +84,14 @@ impl Connection {
                 let responses = if draining {
                     dispatch::refuse_all(frames.drain(..))
                 } else {
-                    dispatch::execute(&self.core, frames.drain(..)).await
+                    let responses = dispatch::execute(&self.core, frames.drain(..)).await;
+                    // Acknowledge only what the log holds (waits only with fsync = always;
+                    // every connection of the round shares one fdatasync).
+                    if self.core.wal_durable().await {
+                        responses
+                    } else {
+                        dispatch::fail_all(responses, "the write-ahead log failed; the request may not be durable")
+                    }
                 };
                 self.write(responses).await?;
             }

@@ -18,12 +18,12 @@ use super::connection;
 use super::forward::Outboxes;
 use super::listener::CoreListeners;
 use super::uring::{Ring, RingKind};
-use crate::cdc::capture::CaptureQueue;
 use crate::cdc::CdcCounters;
 use crate::config::Config;
 use crate::keyspace::Keyspace;
 use crate::proto::{CoreStats, HelloResponse};
 use crate::shard::{now_ms, Command, CoreStore, Outcome};
+use crate::wal::writer::{self, WalState};
 
 /// How often each core looks for expired keys, and the most it removes per look: small
 /// enough to never stall requests, frequent enough that an expired key is gone in ~1 s.
@@ -65,8 +65,12 @@ pub struct Boot {
     /// Resolves (or is cancelled) when the node must stop.
     pub shutdown: Shared<oneshot::Receiver<()>>,
     pub ready: Mutex<mpsc::Sender<Result<(u32, RingKind), String>>>,
-    /// Change-capture queues (producer ends), taken by core index; empty when CDC is off.
-    pub capture: Mutex<Vec<Option<CaptureQueue>>>,
+    /// Each core's store (recovered from the log), taken by core index.
+    pub stores: Mutex<Vec<Option<CoreStore>>>,
+    /// Where the cores write their logs, when persistence is on.
+    pub wal_dir: Option<std::path::PathBuf>,
+    /// Names this run's log files.
+    pub started_ms: u64,
     pub cdc: Arc<CdcCounters>,
 }
 
@@ -106,6 +110,9 @@ pub struct Core {
     pub tasks: Gate,
     /// The control core's change-capture counters (for Stats).
     pub cdc: Arc<CdcCounters>,
+    /// The write-ahead log, when persistence is on, and its writer task.
+    pub wal: Option<Rc<WalState>>,
+    pub wal_task: RefCell<Option<glommio::Task<()>>>,
 }
 
 impl Core {
@@ -127,6 +134,15 @@ impl Core {
         }
     }
 
+    /// Waits until this core's log covers everything applied so far (fsync = always);
+    /// false if the log failed and writes must not be acknowledged.
+    pub async fn wal_durable(&self) -> bool {
+        let Some(wal) = &self.wal else { return true };
+        // Read the generation first: a store borrow must never live across an await.
+        let appended = self.store.borrow().wal_appended();
+        wal.durable(appended).await
+    }
+
     /// Waits until change capture can take this core's next writes (`cdc.overflow = block`
     /// with a full queue); returns at once when capture is off or has room.
     pub async fn cdc_room(&self) {
@@ -141,15 +157,33 @@ impl Core {
         let _ = self.shutdown.acquire(1).await;
     }
 
-    fn handle_mesh(&self, msg: MeshRequest) {
+    fn handle_mesh(self: &Rc<Self>, msg: MeshRequest) {
         match msg {
             MeshRequest::Commands { ops, reply } => {
                 Counters::add(&self.counters.forwarded_in, ops.len() as u64);
                 let now = now_ms();
-                let mut store = self.store.borrow_mut();
-                let outcomes = ops.into_iter().map(|(hash, cmd)| store.apply(hash, cmd, now)).collect();
+                let (outcomes, logged): (Vec<Outcome>, u64) = {
+                    let mut store = self.store.borrow_mut();
+                    let outcomes = ops.into_iter().map(|(hash, cmd)| store.apply(hash, cmd, now)).collect();
+                    (outcomes, store.wal_appended())
+                };
                 // The requester may have gone (connection closed); nothing to do then.
-                let _ = reply.send(outcomes);
+                match &self.wal {
+                    // fsync = always: answer once these writes are on disk, without holding
+                    // up the next message from that core.
+                    Some(wal) if wal.fsync == crate::config::Fsync::Always => {
+                        let wal = wal.clone();
+                        spawn_local(async move {
+                            if wal.durable(logged).await {
+                                let _ = reply.send(outcomes);
+                            }
+                        })
+                        .detach();
+                    }
+                    _ => {
+                        let _ = reply.send(outcomes);
+                    }
+                }
             }
             MeshRequest::Stats { reply } => {
                 let _ = reply.send(self.stats());
@@ -199,6 +233,17 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
     // and keep serving theirs until they are done too.
     core.mesh.borrow_mut().take();
     futures::future::join_all(peers).await;
+    // Nothing more will be written: flush and sync the log, then close it.
+    if let Some(wal) = &core.wal {
+        wal.close();
+        if let Some(w) = core.store.borrow_mut().wal_mut().and_then(|b| b.writer.take()) {
+            w.wake();
+        }
+        let task = core.wal_task.borrow_mut().take();
+        if let Some(task) = task {
+            task.await;
+        }
+    }
     Ok(())
 }
 
@@ -238,12 +283,13 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         .get_mut(index as usize)
         .and_then(Option::take)
         .ok_or_else(|| format!("no listener for core {index}"))?;
-    let capture = boot
-        .capture
+    let store = boot
+        .stores
         .lock()
-        .map_err(|_| "capture table poisoned".to_string())?
+        .map_err(|_| "store table poisoned".to_string())?
         .get_mut(index as usize)
-        .and_then(Option::take);
+        .and_then(Option::take)
+        .ok_or_else(|| format!("no store for core {index}"))?;
     let ring =
         Ring::new(boot.config.runtime.ring_entries).map_err(|e| format!("cannot create the network ring: {e}"))?;
     spawn_local(ring.clone().drive()).detach();
@@ -252,12 +298,12 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         config: boot.config.clone(),
         keyspace: boot.keyspace,
         hello: boot.hello.clone(),
-        store: RefCell::new(CoreStore::new(
-            boot.keyspace,
-            index,
-            boot.config.limits.memory_bytes_max,
-            capture,
-        )),
+        store: RefCell::new(store),
+        wal: boot
+            .wal_dir
+            .as_ref()
+            .map(|_| WalState::new(boot.config.persistence.fsync)),
+        wal_task: RefCell::new(None),
         counters: Counters::default(),
         ring,
         outboxes: Outboxes::new(boot.keyspace.cores() as usize),
@@ -266,6 +312,11 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         tasks: Gate::new(),
         cdc: boot.cdc.clone(),
     });
+    if let (Some(dir), Some(state)) = (&boot.wal_dir, &core.wal) {
+        let path = dir.join(format!("{:020}-core{index}.log", boot.started_ms));
+        let (state, c) = (state.clone(), core.clone());
+        *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.store, path).await }));
+    }
     spawn_local(sweep(core.clone())).detach();
     let CoreListeners { shared, own } = listeners;
     for listener in std::iter::once(shared).chain(own) {

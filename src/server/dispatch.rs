@@ -88,6 +88,14 @@ pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Ve
     batch.finish().await
 }
 
+/// Replaces every response with an INTERNAL error (same ids).
+pub fn fail_all(responses: Vec<Response>, why: &str) -> Vec<Response> {
+    responses
+        .into_iter()
+        .map(|r| error(r.id, ErrorCode::Internal, why.to_string()))
+        .collect()
+}
+
 /// One `SHUTTING_DOWN` response per frame, keeping ids where the frame decodes.
 pub fn refuse_all(frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
     frames

@@ -41,6 +41,7 @@ use crate::cluster::NodeInfo;
 use crate::config::Config;
 use crate::keyspace::{Keyspace, KEY_HASH_NAME};
 use crate::proto::HelloResponse;
+use crate::shard::CoreStore;
 
 /// How long start-up waits for every core to report ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -96,6 +97,12 @@ pub enum StartError {
 impl Server {
     /// Starts a node and returns once every core accepts connections.
     pub fn start(config: Config) -> Result<Server, StartError> {
+        Self::start_with(config, false)
+    }
+
+    /// As [`Server::start`]; `repair` cuts a damaged log at its first bad record instead of
+    /// refusing to start.
+    pub fn start_with(config: Config, repair: bool) -> Result<Server, StartError> {
         let cpus = pick_cpus(&config)?;
         let cores = cpus.len() as u32;
         let keyspace = Keyspace::new(config.shards, cores).map_err(StartError::Invalid)?;
@@ -142,6 +149,32 @@ impl Server {
         } else {
             (Vec::new(), None)
         };
+        // Each core's store, built here so the logs can be replayed before any port opens.
+        let mut capture: Vec<Option<_>> = capture;
+        let persistent = config.persistence.enabled;
+        let mut stores: Vec<CoreStore> = (0..cores)
+            .map(|i| {
+                let q = capture.get_mut(i as usize).and_then(Option::take);
+                CoreStore::new(keyspace, i, config.limits.memory_bytes_max, q, persistent)
+            })
+            .collect();
+        let wal_dir = config.data_dir.join("wal");
+        if persistent {
+            std::fs::create_dir_all(&wal_dir)
+                .map_err(|e| StartError::Invalid(format!("cannot create {}: {e}", wal_dir.display())))?;
+            let record_max = config.limits.frame_bytes_max + 64;
+            let r = crate::wal::recovery::recover(&wal_dir, &keyspace, &mut stores, repair, record_max)
+                .map_err(StartError::Invalid)?;
+            tracing::info!(
+                files = r.files,
+                log_bytes = r.bytes,
+                records = r.records,
+                keys_recovered = r.keys,
+                recovery_ms = r.millis,
+                truncated = r.truncated.len(),
+                "write-ahead log replayed"
+            );
+        }
         let control_cpu = control_cpu(&config, &cpus)?;
         let (serving_tx, serving) = tokio::sync::watch::channel(false);
         let (registration, leave) = if config.cluster.etcd_endpoints.is_empty() {
@@ -171,7 +204,9 @@ impl Server {
             listeners: Mutex::new(listeners.into_iter().map(Some).collect()),
             shutdown: shutdown_rx.shared(),
             ready: Mutex::new(ready_tx),
-            capture: Mutex::new(capture),
+            stores: Mutex::new(stores.into_iter().map(Some).collect()),
+            wal_dir: persistent.then_some(wal_dir),
+            started_ms: crate::shard::now_ms(),
             cdc,
         });
         let mesh = (cores > 1).then(|| MeshBuilder::full(cores as usize, mesh_depth));

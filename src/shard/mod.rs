@@ -354,6 +354,56 @@ impl Shard {
         }
     }
 
+    /// Re-applies a logged change during recovery: no change is recorded, no limit applies
+    /// (what was acknowledged comes back), and the shard's seq continues from the record's.
+    /// A key whose expiry has passed stays gone.
+    pub fn restore(&mut self, h: u64, c: &Change, now_ms: u64) {
+        self.log.seq = self.log.seq.max(c.seq);
+        let expired = c.expire_at_ms != 0 && c.expire_at_ms <= now_ms;
+        match c.op {
+            ChangeOp::Set if !expired => match self.table.find_entry(h, |e| e.key == c.key) {
+                Ok(mut occ) => {
+                    let e = occ.get_mut();
+                    let old_charge = e.charge();
+                    e.value = c.value.clone();
+                    move_deadline(&mut self.deadlines, &e.key, e.expire_at_ms, c.expire_at_ms);
+                    e.expire_at_ms = c.expire_at_ms;
+                    self.memory_bytes = self.memory_bytes - old_charge + e.charge();
+                }
+                Err(absent) => {
+                    if c.expire_at_ms != 0 {
+                        self.deadlines.insert((c.expire_at_ms, c.key.clone()));
+                    }
+                    let entry = Entry {
+                        key: c.key.clone(),
+                        value: c.value.clone(),
+                        expire_at_ms: c.expire_at_ms,
+                    };
+                    self.memory_bytes += entry.charge();
+                    absent.into_table().insert_unique(h, entry, rehash);
+                }
+            },
+            ChangeOp::Expire if !expired => {
+                if let Some(e) = self.table.find_mut(h, |e| e.key == c.key) {
+                    let old = std::mem::replace(&mut e.expire_at_ms, c.expire_at_ms);
+                    let key = e.key.clone();
+                    move_deadline(&mut self.deadlines, &key, old, c.expire_at_ms);
+                }
+            }
+            _ => {
+                if let Ok(occ) = self.table.find_entry(h, |e| e.key == c.key) {
+                    let (entry, _) = occ.remove();
+                    self.forget(&entry);
+                }
+            }
+        }
+    }
+
+    /// Sequence number of the shard's last change.
+    pub fn seq(&self) -> u64 {
+        self.log.seq
+    }
+
     /// Removes up to `max_keys` keys whose deadline has passed; returns how many were removed.
     /// Bounded so one core's sweep never stalls its requests.
     pub fn sweep(&mut self, now_ms: u64, max_keys: usize) -> usize {

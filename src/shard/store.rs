@@ -3,6 +3,7 @@
 use super::{table_hash, Command, Outcome, Shard};
 use crate::cdc::capture::CaptureQueue;
 use crate::keyspace::Keyspace;
+use crate::wal::WalBuffer;
 
 /// All shards owned by one core. Lives in that core's thread only.
 pub struct CoreStore {
@@ -17,16 +18,23 @@ pub struct CoreStore {
     sweep_cursor: usize,
     /// Change capture, when enabled: every change goes here in apply order.
     capture: Option<CaptureQueue>,
+    /// The write-ahead log's pending records, when persistence is on.
+    wal: Option<WalBuffer>,
 }
 
 impl CoreStore {
     /// `node_memory_bytes_max` is the node-wide limit (0 = unlimited); each core gets an equal
     /// share so no core has to ask another before a write.
-    pub fn new(keyspace: Keyspace, core: u32, node_memory_bytes_max: u64, capture: Option<CaptureQueue>) -> Self {
-        let shards = keyspace
-            .shards_of_core(core)
-            .map(|id| Shard::new(id, capture.is_some()))
-            .collect();
+    pub fn new(
+        keyspace: Keyspace,
+        core: u32,
+        node_memory_bytes_max: u64,
+        capture: Option<CaptureQueue>,
+        wal: bool,
+    ) -> Self {
+        let record = capture.is_some() || wal;
+        let shards = keyspace.shards_of_core(core).map(|id| Shard::new(id, record)).collect();
+        let wal = wal.then(WalBuffer::default);
         let memory_bytes_max = match node_memory_bytes_max {
             0 => u64::MAX,
             n => (n / u64::from(keyspace.cores())).max(1),
@@ -39,6 +47,7 @@ impl CoreStore {
             memory_bytes: 0,
             sweep_cursor: 0,
             capture,
+            wal,
         }
     }
 
@@ -65,9 +74,7 @@ impl CoreStore {
         let before = s.memory_bytes();
         let outcome = s.apply(table_hash(hash), cmd, now_ms, room);
         self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
-        if let Some(q) = &mut self.capture {
-            s.take_changes().for_each(|c| q.push(c));
-        }
+        pass_on(s, &mut self.wal, &mut self.capture);
         outcome
     }
 
@@ -87,12 +94,35 @@ impl CoreStore {
             let before = s.memory_bytes();
             removed += s.sweep(now_ms, max_keys - removed);
             self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
-            if let Some(q) = &mut self.capture {
-                s.take_changes().for_each(|c| q.push(c));
-            }
+            pass_on(s, &mut self.wal, &mut self.capture);
         }
         self.sweep_cursor = (self.sweep_cursor + 1) % n.max(1);
         removed
+    }
+
+    /// The write-ahead log's pending records (for the core's writer task).
+    pub fn wal_mut(&mut self) -> Option<&mut WalBuffer> {
+        self.wal.as_mut()
+    }
+
+    /// Records appended to the log so far.
+    pub fn wal_appended(&self) -> u64 {
+        self.wal.as_ref().map_or(0, |w| w.appended)
+    }
+
+    /// Re-applies a logged change at start-up (see `Shard::restore`).
+    pub fn restore(&mut self, c: &crate::shard::Change, now_ms: u64) {
+        assert_eq!(
+            self.keyspace.core_of_shard(c.shard),
+            self.core,
+            "record for another core's shard"
+        );
+        let hash = Keyspace::hash(&c.key);
+        debug_assert_eq!(self.keyspace.shard_of_hash(hash), c.shard);
+        let s = &mut self.shards[self.keyspace.local_index(c.shard)];
+        let before = s.memory_bytes();
+        s.restore(table_hash(hash), c, now_ms);
+        self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
     }
 
     /// True when writes may be applied now: change capture is off, or its queue has no
@@ -115,6 +145,18 @@ impl CoreStore {
     }
 }
 
+/// Hands a shard's new changes to the log (encoded, in order) and to change capture.
+fn pass_on(s: &mut Shard, wal: &mut Option<WalBuffer>, capture: &mut Option<CaptureQueue>) {
+    for c in s.take_changes() {
+        if let Some(w) = wal {
+            w.append(&c);
+        }
+        if let Some(q) = capture {
+            q.push(c);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,7 +175,7 @@ mod tests {
     #[test]
     fn memory_share_is_enforced_across_shards() {
         let ks = Keyspace::new(8, 2).unwrap();
-        let mut store = CoreStore::new(ks, 1, 2 * 3 * (96 + 2 + 1), None);
+        let mut store = CoreStore::new(ks, 1, 2 * 3 * (96 + 2 + 1), None, false);
         let mut applied = 0;
         for key in key_on_core(&ks, 1, 5) {
             let hash = Keyspace::hash(&key);
@@ -155,7 +197,7 @@ mod tests {
     #[test]
     fn sweep_is_bounded() {
         let ks = Keyspace::new(8, 1).unwrap();
-        let mut store = CoreStore::new(ks, 0, 0, None);
+        let mut store = CoreStore::new(ks, 0, 0, None, false);
         for key in key_on_core(&ks, 0, 50) {
             store.apply(
                 Keyspace::hash(&key),
@@ -179,7 +221,7 @@ mod tests {
     #[should_panic(expected = "routed to the wrong core")]
     fn wrong_core_is_caught() {
         let ks = Keyspace::new(8, 2).unwrap();
-        let mut store = CoreStore::new(ks, 0, 0, None);
+        let mut store = CoreStore::new(ks, 0, 0, None, false);
         let key = key_on_core(&ks, 1, 1).remove(0);
         store.apply(Keyspace::hash(&key), Command::Get { key }, 0);
     }

@@ -20,7 +20,9 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub core_ports: Vec<u16>,
     pub log: Arc<Mutex<Vec<String>>>,
-    pub data_dir: tempfile::TempDir,
+    /// The data directory (a fresh temporary one unless the test passed its own).
+    pub dir: std::path::PathBuf,
+    _owned_dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
@@ -30,11 +32,33 @@ impl TestServer {
     }
 
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> TestServer {
-        let data_dir = tempfile::tempdir().expect("temp dir");
+        let owned = tempfile::tempdir().expect("temp dir");
+        let dir = owned.path().to_path_buf();
+        let mut s =
+            Self::spawn_in(&dir, args, env).unwrap_or_else(|log| panic!("server did not become ready; log:\n{log}"));
+        s._owned_dir = Some(owned);
+        s
+    }
+
+    /// Starts a server on an existing data directory (restarts, recovery).
+    pub fn start_in(dir: &std::path::Path, args: &[&str]) -> TestServer {
+        Self::spawn_in(dir, args, &[]).unwrap_or_else(|log| panic!("server did not become ready; log:\n{log}"))
+    }
+
+    /// Runs a server expected to refuse to start; returns its exit code and log.
+    pub fn fail_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_flux-server"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    fn spawn_in(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Result<TestServer, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flux-server"));
-        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir.path())
-            .args(args);
+        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir).args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -59,7 +83,8 @@ impl TestServer {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!("server did not become ready; log:\n{}", log.lock().unwrap().join("\n"));
+                let _ = child.wait();
+                return Err(log.lock().unwrap().join("\n"));
             }
         };
         let addr = field(&ready, "listen").parse().expect("listen address in ready line");
@@ -69,13 +94,14 @@ impl TestServer {
             .filter(|s| !s.trim().is_empty())
             .map(|s| s.trim().parse().unwrap())
             .collect();
-        TestServer {
+        Ok(TestServer {
             child,
             addr,
             core_ports,
             log,
-            data_dir,
-        }
+            dir: dir.to_path_buf(),
+            _owned_dir: None,
+        })
     }
 
     pub fn connect(&self) -> Client {
