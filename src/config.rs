@@ -41,7 +41,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cpus", "CPU ids the shard executors are pinned to, comma-separated; empty = the first `cores` online CPUs"),
     ("shards", "shards per node, a power of two; stored with the data"),
     ("core_port_base", "when non-zero, core i also listens alone on this port + i (announced in Hello.core_ports)"),
-    ("data_dir", "directory for the node id and, later, logs and snapshots"),
+    ("data_dir", "directory for the node id, the write-ahead logs and the change spool"),
     ("log_level", "tracing filter: error, warn, info, debug, trace, or a directive list"),
     ("shutdown_timeout_ms", "on SIGTERM/SIGINT, the longest wait for in-flight work before exiting"),
     ("limits.frame_bytes_max", "largest request frame; larger ones get FRAME_TOO_LARGE and the connection closes"),
