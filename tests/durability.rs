@@ -106,6 +106,12 @@ fn check_all(server: &TestServer, n: usize) {
     }
     let keys: u64 = server.stats().iter().map(|s| s.keys).sum();
     assert_eq!(keys, n as u64 - 1);
+    let p = server.stats_response().persistence.unwrap();
+    assert!(p.enabled && p.fsync == "everysec", "{p:?}");
+    assert!(
+        p.keys_recovered >= n as u64 - 1 && p.log_files_replayed >= 1 && p.log_bytes_replayed > 0,
+        "{p:?}"
+    );
 }
 
 // Goal: recovery does not depend on the core count: written with 2 cores, restarted with

@@ -71,6 +71,8 @@ pub struct Boot {
     pub wal_dir: Option<std::path::PathBuf>,
     /// Names this run's log files.
     pub started_ms: u64,
+    /// What recovery did at start (for Stats).
+    pub persistence: crate::proto::PersistenceStats,
     pub cdc: Arc<CdcCounters>,
 }
 
@@ -112,6 +114,7 @@ pub struct Core {
     pub cdc: Arc<CdcCounters>,
     /// The write-ahead log, when persistence is on, and its writer task.
     pub wal: Option<Rc<WalState>>,
+    pub persistence: crate::proto::PersistenceStats,
     pub wal_task: RefCell<Option<glommio::Task<()>>>,
 }
 
@@ -131,6 +134,7 @@ impl Core {
             memory_bytes: store.memory_bytes(),
             cdc_queue_events,
             cdc_events_dropped,
+            wal_bytes: self.wal.as_ref().map_or(0, |w| w.bytes.get()),
         }
     }
 
@@ -304,6 +308,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
             .as_ref()
             .map(|_| WalState::new(boot.config.persistence.fsync)),
         wal_task: RefCell::new(None),
+        persistence: boot.persistence.clone(),
         counters: Counters::default(),
         ring,
         outboxes: Outboxes::new(boot.keyspace.cores() as usize),

@@ -274,6 +274,7 @@ impl Batch<'_> {
                     R::Stats(proto::StatsResponse {
                         cores: stats.clone().unwrap_or_default(),
                         cdc: Some(self.core.cdc.snapshot(self.core.config.cdc.enabled)),
+                        persistence: Some(self.core.persistence.clone()),
                     }),
                 ),
                 Plan::Keys { id, kind, ops } => {

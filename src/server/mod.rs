@@ -159,6 +159,11 @@ impl Server {
             })
             .collect();
         let wal_dir = config.data_dir.join("wal");
+        let mut persistence = crate::proto::PersistenceStats {
+            enabled: persistent,
+            fsync: format!("{:?}", config.persistence.fsync).to_lowercase(),
+            ..Default::default()
+        };
         if persistent {
             std::fs::create_dir_all(&wal_dir)
                 .map_err(|e| StartError::Invalid(format!("cannot create {}: {e}", wal_dir.display())))?;
@@ -174,6 +179,10 @@ impl Server {
                 truncated = r.truncated.len(),
                 "write-ahead log replayed"
             );
+            persistence.log_files_replayed = r.files as u64;
+            persistence.log_bytes_replayed = r.bytes;
+            persistence.keys_recovered = r.keys;
+            persistence.recovery_ms = r.millis;
         }
         let control_cpu = control_cpu(&config, &cpus)?;
         let (serving_tx, serving) = tokio::sync::watch::channel(false);
@@ -206,6 +215,7 @@ impl Server {
             ready: Mutex::new(ready_tx),
             stores: Mutex::new(stores.into_iter().map(Some).collect()),
             wal_dir: persistent.then_some(wal_dir),
+            persistence,
             started_ms: crate::shard::now_ms(),
             cdc,
         });

@@ -339,6 +339,23 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
         Cmd::Stats => {
             let stats = client.stats_response().await.map_err(e)?;
             write_stats(out, &stats.cores).map_err(io)?;
+            if let Some(p) = &stats.persistence {
+                if p.enabled {
+                    writeln!(
+                        out,
+                        "persistence: fsync {}, log bytes this run {}, recovered {} keys from {} files ({} bytes) in {} ms",
+                        p.fsync,
+                        stats.cores.iter().map(|c| c.wal_bytes).sum::<u64>(),
+                        p.keys_recovered,
+                        p.log_files_replayed,
+                        p.log_bytes_replayed,
+                        p.recovery_ms
+                    )
+                    .map_err(io)?;
+                } else {
+                    writeln!(out, "persistence: off").map_err(io)?;
+                }
+            }
             match stats.cdc {
                 Some(c) if c.enabled => writeln!(
                     out,
