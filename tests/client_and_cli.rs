@@ -8,20 +8,12 @@ use common::TestServer;
 use flux_kv::client::{Client, ClientConfig, Condition, Error, SetOptions, Ttl};
 use flux_kv::proto::ErrorCode;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 // Goal: typed results: a missing key is None (an empty value is Some(empty)), TTLs and
 // conditions map to their types, server errors keep their code and message.
 #[test]
 fn typed_results_and_errors() {
     let server = TestServer::start(&["--limits-value-bytes-max", "10"]);
-    rt().block_on(async {
+    common::rt().block_on(async {
         let c = Client::connect(&server.addr.to_string(), ClientConfig::default())
             .await
             .unwrap();
@@ -58,7 +50,7 @@ fn typed_results_and_errors() {
 #[test]
 fn pipelining_over_one_connection() {
     let server = TestServer::start(&["--cores", "2"]);
-    rt().block_on(async {
+    common::rt().block_on(async {
         let config = ClientConfig {
             connections_per_endpoint: 1,
             shard_aware: false,
@@ -92,7 +84,7 @@ fn pipelining_over_one_connection() {
 fn shard_aware_routing_never_forwards() {
     let base = common::free_port_pair();
     let server = TestServer::start(&["--cores", "2", "--core-port-base", &base.to_string()]);
-    rt().block_on(async {
+    common::rt().block_on(async {
         let c = Client::connect(&server.addr.to_string(), ClientConfig::default())
             .await
             .unwrap();
@@ -131,7 +123,7 @@ fn shard_aware_routing_never_forwards() {
 fn timeouts() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
-    rt().block_on(async {
+    common::rt().block_on(async {
         let config = ClientConfig {
             request_timeout: Duration::from_millis(300),
             ..Default::default()
@@ -155,7 +147,7 @@ fn timeouts() {
 #[test]
 fn lost_connection_fails_pending_requests() {
     let mut server = TestServer::start(&[]);
-    rt().block_on(async {
+    common::rt().block_on(async {
         let config = ClientConfig {
             request_timeout: Duration::from_secs(30),
             ..Default::default()

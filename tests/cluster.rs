@@ -94,14 +94,6 @@ impl Drop for Etcd {
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn node(etcd: &Etcd, id: &str) -> TestServer {
     let ep = etcd.endpoint();
     TestServer::start(&[
@@ -128,7 +120,7 @@ fn ids(nodes: &[NodeInfo]) -> Vec<String> {
 // client stops routing to it; SIGTERM removes a node's key at once.
 #[test]
 fn three_nodes_route_keys_and_leave() {
-    let rt = rt();
+    let rt = common::rt();
     let etcd = Etcd::start();
     let mut servers = vec![node(&etcd, "n1"), node(&etcd, "n2"), node(&etcd, "n3")];
     assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 3));
@@ -221,7 +213,7 @@ fn three_nodes_route_keys_and_leave() {
 // client that was following the members sees both.
 #[test]
 fn registration_survives_etcd_outage() {
-    let rt = rt();
+    let rt = common::rt();
     let mut etcd = Etcd::start();
     let _a = node(&etcd, "a");
     assert!(eventually(Duration::from_secs(10), || ids(&etcd.nodes(&rt)) == ["a"]));
@@ -250,7 +242,7 @@ fn registration_survives_etcd_outage() {
 // Goal: a second live node with the same node_id refuses to register and says why.
 #[test]
 fn duplicate_node_id_is_refused() {
-    let rt = rt();
+    let rt = common::rt();
     let etcd = Etcd::start();
     let first = node(&etcd, "dup");
     assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 1));
@@ -275,7 +267,7 @@ fn duplicate_node_id_is_refused() {
 // keys go to the node rendezvous hashing picks, and a bench run spreads over both nodes.
 #[test]
 fn cli_and_bench_through_etcd() {
-    let rt = rt();
+    let rt = common::rt();
     let etcd = Etcd::start();
     let servers = [node(&etcd, "c1"), node(&etcd, "c2")];
     assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 2));

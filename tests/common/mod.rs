@@ -337,3 +337,12 @@ pub fn free_port_pair() -> u16 {
     }
     panic!("no free port pair");
 }
+
+/// A small multi-threaded tokio runtime for tests that use the async client.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
