@@ -279,21 +279,19 @@ async fn join_mesh(
     joined
 }
 
+/// Takes core `index`'s item out of a table the main thread filled before the executors.
+fn take_slot<T>(table: &Mutex<Vec<Option<T>>>, index: u32, what: &str) -> Result<T, String> {
+    table
+        .lock()
+        .map_err(|_| format!("{what} table poisoned"))?
+        .get_mut(index as usize)
+        .and_then(Option::take)
+        .ok_or_else(|| format!("no {what} for core {index}"))
+}
+
 async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest>>) -> Result<Rc<Core>, String> {
-    let listeners = boot
-        .listeners
-        .lock()
-        .map_err(|_| "listener table poisoned".to_string())?
-        .get_mut(index as usize)
-        .and_then(Option::take)
-        .ok_or_else(|| format!("no listener for core {index}"))?;
-    let store = boot
-        .stores
-        .lock()
-        .map_err(|_| "store table poisoned".to_string())?
-        .get_mut(index as usize)
-        .and_then(Option::take)
-        .ok_or_else(|| format!("no store for core {index}"))?;
+    let listeners = take_slot(&boot.listeners, index, "listener")?;
+    let store = take_slot(&boot.stores, index, "store")?;
     let ring =
         Ring::new(boot.config.runtime.ring_entries).map_err(|e| format!("cannot create the network ring: {e}"))?;
     spawn_local(ring.clone().drive()).detach();

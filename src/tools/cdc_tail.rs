@@ -17,6 +17,7 @@ use amqprs::connection::Connection;
 use clap::Parser;
 use prost::Message;
 
+use crate::config::CdcFormat;
 use crate::proto::cdc::{ChangeBatch, ChangeEvent, Op};
 
 #[derive(Parser, Debug)]
@@ -36,7 +37,7 @@ pub struct Args {
     #[arg(long, default_value = "flux.cdc")]
     pub exchange: String,
     #[arg(long, value_enum, default_value = "protobuf")]
-    pub format: Format,
+    pub format: CdcFormat,
     /// Topic binding, e.g. `#` for everything or `<node_id>.*`.
     #[arg(long, default_value = "#")]
     pub binding: String,
@@ -49,12 +50,6 @@ pub struct Args {
     /// Exit when no message arrived for this long (10s, 500ms).
     #[arg(long, value_parser = super::parse_duration)]
     pub idle_timeout: Option<Duration>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Format {
-    Protobuf,
-    Json,
 }
 
 /// Per-shard continuity check over (node_id, shard, seq).
@@ -119,8 +114,8 @@ async fn run(args: Args) -> Result<bool, String> {
         .await
         .map_err(|e| e.to_string())?;
     let (exchange, kind, binding) = match args.format {
-        Format::Protobuf => (args.exchange.clone(), "topic", args.binding.clone()),
-        Format::Json => (
+        CdcFormat::Protobuf => (args.exchange.clone(), "topic", args.binding.clone()),
+        CdcFormat::Json => (
             crate::cdc::forwarder::JSON_EXCHANGE.to_string(),
             "fanout",
             String::new(),
@@ -159,12 +154,12 @@ async fn run(args: Args) -> Result<bool, String> {
         let Some(msg) = msg else { break };
         let body = msg.content.unwrap_or_default();
         match args.format {
-            Format::Json => {
+            CdcFormat::Json => {
                 seen.events += 1;
                 let _ = out.write_all(&body);
                 let _ = writeln!(out);
             }
-            Format::Protobuf => {
+            CdcFormat::Protobuf => {
                 let batch = ChangeBatch::decode(&body[..]).map_err(|e| format!("message is not a ChangeBatch: {e}"))?;
                 for e in batch.events.iter().filter(|e| seen.accept(e)) {
                     let _ = print_event(&mut out, e, args.json);
