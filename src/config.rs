@@ -63,6 +63,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cluster.lease_ttl_ms", "registration lease; a node that stops renewing it leaves the cluster after this long"),
     ("persistence.enabled", "write every change to a per-core write-ahead log under data_dir/wal and replay it at start"),
     ("persistence.fsync", "always (acknowledge after fdatasync; one per executor round), everysec, or no"),
+    ("persistence.snapshot_log_bytes_min", "a core snapshots its shards (and deletes the log they cover) once its log exceeds both this and its last snapshot's size"),
     ("cdc.enabled", "publish every change to RabbitMQ"),
     ("cdc.amqp_url", "broker address, amqp://user:password@host:port/vhost"),
     ("cdc.exchange", "durable topic exchange for protobuf batches (routing key <node_id>.<shard>)"),
@@ -103,6 +104,7 @@ pub struct Config {
 pub struct Persistence {
     pub enabled: bool,
     pub fsync: Fsync,
+    pub snapshot_log_bytes_min: u64,
 }
 
 impl Default for Persistence {
@@ -110,6 +112,7 @@ impl Default for Persistence {
         Self {
             enabled: true,
             fsync: Fsync::Everysec,
+            snapshot_log_bytes_min: 64 << 20,
         }
     }
 }
@@ -368,6 +371,12 @@ impl Config {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
             }
+        }
+        if self.persistence.snapshot_log_bytes_min < 64 << 10 {
+            return fail(format!(
+                "persistence.snapshot_log_bytes_min: {} is below 65536 (snapshots would never stop)",
+                self.persistence.snapshot_log_bytes_min
+            ));
         }
         if self.cluster.lease_ttl_ms < 1_000 {
             return fail(format!(

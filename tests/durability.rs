@@ -81,7 +81,9 @@ fn acknowledged_writes_survive_kill_9() {
             assert!(ttl > 0 && ttl <= 600_000, "{key}: ttl {ttl}");
         }
     }
-    assert!(server.log_text().contains("write-ahead log replayed"));
+    assert!(server
+        .log_text()
+        .contains("recovered from snapshots and the write-ahead log"));
 }
 
 /// Writes `n` keys, stops the server gracefully, and returns the directory.
@@ -219,4 +221,200 @@ fn values_of_any_allowed_size_recover() {
     server.wait_exit(Duration::from_secs(10));
     let server = TestServer::start_in(dir.path(), &args);
     assert_eq!(server.connect().get(b"big"), Some(big));
+}
+
+/// Bytes on disk under the log and snapshot directories.
+fn disk_bytes(dir: &Path) -> u64 {
+    ["wal", "snapshots"]
+        .iter()
+        .filter(|d| dir.join(d).exists())
+        .flat_map(|d| walk(&dir.join(d)))
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum()
+}
+
+fn files_in(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(suffix))
+        .collect()
+}
+
+fn mset(c: &mut common::Client, entries: Vec<(Vec<u8>, Vec<u8>)>) {
+    let entries = entries
+        .into_iter()
+        .map(|(k, v)| proto::KeyValue {
+            key: b(&k),
+            value: b(&v),
+        })
+        .collect();
+    let r = c.call(Op::Mset(proto::MSetRequest { entries }));
+    assert!(code(&r).is_none(), "{r:?}");
+}
+
+fn snapshot(c: &mut common::Client) -> proto::SnapshotResponse {
+    match c.call(Op::Snapshot(proto::SnapshotRequest {})) {
+        proto::Response {
+            result: Some(R::Snapshot(s)),
+            ..
+        } => s,
+        other => panic!("snapshot: {other:?}"),
+    }
+}
+
+// Goal: snapshots and log compaction keep disk use bounded for a bounded key set: after the
+// same 10,000 keys are rewritten 20 times, the logs and snapshots on disk stay within 4x one
+// copy of the data, and a restart with another core count finds every key's last value.
+#[test]
+fn compaction_bounds_disk_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--cores", "2", "--persistence-snapshot-log-bytes-min", "1048576"];
+    let mut server = TestServer::start_in(dir.path(), &args);
+    let mut c = server.connect();
+    let (keys, rounds) = (10_000, 20);
+    let value = |round: usize, i: usize| format!("{round:03}-{i:06}-{}", "x".repeat(90)).into_bytes();
+    let mut one_copy = 0u64;
+    for round in 0..rounds {
+        for chunk in (0..keys).collect::<Vec<_>>().chunks(500) {
+            let entries: Vec<_> = chunk
+                .iter()
+                .map(|&i| (format!("c{i}").into_bytes(), value(round, i)))
+                .collect();
+            if round == 0 {
+                one_copy += entries.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum::<u64>();
+            }
+            mset(&mut c, entries);
+        }
+    }
+    let written: u64 = server.stats().iter().map(|s| s.wal_bytes).sum();
+    assert!(
+        written > 15 * one_copy,
+        "the test wrote too little: {written} log bytes"
+    );
+    let bounded = common::eventually(Duration::from_secs(20), || disk_bytes(dir.path()) <= 4 * one_copy);
+    assert!(
+        bounded,
+        "disk use {} bytes for {one_copy} bytes of data ({written} bytes logged)",
+        disk_bytes(dir.path())
+    );
+    for s in server.stats() {
+        assert!(
+            s.snapshots >= 1 && s.snapshot_age_ms >= 0 && s.snapshot_bytes > 0,
+            "{s:?}"
+        );
+    }
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).unwrap().success());
+
+    let server = TestServer::start_in(dir.path(), &["--cores", "1"]);
+    let mut c = server.connect();
+    for i in 0..keys {
+        assert_eq!(c.get(format!("c{i}").as_bytes()), Some(value(rounds - 1, i)), "c{i}");
+    }
+    let p = server.stats_response().persistence.unwrap();
+    assert!(p.snapshots_loaded > 0 && p.keys_recovered == keys as u64, "{p:?}");
+}
+
+// Goal: a Snapshot request writes every shard and deletes the log it covers; SIGUSR1 starts
+// a round too; after kill -9, the snapshots plus the log written after them restore every
+// key, delete and TTL (fsync = always, so every acknowledged write counts).
+#[test]
+fn snapshot_on_request_and_signal_then_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--cores", "2", "--persistence-fsync", "always"];
+    let mut server = TestServer::start_in(dir.path(), &args);
+    let mut c = server.connect();
+    mset(
+        &mut c,
+        (0..1000)
+            .map(|i| (format!("s{i}").into_bytes(), format!("v{i}").into_bytes()))
+            .collect(),
+    );
+    c.set_with(b"ttl", b"t", 600_000, proto::SetCondition::Always);
+    let r = snapshot(&mut c);
+    assert_eq!(r.keys, 1001, "{r:?}");
+    assert!(r.shards >= 1 && r.bytes > 0 && r.log_bytes_released > 0, "{r:?}");
+    let log_bytes: u64 = files_in(&dir.path().join("wal"), ".log")
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    assert_eq!(log_bytes, 0, "the snapshot covers every log record written before it");
+    assert!(!files_in(&dir.path().join("snapshots"), ".snap").is_empty());
+
+    // Changes after the first snapshot, then a round started by SIGUSR1.
+    assert!(c.del(b"s0"));
+    assert!(c.set(b"s1", b"new"));
+    assert!(c.expire(b"s2", 600_000));
+    let rounds = |s: &TestServer| s.stats().iter().map(|c| c.snapshots).sum::<u64>();
+    let before = rounds(&server);
+    server.signal(libc::SIGUSR1);
+    assert!(common::eventually(Duration::from_secs(10), || rounds(&server) > before));
+    // And changes after that, in the log only.
+    assert!(c.set(b"s3", b"after"));
+    assert!(c.del(b"s4"));
+    server.signal(libc::SIGKILL);
+    server.wait_exit(Duration::from_secs(5));
+
+    let server = TestServer::start_in(dir.path(), &["--cores", "1"]);
+    let mut c = server.connect();
+    assert_eq!(c.get(b"s0"), None);
+    assert_eq!(c.get(b"s1"), Some(b"new".to_vec()));
+    assert!((1..=600_000).contains(&c.ttl(b"s2")));
+    assert_eq!(c.get(b"s3"), Some(b"after".to_vec()));
+    assert_eq!(c.get(b"s4"), None);
+    for i in 5..1000 {
+        assert_eq!(c.get(format!("s{i}").as_bytes()), Some(format!("v{i}").into_bytes()));
+    }
+    assert!((1..=600_000).contains(&c.ttl(b"ttl")));
+    let p = server.stats_response().persistence.unwrap();
+    assert!(p.snapshots_loaded > 0, "{p:?}");
+    assert!(server.stats()[0].snapshot_age_ms >= 0);
+}
+
+// Goal: a damaged snapshot refuses to start with the file and offset in the error, --repair
+// starts keeping the keys before the damage; data written with another `shards` setting is
+// refused with what to do; a Snapshot request without persistence is INVALID_REQUEST.
+#[test]
+fn damaged_snapshot_and_wrong_shard_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--cores", "1", "--shards", "64"];
+    let mut server = TestServer::start_in(dir.path(), &args);
+    let mut c = server.connect();
+    mset(
+        &mut c,
+        (0..5000)
+            .map(|i| (format!("w{i}").into_bytes(), format!("v{i}").into_bytes()))
+            .collect(),
+    );
+    snapshot(&mut c);
+    server.signal(libc::SIGTERM);
+    server.wait_exit(Duration::from_secs(10));
+
+    let (code_, err) = TestServer::fail_in(dir.path(), &["--cores", "1", "--shards", "128"]);
+    assert_ne!(code_, Some(0));
+    assert!(err.contains("shards = 64") && err.contains("--shards 64"), "{err}");
+
+    let snap = files_in(&dir.path().join("snapshots"), ".snap").remove(0);
+    let mut data = std::fs::read(&snap).unwrap();
+    let at = data.len() / 2;
+    data[at] ^= 0x5a;
+    std::fs::write(&snap, &data).unwrap();
+    let (code_, err) = TestServer::fail_in(dir.path(), &args);
+    assert_ne!(code_, Some(0));
+    assert!(
+        err.contains(&snap.display().to_string()) && err.contains("offset"),
+        "{err}"
+    );
+    let repaired = TestServer::start_in(dir.path(), &["--cores", "1", "--shards", "64", "--repair"]);
+    assert!(
+        repaired.log_text().contains("damaged snapshot"),
+        "{}",
+        repaired.log_text()
+    );
+    let keys: u64 = repaired.stats().iter().map(|s| s.keys).sum();
+    assert!(keys > 4000 && keys < 5000, "{keys} keys after repair");
+
+    let off = TestServer::start(&["--persistence-enabled", "false"]);
+    let r = off.connect().call(Op::Snapshot(proto::SnapshotRequest {}));
+    assert_eq!(code(&r), Some(proto::ErrorCode::InvalidRequest));
 }

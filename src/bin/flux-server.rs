@@ -1,12 +1,12 @@
 //! flux-server: parse the configuration, start the node, stop it gracefully on SIGTERM or
-//! SIGINT.
+//! SIGINT, snapshot on SIGUSR1.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use flux_kv::config::{Config, ConfigError};
 use flux_kv::server::{RingKind, Server};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 fn main() -> ExitCode {
@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         .init();
 
     // Registered before the cores start, so an early signal still means a clean stop.
-    let mut signals = match Signals::new([SIGTERM, SIGINT]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGUSR1]) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot install signal handlers");
@@ -66,10 +66,19 @@ fn main() -> ExitCode {
         "flux-server ready"
     );
 
-    // The first signal starts the drain; past the timeout the process exits anyway.
+    // SIGUSR1 asks for snapshots. The first SIGTERM/SIGINT starts the drain; past the
+    // timeout the process exits anyway.
     let shutdown = server.shutdown_handle();
+    let snapshots = server.snapshot_trigger();
     std::thread::spawn(move || {
-        if signals.forever().next().is_some() {
+        let mut stop = signals.forever().filter(|s| {
+            if *s == SIGUSR1 {
+                tracing::info!("SIGUSR1: snapshotting every shard");
+                snapshots.request();
+            }
+            *s != SIGUSR1
+        });
+        if stop.next().is_some() {
             tracing::info!(
                 timeout_ms = shutdown_timeout.as_millis() as u64,
                 "signal received, shutting down"

@@ -409,6 +409,15 @@ impl Client {
         }
     }
 
+    /// Snapshots every shard of the node and deletes the log the snapshots cover; returns
+    /// when every core is done.
+    pub async fn snapshot(&self) -> Result<proto::SnapshotResponse, Error> {
+        match self.call_on(None, Op::Snapshot(proto::SnapshotRequest {})).await? {
+            R::Snapshot(s) => Ok(s),
+            other => Err(unexpected("Snapshot", &other)),
+        }
+    }
+
     /// The core a key's requests go to directly, or `None` for the shared port.
     fn route_core(&self, key: &[u8]) -> Option<u32> {
         (!self.cores.is_empty()).then(|| self.keyspace.core_of(key))

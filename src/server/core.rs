@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::keyspace::Keyspace;
 use crate::proto::{CoreStats, HelloResponse};
 use crate::shard::{now_ms, Command, CoreStore, Outcome};
+use crate::wal::snapshot::{self, Loaded, OldLogs, Report, Snapshots};
 use crate::wal::writer::{self, WalState};
 
 /// How often each core looks for expired keys, and the most it removes per look: small
@@ -51,6 +52,10 @@ pub enum MeshRequest {
     Stats {
         reply: oneshot::Sender<CoreStats>,
     },
+    /// Snapshot every shard of the receiving core; the reply comes when it is done.
+    Snapshot {
+        reply: oneshot::Sender<Result<Report, String>>,
+    },
 }
 
 pub type MeshBuilderFull = MeshBuilder<MeshRequest, Full>;
@@ -71,6 +76,14 @@ pub struct Boot {
     pub wal_dir: Option<std::path::PathBuf>,
     /// Names this run's log files.
     pub started_ms: u64,
+    /// Where the cores write their shard snapshots.
+    pub snap_dir: std::path::PathBuf,
+    /// Logs of earlier runs, deleted once every core has snapshotted its shards.
+    pub old_logs: Arc<OldLogs>,
+    /// Per shard: the snapshot recovery loaded (empty when persistence is off).
+    pub shard_snapshots: Vec<Loaded>,
+    /// Bumped for each SIGUSR1: every core snapshots its shards.
+    pub snapshot_requests: Arc<std::sync::atomic::AtomicU64>,
     /// What recovery did at start (for Stats).
     pub persistence: crate::proto::PersistenceStats,
     pub cdc: Arc<CdcCounters>,
@@ -116,6 +129,9 @@ pub struct Core {
     pub wal: Option<Rc<WalState>>,
     pub persistence: crate::proto::PersistenceStats,
     pub wal_task: RefCell<Option<glommio::Task<()>>>,
+    /// Snapshots of this core's shards (with persistence on), and the task writing them.
+    pub snapshots: Option<Rc<Snapshots>>,
+    pub snapshot_task: RefCell<Option<glommio::Task<()>>>,
 }
 
 impl Core {
@@ -135,6 +151,10 @@ impl Core {
             cdc_queue_events,
             cdc_events_dropped,
             wal_bytes: self.wal.as_ref().map_or(0, |w| w.bytes.get()),
+            log_bytes: self.wal.as_ref().map_or(0, |w| w.log_bytes()),
+            snapshot_age_ms: self.snapshots.as_ref().map_or(-1, |s| s.age_ms()),
+            snapshot_bytes: self.snapshots.as_ref().map_or(0, |s| s.bytes.get()),
+            snapshots: self.snapshots.as_ref().map_or(0, |s| s.rounds.get()),
         }
     }
 
@@ -145,6 +165,17 @@ impl Core {
         // Read the generation first: a store borrow must never live across an await.
         let appended = self.store.borrow().wal_appended();
         wal.durable(appended).await
+    }
+
+    /// Asks this core's snapshot task for a round; resolves with what it wrote.
+    pub fn snapshot(&self) -> impl std::future::Future<Output = Result<Report, String>> + 'static {
+        let rx = self.snapshots.as_ref().map(|s| s.request());
+        async move {
+            match rx {
+                None => Err("persistence is off".to_string()),
+                Some(rx) => rx.await.unwrap_or_else(|_| Err("the core is shutting down".into())),
+            }
+        }
     }
 
     /// Waits until change capture can take this core's next writes (`cdc.overflow = block`
@@ -192,6 +223,13 @@ impl Core {
             MeshRequest::Stats { reply } => {
                 let _ = reply.send(self.stats());
             }
+            MeshRequest::Snapshot { reply } => {
+                let done = self.snapshot();
+                spawn_local(async move {
+                    let _ = reply.send(done.await);
+                })
+                .detach();
+            }
         }
     }
 }
@@ -237,6 +275,8 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
     // and keep serving theirs until they are done too.
     core.mesh.borrow_mut().take();
     futures::future::join_all(peers).await;
+    // A snapshot round cut short leaves only a temporary file; the log still has it all.
+    drop(core.snapshot_task.borrow_mut().take());
     // Nothing more will be written: flush and sync the log, then close it.
     if let Some(wal) = &core.wal {
         wal.close();
@@ -301,11 +341,21 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         keyspace: boot.keyspace,
         hello: boot.hello.clone(),
         store: RefCell::new(store),
-        wal: boot
-            .wal_dir
-            .as_ref()
-            .map(|_| WalState::new(boot.config.persistence.fsync)),
+        wal: boot.wal_dir.as_ref().map(|dir| {
+            let name = format!("{:020}-core{index}", boot.started_ms);
+            WalState::new(boot.config.persistence.fsync, dir.clone(), name)
+        }),
         wal_task: RefCell::new(None),
+        snapshots: boot.wal_dir.as_ref().map(|_| {
+            let loaded = boot
+                .keyspace
+                .shards_of_core(index)
+                .map(|s| boot.shard_snapshots.get(s as usize).copied().unwrap_or_default())
+                .collect();
+            let min = boot.config.persistence.snapshot_log_bytes_min;
+            Snapshots::new(boot.snap_dir.clone(), min, boot.old_logs.clone(), loaded)
+        }),
+        snapshot_task: RefCell::new(None),
         persistence: boot.persistence.clone(),
         counters: Counters::default(),
         ring,
@@ -315,10 +365,13 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         tasks: Gate::new(),
         cdc: boot.cdc.clone(),
     });
-    if let (Some(dir), Some(state)) = (&boot.wal_dir, &core.wal) {
-        let path = dir.join(format!("{:020}-core{index}.log", boot.started_ms));
-        let (state, c) = (state.clone(), core.clone());
-        *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.store, path).await }));
+    if let (Some(wal), Some(snaps)) = (&core.wal, &core.snapshots) {
+        let (state, c) = (wal.clone(), core.clone());
+        *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.store).await }));
+        let (wal, snaps, c, signals) = (wal.clone(), snaps.clone(), core.clone(), boot.snapshot_requests.clone());
+        *core.snapshot_task.borrow_mut() = Some(spawn_local(async move {
+            snapshot::run(snaps, wal, &c.store, signals).await;
+        }));
     }
     spawn_local(sweep(core.clone())).detach();
     let CoreListeners { shared, own } = listeners;

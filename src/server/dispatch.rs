@@ -27,6 +27,7 @@ enum Plan {
     Ready(Response),
     Keys { id: u64, kind: Kind, ops: Range<usize> },
     Stats { id: u64 },
+    Snapshot { id: u64 },
 }
 
 #[derive(Clone, Copy)]
@@ -172,6 +173,16 @@ impl Batch<'_> {
                 self.wants_stats = true;
                 return Plan::Stats { id };
             }
+            Op::Snapshot(_) => {
+                if self.core.snapshots.is_none() {
+                    return Plan::Ready(error(
+                        id,
+                        ErrorCode::InvalidRequest,
+                        "persistence is off: there is nothing to snapshot".into(),
+                    ));
+                }
+                return Plan::Snapshot { id };
+            }
         };
         Plan::Keys {
             id,
@@ -221,7 +232,7 @@ impl Batch<'_> {
                 .entries
                 .iter()
                 .try_for_each(|e| key(&e.key).and_then(|()| value(&e.value))),
-            Op::Ping(_) | Op::Hello(_) | Op::Stats(_) => Ok(()),
+            Op::Ping(_) | Op::Hello(_) | Op::Stats(_) | Op::Snapshot(_) => Ok(()),
         }
     }
 
@@ -264,10 +275,21 @@ impl Batch<'_> {
                 }
             }
         }
+        // Rare and slow (seconds for large data): one round serves every Snapshot request
+        // of the batch.
+        let snapshot = if self.plans.iter().any(|p| matches!(p, Plan::Snapshot { .. })) {
+            Some(snapshot_all(self.core, senders.as_deref()).await)
+        } else {
+            None
+        };
         let frame_bytes_max = self.core.config.limits.frame_bytes_max;
         std::mem::take(&mut self.plans)
             .into_iter()
             .map(|plan| match plan {
+                Plan::Snapshot { id } => match snapshot.clone().expect("gathered above") {
+                    Ok(r) => ok(id, R::Snapshot(r)),
+                    Err(e) => error(id, ErrorCode::Internal, e),
+                },
                 Plan::Ready(r) => r,
                 Plan::Stats { id } => ok(
                     id,
@@ -326,6 +348,36 @@ impl Batch<'_> {
             })
             .collect()
     }
+}
+
+/// Runs a snapshot round on every core at once and sums what they wrote.
+async fn snapshot_all(
+    core: &Rc<Core>,
+    senders: Option<&glommio::channels::channel_mesh::Senders<MeshRequest>>,
+) -> Result<proto::SnapshotResponse, String> {
+    let mut waiting = vec![futures::future::Either::Left(core.snapshot())];
+    if let Some(senders) = senders {
+        for target in (0..core.keyspace.cores()).filter(|c| *c != core.index) {
+            let (reply, rx) = oneshot::channel();
+            senders
+                .send_to(target as usize, MeshRequest::Snapshot { reply })
+                .await
+                .map_err(|_| format!("core {target} is shutting down"))?;
+            waiting.push(futures::future::Either::Right(async move {
+                rx.await.unwrap_or_else(|_| Err("a core is shutting down".into()))
+            }));
+        }
+    }
+    let mut total = proto::SnapshotResponse::default();
+    for r in futures::future::join_all(waiting).await {
+        let r = r?;
+        total.shards += r.shards;
+        total.keys += r.keys;
+        total.bytes += r.bytes;
+        total.millis = total.millis.max(r.millis);
+        total.log_bytes_released += r.log_bytes_released;
+    }
+    Ok(total)
 }
 
 /// Builds the response of a key request from its outcomes.

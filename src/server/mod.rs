@@ -24,7 +24,7 @@ mod uring;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,7 @@ use crate::config::Config;
 use crate::keyspace::{Keyspace, KEY_HASH_NAME};
 use crate::proto::HelloResponse;
 use crate::shard::CoreStore;
+use crate::wal::snapshot::OldLogs;
 
 /// How long start-up waits for every core to report ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,7 +55,19 @@ pub struct Server {
     cores: u32,
     ring: RingKind,
     shutdown: ShutdownHandle,
+    snapshots: SnapshotTrigger,
     exited: mpsc::Receiver<Result<(), String>>,
+}
+
+/// Asks every core for a snapshot round from any thread (SIGUSR1); the cores pick it up
+/// within 100 ms. A client waits for the result with a Snapshot request instead.
+#[derive(Clone)]
+pub struct SnapshotTrigger(Arc<AtomicU64>);
+
+impl SnapshotTrigger {
+    pub fn request(&self) {
+        self.0.fetch_add(1, Ordering::Release);
+    }
 }
 
 /// Starts a graceful shutdown from any thread (a signal handler thread, a test).
@@ -159,31 +172,43 @@ impl Server {
             })
             .collect();
         let wal_dir = config.data_dir.join("wal");
+        let snap_dir = config.data_dir.join("snapshots");
+        let mut old_logs = OldLogs::new(Vec::new(), 0, cores);
+        let mut shard_snapshots = Vec::new();
         let mut persistence = crate::proto::PersistenceStats {
             enabled: persistent,
             fsync: format!("{:?}", config.persistence.fsync).to_lowercase(),
             ..Default::default()
         };
         if persistent {
-            std::fs::create_dir_all(&wal_dir)
-                .map_err(|e| StartError::Invalid(format!("cannot create {}: {e}", wal_dir.display())))?;
+            for dir in [&wal_dir, &snap_dir] {
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StartError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
+            }
             let record_max = config.limits.frame_bytes_max + 64;
-            let r = crate::wal::recovery::recover(&wal_dir, &keyspace, &mut stores, repair, record_max)
+            let r = crate::wal::recovery::recover(&wal_dir, &snap_dir, &keyspace, &mut stores, repair, record_max)
                 .map_err(StartError::Invalid)?;
             tracing::info!(
-                files = r.files,
+                snapshots = r.snapshots,
+                snapshot_bytes = r.snapshot_bytes,
+                log_files = r.files,
                 log_bytes = r.bytes,
-                records = r.records,
+                records_replayed = r.records,
                 keys_recovered = r.keys,
                 recovery_ms = r.millis,
                 truncated = r.truncated.len(),
-                "write-ahead log replayed"
+                "recovered from snapshots and the write-ahead log"
             );
             persistence.log_files_replayed = r.files as u64;
             persistence.log_bytes_replayed = r.bytes;
             persistence.keys_recovered = r.keys;
             persistence.recovery_ms = r.millis;
+            persistence.snapshots_loaded = r.snapshots;
+            persistence.snapshot_bytes_loaded = r.snapshot_bytes;
+            old_logs = OldLogs::new(r.log_files, r.bytes, cores);
+            shard_snapshots = r.shard_snapshots;
         }
+        let snapshot_requests = Arc::new(AtomicU64::new(0));
         let control_cpu = control_cpu(&config, &cpus)?;
         let (serving_tx, serving) = tokio::sync::watch::channel(false);
         let (registration, leave) = if config.cluster.etcd_endpoints.is_empty() {
@@ -215,6 +240,10 @@ impl Server {
             ready: Mutex::new(ready_tx),
             stores: Mutex::new(stores.into_iter().map(Some).collect()),
             wal_dir: persistent.then_some(wal_dir),
+            snap_dir,
+            old_logs,
+            shard_snapshots,
+            snapshot_requests: snapshot_requests.clone(),
             persistence,
             started_ms: crate::shard::now_ms(),
             cdc,
@@ -279,6 +308,7 @@ impl Server {
                 cores: Arc::new(Mutex::new(Some(shutdown_tx))),
                 leave,
             },
+            snapshots: SnapshotTrigger(snapshot_requests),
             exited,
         })
     }
@@ -309,6 +339,11 @@ impl Server {
     /// A handle that begins a graceful shutdown.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
+    }
+
+    /// A handle that asks every core for a snapshot round.
+    pub fn snapshot_trigger(&self) -> SnapshotTrigger {
+        self.snapshots.clone()
     }
 
     /// Waits until every core has stopped, at most `timeout`. `None` means still running.

@@ -17,6 +17,9 @@ use std::collections::BTreeSet;
 use bytes::Bytes;
 use hashbrown::HashTable;
 
+use crate::wal::record::Fields;
+use crate::wal::WalBuffer;
+
 /// Bytes charged per entry on top of key and value: the table slot, the `Bytes` handles and
 /// allocator rounding, measured roughly. Keeps `memory_bytes_max` honest for small values.
 pub const ENTRY_OVERHEAD_BYTES: u64 = 96;
@@ -117,6 +120,12 @@ pub struct Change {
     pub expire_at_ms: u64,
 }
 
+/// A shard's live entries at change `seq`: (key, value, expire_at_ms).
+pub struct SnapshotEntries {
+    pub seq: u64,
+    pub entries: Vec<(Bytes, Bytes, u64)>,
+}
+
 struct Entry {
     key: Bytes,
     value: Bytes,
@@ -142,29 +151,48 @@ fn rehash(e: &Entry) -> u64 {
     table_hash(crate::keyspace::Keyspace::hash(&e.key))
 }
 
-/// The changes of one shard: the sequence counter and, when capture is on, the changes
-/// not yet handed to the core's queue.
+/// Where a core's applied changes go: its write-ahead log, encoded on the spot from the
+/// entry (nothing cloned), and change capture, as owned events the core hands to its
+/// capture queue after each command. Owned by the core and lent to a shard per call.
+#[derive(Default)]
+pub struct Recorder {
+    pub wal: Option<WalBuffer>,
+    pub capture: bool,
+    pub changes: Vec<Change>,
+}
+
+/// The value of a change that has none (DEL, EXPIRE, EXPIRED).
+const NO_VALUE: Bytes = Bytes::new();
+
+/// One shard's change sequence: gap-free from 1, counted even when nothing records.
 struct ChangeLog {
     shard: u32,
-    /// Sequence number of the last change (counted even when nobody captures changes).
     seq: u64,
-    capture: bool,
-    changes: Vec<Change>,
 }
 
 impl ChangeLog {
     /// Records one change with the next sequence number.
-    fn record(&mut self, op: ChangeOp, key: &Bytes, value: Bytes, expire_at_ms: u64, now_ms: u64) {
+    #[allow(clippy::too_many_arguments)]
+    fn record(&mut self, out: &mut Recorder, op: ChangeOp, key: &Bytes, value: &Bytes, expire_at_ms: u64, now_ms: u64) {
         self.seq += 1;
-        if self.capture {
-            let (shard, seq, key) = (self.shard, self.seq, key.clone());
-            self.changes.push(Change {
-                shard,
-                seq,
-                timestamp_ms: now_ms,
+        if let Some(wal) = &mut out.wal {
+            wal.append(&Fields {
+                shard: self.shard,
+                seq: self.seq,
                 op,
+                expire_at_ms,
                 key,
                 value,
+            });
+        }
+        if out.capture {
+            out.changes.push(Change {
+                shard: self.shard,
+                seq: self.seq,
+                timestamp_ms: now_ms,
+                op,
+                key: key.clone(),
+                value: value.clone(),
                 expire_at_ms,
             });
         }
@@ -181,23 +209,13 @@ pub struct Shard {
 }
 
 impl Shard {
-    pub fn new(id: u32, capture: bool) -> Self {
+    pub fn new(id: u32) -> Self {
         Shard {
             table: HashTable::new(),
             deadlines: BTreeSet::new(),
             memory_bytes: 0,
-            log: ChangeLog {
-                shard: id,
-                seq: 0,
-                capture,
-                changes: Vec::new(),
-            },
+            log: ChangeLog { shard: id, seq: 0 },
         }
-    }
-
-    /// The changes recorded since the last call, in the order they were applied.
-    pub fn take_changes(&mut self) -> std::vec::Drain<'_, Change> {
-        self.log.changes.drain(..)
     }
 
     pub fn len(&self) -> usize {
@@ -214,12 +232,12 @@ impl Shard {
 
     /// Applies one command at time `now_ms`. `h` is [`table_hash`] of the key's routing hash.
     /// A write may grow this shard's memory by at most `room_bytes` (what is left of its
-    /// core's share of `limits.memory_bytes_max`).
-    pub fn apply(&mut self, h: u64, cmd: Command, now_ms: u64, room_bytes: u64) -> Outcome {
+    /// core's share of `limits.memory_bytes_max`). Changes go to `out`.
+    pub fn apply(&mut self, h: u64, cmd: Command, now_ms: u64, room_bytes: u64, out: &mut Recorder) -> Outcome {
         match cmd {
-            Command::Get { key } => Outcome::Value(self.live_entry(h, &key, now_ms).map(|e| e.value.clone())),
-            Command::Exists { key } => Outcome::Applied(self.live_entry(h, &key, now_ms).is_some()),
-            Command::Ttl { key } => Outcome::Ttl(match self.live_entry(h, &key, now_ms) {
+            Command::Get { key } => Outcome::Value(self.live_entry(h, &key, now_ms, out).map(|e| e.value.clone())),
+            Command::Exists { key } => Outcome::Applied(self.live_entry(h, &key, now_ms, out).is_some()),
+            Command::Ttl { key } => Outcome::Ttl(match self.live_entry(h, &key, now_ms, out) {
                 None => -2,
                 Some(e) if e.expire_at_ms == 0 => -1,
                 Some(e) => (e.expire_at_ms - now_ms).min(i64::MAX as u64) as i64,
@@ -230,20 +248,20 @@ impl Shard {
                     self.forget(&entry);
                     let live = entry.live(now_ms);
                     let op = if live { ChangeOp::Del } else { ChangeOp::Expired };
-                    self.log.record(op, &entry.key, Bytes::new(), 0, now_ms);
+                    self.log.record(out, op, &entry.key, &NO_VALUE, 0, now_ms);
                     live
                 }
                 Err(_) => false,
             }),
             Command::Expire { key, ttl_ms } => {
                 let new = deadline(now_ms, ttl_ms);
-                let Some(e) = self.live_entry(h, &key, now_ms) else {
+                let Some(e) = self.live_entry(h, &key, now_ms, out) else {
                     return Outcome::Applied(false);
                 };
                 let old = std::mem::replace(&mut e.expire_at_ms, new);
                 let key = e.key.clone();
                 move_deadline(&mut self.deadlines, &key, old, new);
-                self.log.record(ChangeOp::Expire, &key, Bytes::new(), new, now_ms);
+                self.log.record(out, ChangeOp::Expire, &key, &NO_VALUE, new, now_ms);
                 Outcome::Applied(true)
             }
             Command::Set {
@@ -251,7 +269,16 @@ impl Shard {
                 value,
                 ttl_ms,
                 condition,
-            } => self.set(h, key, value, deadline(now_ms, ttl_ms), condition, now_ms, room_bytes),
+            } => self.set(
+                h,
+                key,
+                value,
+                deadline(now_ms, ttl_ms),
+                condition,
+                now_ms,
+                room_bytes,
+                out,
+            ),
         }
     }
 
@@ -266,6 +293,7 @@ impl Shard {
         condition: Condition,
         now_ms: u64,
         room_bytes: u64,
+        out: &mut Recorder,
     ) -> Outcome {
         match self.table.find_entry(h, |e| e.key == key) {
             Ok(mut occ) => {
@@ -279,7 +307,8 @@ impl Shard {
                     if !live {
                         let (entry, _) = occ.remove();
                         self.forget(&entry);
-                        self.log.record(ChangeOp::Expired, &entry.key, Bytes::new(), 0, now_ms);
+                        self.log
+                            .record(out, ChangeOp::Expired, &entry.key, &NO_VALUE, 0, now_ms);
                     }
                     return Outcome::Applied(false);
                 }
@@ -293,12 +322,8 @@ impl Shard {
                 move_deadline(&mut self.deadlines, &e.key, e.expire_at_ms, expire_at_ms);
                 e.expire_at_ms = expire_at_ms;
                 self.memory_bytes = self.memory_bytes - old_charge + new_charge;
-                let value = if self.log.capture {
-                    e.value.clone()
-                } else {
-                    Bytes::new()
-                };
-                self.log.record(ChangeOp::Set, &e.key, value, expire_at_ms, now_ms);
+                self.log
+                    .record(out, ChangeOp::Set, &e.key, &e.value, expire_at_ms, now_ms);
             }
             Err(absent) => {
                 if condition == Condition::IfPresent {
@@ -317,12 +342,8 @@ impl Shard {
                     value: Bytes::copy_from_slice(&value),
                     expire_at_ms,
                 };
-                let value = if self.log.capture {
-                    entry.value.clone()
-                } else {
-                    Bytes::new()
-                };
-                self.log.record(ChangeOp::Set, &entry.key, value, expire_at_ms, now_ms);
+                self.log
+                    .record(out, ChangeOp::Set, &entry.key, &entry.value, expire_at_ms, now_ms);
                 absent.into_table().insert_unique(h, entry, rehash);
                 self.memory_bytes += new_charge;
             }
@@ -331,7 +352,7 @@ impl Shard {
     }
 
     /// The entry for `key` if it exists and has not expired; an expired one is removed now.
-    fn live_entry(&mut self, h: u64, key: &[u8], now_ms: u64) -> Option<&mut Entry> {
+    fn live_entry(&mut self, h: u64, key: &[u8], now_ms: u64, out: &mut Recorder) -> Option<&mut Entry> {
         let occ = self.table.find_entry(h, |e| e.key == key).ok()?;
         if occ.get().live(now_ms) {
             return Some(occ.into_mut());
@@ -342,7 +363,8 @@ impl Shard {
         if entry.expire_at_ms != 0 {
             self.deadlines.remove(&(entry.expire_at_ms, entry.key.clone()));
         }
-        self.log.record(ChangeOp::Expired, &entry.key, Bytes::new(), 0, now_ms);
+        self.log
+            .record(out, ChangeOp::Expired, &entry.key, &NO_VALUE, 0, now_ms);
         None
     }
 
@@ -404,9 +426,29 @@ impl Shard {
         self.log.seq
     }
 
+    /// Continues the sequence after `seq` (recovery from a snapshot, which may hold no keys).
+    pub fn restore_seq(&mut self, seq: u64) {
+        self.log.seq = self.log.seq.max(seq);
+    }
+
+    /// A consistent copy of the live entries as of change `seq()`: handles only (the `Bytes`
+    /// are shared, not copied), so taking it holds the core for microseconds per thousand
+    /// keys and the snapshot is written from it in the background.
+    pub fn entries(&self, now_ms: u64) -> SnapshotEntries {
+        SnapshotEntries {
+            seq: self.log.seq,
+            entries: self
+                .table
+                .iter()
+                .filter(|e| e.live(now_ms))
+                .map(|e| (e.key.clone(), e.value.clone(), e.expire_at_ms))
+                .collect(),
+        }
+    }
+
     /// Removes up to `max_keys` keys whose deadline has passed; returns how many were removed.
     /// Bounded so one core's sweep never stalls its requests.
-    pub fn sweep(&mut self, now_ms: u64, max_keys: usize) -> usize {
+    pub fn sweep(&mut self, now_ms: u64, max_keys: usize, out: &mut Recorder) -> usize {
         let mut removed = 0;
         while removed < max_keys {
             let Some((deadline, _)) = self.deadlines.first() else {
@@ -422,7 +464,8 @@ impl Shard {
             if let Ok(occ) = self.table.find_entry(h, |e| e.key == key) {
                 let (entry, _) = occ.remove();
                 self.memory_bytes -= entry.charge();
-                self.log.record(ChangeOp::Expired, &entry.key, Bytes::new(), 0, now_ms);
+                self.log
+                    .record(out, ChangeOp::Expired, &entry.key, &NO_VALUE, 0, now_ms);
             }
             removed += 1;
         }
@@ -485,13 +528,13 @@ mod tests {
     }
     fn apply(s: &mut Shard, cmd: Command, now_ms: u64, room: u64) -> Outcome {
         let h = table_hash(crate::keyspace::Keyspace::hash(cmd.key()));
-        s.apply(h, cmd, now_ms, room)
+        s.apply(h, cmd, now_ms, room, &mut Recorder::default())
     }
 
     // Goal: memory accounting returns to zero when every key is gone, whichever way it went.
     #[test]
     fn memory_accounting_balances() {
-        let mut s = Shard::new(0, true);
+        let mut s = Shard::new(0);
         apply(&mut s, set("a", "1", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("a", "12345", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("b", "x", 5, Condition::Always), 0, u64::MAX);
@@ -500,14 +543,14 @@ mod tests {
             apply(&mut s, Command::Del { key: b("a") }, 0, u64::MAX),
             Outcome::Applied(true)
         );
-        assert_eq!(s.sweep(10, 100), 1);
+        assert_eq!(s.sweep(10, 100, &mut Recorder::default()), 1);
         assert_eq!((s.memory_bytes(), s.len(), s.deadlines.len()), (0, 0, 0));
     }
 
     // Goal: the room limit refuses growth past the limit but allows shrinking writes and deletes.
     #[test]
     fn memory_room_refuses_growth_only() {
-        let mut s = Shard::new(0, true);
+        let mut s = Shard::new(0);
         // Room for exactly one entry of a 1-byte key and a 10-byte value.
         let room = charge(1, 10);
         assert_eq!(
@@ -532,7 +575,7 @@ mod tests {
     // Goal: re-setting or persisting a key keeps exactly one deadline entry for it.
     #[test]
     fn deadlines_follow_the_entry() {
-        let mut s = Shard::new(0, true);
+        let mut s = Shard::new(0);
         apply(&mut s, set("k", "v", 100, Condition::Always), 0, u64::MAX);
         apply(
             &mut s,
@@ -559,16 +602,42 @@ mod tests {
     // order; refused writes and reads of live keys record nothing.
     #[test]
     fn changes_are_recorded_in_order() {
-        let mut s = Shard::new(7, true);
-        apply(&mut s, set("a", "1", 0, Condition::Always), 10, u64::MAX);
-        apply(&mut s, set("a", "x", 0, Condition::IfAbsent), 11, u64::MAX);
-        apply(&mut s, get("a"), 12, u64::MAX);
-        apply(&mut s, Command::Expire { key: b("a"), ttl_ms: 5 }, 13, u64::MAX);
-        apply(&mut s, set("b", "2", 0, Condition::Always), 14, u64::MAX);
-        apply(&mut s, Command::Del { key: b("b") }, 15, u64::MAX);
-        apply(&mut s, get("a"), 100, u64::MAX); // a expired at 18: removed on access
-        let got: Vec<(u64, ChangeOp, Bytes, u64)> = s
-            .take_changes()
+        let mut s = Shard::new(7);
+        let mut out = Recorder {
+            wal: Some(WalBuffer::default()),
+            capture: true,
+            changes: Vec::new(),
+        };
+        let mut apply = |cmd: Command, now_ms: u64| {
+            let h = table_hash(crate::keyspace::Keyspace::hash(cmd.key()));
+            s.apply(h, cmd, now_ms, u64::MAX, &mut out)
+        };
+        apply(set("a", "1", 0, Condition::Always), 10);
+        apply(set("a", "x", 0, Condition::IfAbsent), 11);
+        apply(get("a"), 12);
+        apply(Command::Expire { key: b("a"), ttl_ms: 5 }, 13);
+        apply(set("b", "2", 0, Condition::Always), 14);
+        apply(Command::Del { key: b("b") }, 15);
+        apply(get("a"), 100); // a expired at 18: removed on access
+                              // The log got the same changes, encoded.
+        let wal = out.wal.take().unwrap();
+        assert_eq!(wal.appended, 5);
+        let mut at = 0;
+        for c in &out.changes {
+            match crate::wal::record::decode(&wal.pending[at..], 1 << 20) {
+                crate::wal::record::Read::Record(logged, n) => {
+                    assert_eq!(
+                        (logged.seq, logged.op, &logged.key, &logged.value),
+                        (c.seq, c.op, &c.key, &c.value)
+                    );
+                    at += n;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let got: Vec<(u64, ChangeOp, Bytes, u64)> = out
+            .changes
+            .drain(..)
             .map(|c| {
                 assert_eq!(c.shard, 7);
                 (c.seq, c.op, c.key, c.expire_at_ms)

@@ -1,6 +1,6 @@
 //! The shards one core owns, and that core's share of the memory limit.
 
-use super::{table_hash, Command, Outcome, Shard};
+use super::{table_hash, Command, Outcome, Recorder, Shard};
 use crate::cdc::capture::CaptureQueue;
 use crate::keyspace::Keyspace;
 use crate::wal::WalBuffer;
@@ -18,8 +18,8 @@ pub struct CoreStore {
     sweep_cursor: usize,
     /// Change capture, when enabled: every change goes here in apply order.
     capture: Option<CaptureQueue>,
-    /// The write-ahead log's pending records, when persistence is on.
-    wal: Option<WalBuffer>,
+    /// Where the shards record their changes (log records, capture events).
+    out: Recorder,
 }
 
 impl CoreStore {
@@ -32,9 +32,12 @@ impl CoreStore {
         capture: Option<CaptureQueue>,
         wal: bool,
     ) -> Self {
-        let record = capture.is_some() || wal;
-        let shards = keyspace.shards_of_core(core).map(|id| Shard::new(id, record)).collect();
-        let wal = wal.then(WalBuffer::default);
+        let shards = keyspace.shards_of_core(core).map(Shard::new).collect();
+        let out = Recorder {
+            wal: wal.then(WalBuffer::default),
+            capture: capture.is_some(),
+            changes: Vec::new(),
+        };
         let memory_bytes_max = match node_memory_bytes_max {
             0 => u64::MAX,
             n => (n / u64::from(keyspace.cores())).max(1),
@@ -47,7 +50,7 @@ impl CoreStore {
             memory_bytes: 0,
             sweep_cursor: 0,
             capture,
-            wal,
+            out,
         }
     }
 
@@ -72,9 +75,9 @@ impl CoreStore {
         let room = self.memory_bytes_max.saturating_sub(self.memory_bytes);
         let s = &mut self.shards[self.keyspace.local_index(shard)];
         let before = s.memory_bytes();
-        let outcome = s.apply(table_hash(hash), cmd, now_ms, room);
+        let outcome = s.apply(table_hash(hash), cmd, now_ms, room, &mut self.out);
         self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
-        pass_on(s, &mut self.wal, &mut self.capture);
+        self.pass_on();
         outcome
     }
 
@@ -92,9 +95,9 @@ impl CoreStore {
             let i = (self.sweep_cursor + step) % n;
             let s = &mut self.shards[i];
             let before = s.memory_bytes();
-            removed += s.sweep(now_ms, max_keys - removed);
+            removed += s.sweep(now_ms, max_keys - removed, &mut self.out);
             self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
-            pass_on(s, &mut self.wal, &mut self.capture);
+            self.pass_on();
         }
         self.sweep_cursor = (self.sweep_cursor + 1) % n.max(1);
         removed
@@ -102,12 +105,21 @@ impl CoreStore {
 
     /// The write-ahead log's pending records (for the core's writer task).
     pub fn wal_mut(&mut self) -> Option<&mut WalBuffer> {
-        self.wal.as_mut()
+        self.out.wal.as_mut()
     }
 
     /// Records appended to the log so far.
     pub fn wal_appended(&self) -> u64 {
-        self.wal.as_ref().map_or(0, |w| w.appended)
+        self.out.wal.as_ref().map_or(0, |w| w.appended)
+    }
+
+    /// Hands the change events of the last command to change capture, in order.
+    fn pass_on(&mut self) {
+        if let Some(q) = &mut self.capture {
+            for c in self.out.changes.drain(..) {
+                q.push(c);
+            }
+        }
     }
 
     /// Re-applies a logged change at start-up (see `Shard::restore`).
@@ -123,6 +135,27 @@ impl CoreStore {
         let before = s.memory_bytes();
         s.restore(table_hash(hash), c, now_ms);
         self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
+    }
+
+    /// Continues `shard`'s change sequence after `seq` (recovery from its snapshot).
+    pub fn restore_seq(&mut self, shard: u32, seq: u64) {
+        let i = self.keyspace.local_index(shard);
+        self.shards[i].restore_seq(seq);
+    }
+
+    /// Sequence number of `shard`'s last change.
+    pub fn shard_seq(&self, shard: u32) -> u64 {
+        self.shards[self.keyspace.local_index(shard)].seq()
+    }
+
+    /// `shard`'s live entries as of now (see `Shard::entries`); this core must own it.
+    pub fn entries(&self, shard: u32, now_ms: u64) -> super::SnapshotEntries {
+        assert_eq!(
+            self.keyspace.core_of_shard(shard),
+            self.core,
+            "snapshot of another core's shard"
+        );
+        self.shards[self.keyspace.local_index(shard)].entries(now_ms)
     }
 
     /// True when writes may be applied now: change capture is off, or its queue has no
@@ -142,18 +175,6 @@ impl CoreStore {
 
     pub fn memory_bytes(&self) -> u64 {
         self.memory_bytes
-    }
-}
-
-/// Hands a shard's new changes to the log (encoded, in order) and to change capture.
-fn pass_on(s: &mut Shard, wal: &mut Option<WalBuffer>, capture: &mut Option<CaptureQueue>) {
-    for c in s.take_changes() {
-        if let Some(w) = wal {
-            w.append(&c);
-        }
-        if let Some(q) = capture {
-            q.push(c);
-        }
     }
 }
 

@@ -86,6 +86,8 @@ pub enum Cmd {
     Stats,
     /// Node identity and routing parameters.
     Hello,
+    /// Snapshot every shard now and delete the log files the snapshots cover.
+    Snapshot,
     /// The cluster's members (needs --etcd).
     Nodes,
 }
@@ -352,6 +354,19 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
                         p.recovery_ms
                     )
                     .map_err(io)?;
+                    let oldest = stats.cores.iter().map(|c| c.snapshot_age_ms).max().unwrap_or(-1);
+                    let none = stats.cores.iter().any(|c| c.snapshot_age_ms < 0);
+                    writeln!(
+                        out,
+                        "snapshots: oldest age {}, bytes {}, log bytes not yet covered {}, rounds this run {}, loaded at start {} ({} bytes)",
+                        if none { "none yet".to_string() } else { format!("{oldest} ms") },
+                        stats.cores.iter().map(|c| c.snapshot_bytes).sum::<u64>(),
+                        stats.cores.iter().map(|c| c.log_bytes).sum::<u64>(),
+                        stats.cores.iter().map(|c| c.snapshots).sum::<u64>(),
+                        p.snapshots_loaded,
+                        p.snapshot_bytes_loaded,
+                    )
+                    .map_err(io)?;
                 } else {
                     writeln!(out, "persistence: off").map_err(io)?;
                 }
@@ -377,6 +392,15 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
             }
         }
         Cmd::Hello => write_hello(out, client.hello()).map_err(io),
+        Cmd::Snapshot => {
+            let r = client.snapshot().await.map_err(e)?;
+            writeln!(
+                out,
+                "snapshot: {} shards, {} keys, {} bytes in {} ms; {} log bytes released",
+                r.shards, r.keys, r.bytes, r.millis, r.log_bytes_released
+            )
+            .map_err(io)
+        }
         Cmd::Nodes => Err("nodes needs --etcd".into()),
     }
 }

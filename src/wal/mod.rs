@@ -1,16 +1,18 @@
 //! Durability: each shard core appends every applied change to its own write-ahead log
-//! with glommio's direct-I/O stream writer; at start the logs are replayed before any port
+//! with glommio's direct-I/O stream writer, snapshots its shards in the background so the
+//! log can be deleted, and at start the snapshots and logs are replayed before any port
 //! opens.
 //!
 //! - `record.rs`: the record format (length, CRC32C, shard, seq, op, expiry, key, value).
-//! - `writer.rs`: the per-core writer and the fsync policies (`always` groups every write
-//!   of an executor round into one fdatasync before the replies go out; `everysec`; `no`).
+//! - `writer.rs`: the per-core writer, its segments, and the fsync policies (`always`
+//!   groups every write of an executor round into one fdatasync before the replies go out;
+//!   `everysec`; `no`).
+//! - `snapshot.rs`: per-shard snapshots and log compaction.
 //! - `recovery.rs`: replay, torn-tail handling, `--repair`.
-//!
-//! Not yet: snapshots and log compaction (logs of earlier runs are replayed and kept).
 
 pub mod record;
 pub mod recovery;
+pub mod snapshot;
 pub mod writer;
 
 /// Changes encoded on the shard core, waiting for its writer task. Plain data (`Send`), so
@@ -25,8 +27,8 @@ pub struct WalBuffer {
 }
 
 impl WalBuffer {
-    pub fn append(&mut self, c: &crate::shard::Change) {
-        record::encode(c, &mut self.pending);
+    pub fn append(&mut self, f: &record::Fields) {
+        record::encode_fields(f, &mut self.pending);
         self.appended += 1;
         if let Some(w) = self.writer.take() {
             w.wake();

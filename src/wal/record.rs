@@ -14,23 +14,49 @@ use crate::shard::{Change, ChangeOp};
 const FRAME_BYTES: usize = 8;
 const FIXED_BODY_BYTES: usize = 4 + 8 + 1 + 8 + 4;
 
+/// One record's fields, borrowed from wherever they live (a change, a shard entry).
+pub struct Fields<'a> {
+    pub shard: u32,
+    pub seq: u64,
+    pub op: ChangeOp,
+    pub expire_at_ms: u64,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
 /// Appends `c` as one record.
 pub fn encode(c: &Change, out: &mut Vec<u8>) {
-    let body_len = FIXED_BODY_BYTES + c.key.len() + c.value.len();
+    encode_fields(
+        &Fields {
+            shard: c.shard,
+            seq: c.seq,
+            op: c.op,
+            expire_at_ms: c.expire_at_ms,
+            key: &c.key,
+            value: &c.value,
+        },
+        out,
+    );
+}
+
+/// Appends one record; returns its size in bytes.
+pub fn encode_fields(f: &Fields, out: &mut Vec<u8>) -> usize {
+    let body_len = FIXED_BODY_BYTES + f.key.len() + f.value.len();
     out.reserve(FRAME_BYTES + body_len);
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     let crc_at = out.len();
     out.extend_from_slice(&[0; 4]);
     let body_at = out.len();
-    out.extend_from_slice(&c.shard.to_le_bytes());
-    out.extend_from_slice(&c.seq.to_le_bytes());
-    out.push(op_code(c.op));
-    out.extend_from_slice(&c.expire_at_ms.to_le_bytes());
-    out.extend_from_slice(&(c.key.len() as u32).to_le_bytes());
-    out.extend_from_slice(&c.key);
-    out.extend_from_slice(&c.value);
+    out.extend_from_slice(&f.shard.to_le_bytes());
+    out.extend_from_slice(&f.seq.to_le_bytes());
+    out.push(op_code(f.op));
+    out.extend_from_slice(&f.expire_at_ms.to_le_bytes());
+    out.extend_from_slice(&(f.key.len() as u32).to_le_bytes());
+    out.extend_from_slice(f.key);
+    out.extend_from_slice(f.value);
     let crc = crc32c::crc32c(&out[body_at..]);
     out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    FRAME_BYTES + body_len
 }
 
 /// What reading one record at an offset found.

@@ -1,17 +1,20 @@
-//! Recovery at start, before any port opens: read every log file, check every record, and
-//! re-apply the records of each shard in seq order to the core that owns the shard now.
-//! Records carry their shard, so a restart with another core count finds every key.
+//! Recovery at start, before any port opens: load each shard's snapshot, then read every
+//! log file, check every record, and re-apply the records each snapshot does not cover, per
+//! shard in seq order, to the core that owns the shard now. Snapshots and records carry
+//! their shard, so a restart with another core count finds every key.
 //!
-//! A damaged record at the end of a file (a crash in the middle of a write) is cut off with
-//! a warning. A damaged record anywhere else stops the start with the file and offset,
-//! unless `--repair` is given, which cuts the file there instead (losing what follows).
+//! A damaged record at the end of a log file (a crash in the middle of a write) is cut off
+//! with a warning. A damaged record anywhere else, or a damaged snapshot, stops the start
+//! with the file and offset, unless `--repair` is given, which keeps what precedes the
+//! damage (cutting a log there) and goes on.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::record::{decode, Read};
+use super::snapshot::{self, Header, Loaded, HEADER_BYTES};
 use crate::keyspace::Keyspace;
-use crate::shard::{now_ms, Change, CoreStore};
+use crate::shard::{now_ms, Change, ChangeOp, CoreStore};
 
 /// What recovery did, for the start-up log and Stats.
 #[derive(Debug, Default)]
@@ -23,15 +26,21 @@ pub struct Recovered {
     pub millis: u64,
     /// Files cut short: (file, offset, why).
     pub truncated: Vec<(PathBuf, u64, String)>,
+    pub snapshots: u64,
+    pub snapshot_bytes: u64,
+    /// Per shard: the snapshot loaded for it.
+    pub shard_snapshots: Vec<Loaded>,
+    /// The log files read: all of them belong to earlier runs.
+    pub log_files: Vec<PathBuf>,
 }
 
-/// The log files in `dir`, oldest first (names start with the start time).
-pub fn log_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+/// The files in `dir` whose names end with `suffix`, sorted by name.
+fn files_ending(dir: &Path, suffix: &str) -> std::io::Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(entries) => entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .filter(|p| p.to_string_lossy().ends_with(suffix))
             .collect(),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
         Err(e) => return Err(e),
@@ -40,18 +49,121 @@ pub fn log_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Replays `dir` into `stores` (indexed by core). `record_bytes_max` bounds one record.
+/// The log files in `dir`, oldest first (names start with the start time).
+pub fn log_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    files_ending(dir, ".log")
+}
+
+/// Checks that a recovered key belongs to the shard its record names: a different `shards`
+/// setting than the data was written with would put keys where no request finds them.
+fn check_shard(keyspace: &Keyspace, c: &Change, path: &Path, at: usize) -> Result<(), String> {
+    if c.shard < keyspace.shards() && keyspace.shard_of(&c.key) == c.shard {
+        return Ok(());
+    }
+    Err(format!(
+        "{}: the record at offset {at} belongs to shard {} but its key maps to shard {} of {}: \
+         the data was written with another `shards` setting",
+        path.display(),
+        c.shard,
+        keyspace.shard_of(&c.key),
+        keyspace.shards()
+    ))
+}
+
+/// Replays `snap_dir` and `wal_dir` into `stores` (indexed by core). `record_bytes_max`
+/// bounds one record.
 pub fn recover(
-    dir: &Path,
+    wal_dir: &Path,
+    snap_dir: &Path,
     keyspace: &Keyspace,
     stores: &mut [CoreStore],
     repair: bool,
     record_bytes_max: usize,
 ) -> Result<Recovered, String> {
     let started = Instant::now();
-    let mut out = Recovered::default();
+    let mut out = Recovered {
+        shard_snapshots: vec![Loaded::default(); keyspace.shards() as usize],
+        ..Recovered::default()
+    };
+    let now = now_ms();
+    // Snapshots first: what each covers (by seq) is skipped in the logs.
+    let mut covered = vec![0u64; keyspace.shards() as usize];
+    snapshot::remove_unfinished(snap_dir).or_else(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Ok(()),
+        _ => Err(format!("cannot clean {}: {e}", snap_dir.display())),
+    })?;
+    for path in files_ending(snap_dir, ".snap").map_err(|e| format!("cannot list {}: {e}", snap_dir.display()))? {
+        let data = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let header = match Header::decode(&data) {
+            Ok(h) => h,
+            Err(why) if repair => {
+                tracing::warn!(file = %path.display(), reason = %why, "skipping a damaged snapshot (--repair)");
+                continue;
+            }
+            Err(why) => {
+                return Err(format!(
+                    "{}: damaged snapshot header at offset 0 ({why}); start with --repair to skip it",
+                    path.display()
+                ))
+            }
+        };
+        if header.shards != keyspace.shards() {
+            return Err(format!(
+                "{}: written with shards = {}, but this node has shards = {}; start with --shards {}",
+                path.display(),
+                header.shards,
+                keyspace.shards(),
+                header.shards
+            ));
+        }
+        if path
+            .file_name()
+            .is_none_or(|n| *n != *snapshot::file_name(header.shard))
+        {
+            return Err(format!(
+                "{}: holds shard {}, which does not match its name",
+                path.display(),
+                header.shard
+            ));
+        }
+        let core = keyspace.core_of_shard(header.shard) as usize;
+        let mut at = HEADER_BYTES;
+        let mut keys = 0;
+        while keys < header.keys {
+            let why = match decode(&data[at..], record_bytes_max) {
+                Read::Record(c, n) if c.shard == header.shard && c.op == ChangeOp::Set && c.seq == header.seq => {
+                    check_shard(keyspace, &c, &path, at)?;
+                    stores[core].restore(&c, now);
+                    at += n;
+                    keys += 1;
+                    continue;
+                }
+                Read::Record(..) => "a record that does not belong to this snapshot".to_string(),
+                Read::End => format!("it ends after {keys} of {} keys", header.keys),
+                Read::Bad(why) => why,
+            };
+            if !repair {
+                return Err(format!(
+                    "{}: damaged snapshot at offset {at} ({why}); start with --repair to keep the keys before it",
+                    path.display()
+                ));
+            }
+            tracing::warn!(file = %path.display(), offset = at, reason = %why, "keeping the keys before a damaged snapshot record (--repair)");
+            break;
+        }
+        stores[core].restore_seq(header.shard, header.seq);
+        covered[header.shard as usize] = header.seq;
+        out.shard_snapshots[header.shard as usize] = Loaded {
+            seq: header.seq,
+            bytes: data.len() as u64,
+            written_at_ms: header.written_at_ms,
+        };
+        out.snapshots += 1;
+        out.snapshot_bytes += data.len() as u64;
+    }
+
     let mut changes: Vec<Change> = Vec::new();
-    for path in log_files(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))? {
+    for path in log_files(wal_dir).map_err(|e| format!("cannot list {}: {e}", wal_dir.display()))? {
         let data = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         out.files += 1;
         out.bytes += data.len() as u64;
@@ -59,7 +171,10 @@ pub fn recover(
         loop {
             match decode(&data[at..], record_bytes_max) {
                 Read::Record(c, n) => {
-                    changes.push(c);
+                    check_shard(keyspace, &c, &path, at)?;
+                    if c.seq > covered[c.shard as usize] {
+                        changes.push(c);
+                    }
                     at += n;
                 }
                 Read::End => break,
@@ -84,12 +199,12 @@ pub fn recover(
                 }
             }
         }
+        out.log_files.push(path);
     }
     out.records = changes.len() as u64;
     // Per shard, in the order the shard applied them (a file per core and run, so one
     // shard's records may span files after a core-count change).
     changes.sort_by_key(|c| (c.shard, c.seq));
-    let now = now_ms();
     for c in &changes {
         let core = keyspace.core_of_shard(c.shard) as usize;
         stores[core].restore(c, now);

@@ -7,14 +7,11 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use futures::future::{select, Either};
-use futures::io::AsyncWriteExt;
-use glommio::io::{DmaFile, DmaStreamWriterBuilder};
+use glommio::io::DmaFile;
 
 use crate::config::Fsync;
 use crate::shard::CoreStore;
 
-/// Buffer of the direct-I/O stream writer; four of them write behind.
-const WRITER_BUFFER_BYTES: usize = 128 << 10;
 const EVERYSEC: Duration = Duration::from_secs(1);
 
 /// What the core's other tasks see of its log.
@@ -24,12 +21,24 @@ pub struct WalState {
     durable: Cell<u64>,
     waiters: RefCell<Vec<Waker>>,
     closing: Cell<bool>,
+    /// Bytes written since start (Stats).
     pub bytes: Cell<u64>,
     failed: Cell<bool>,
+    /// Where this core's segments go and how they are named: `<run_ms>-core<i>-<n>.log`.
+    dir: PathBuf,
+    name: String,
+    /// Bytes in the segment being written.
+    segment_bytes: Cell<u64>,
+    /// Segments of this run that are closed and not yet covered by a snapshot, with sizes.
+    closed: RefCell<Vec<(PathBuf, u64)>>,
+    /// A snapshot asked for a new segment; its waker is woken once the writer switched.
+    rotate: Cell<bool>,
+    rotated: RefCell<Option<Waker>>,
 }
 
 impl WalState {
-    pub fn new(fsync: Fsync) -> Rc<WalState> {
+    /// `name` is unique to this core and run; segments are `<name>-<n>.log` in `dir`.
+    pub fn new(fsync: Fsync, dir: PathBuf, name: String) -> Rc<WalState> {
         Rc::new(WalState {
             fsync,
             durable: Cell::new(0),
@@ -37,7 +46,49 @@ impl WalState {
             closing: Cell::new(false),
             bytes: Cell::new(0),
             failed: Cell::new(false),
+            dir,
+            name,
+            segment_bytes: Cell::new(0),
+            closed: RefCell::new(Vec::new()),
+            rotate: Cell::new(false),
+            rotated: RefCell::new(None),
         })
+    }
+
+    fn segment_path(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("{}-{n:06}.log", self.name))
+    }
+
+    /// Bytes in this core's log files of this run (what a snapshot would let go).
+    pub fn log_bytes(&self) -> u64 {
+        self.segment_bytes.get() + self.closed.borrow().iter().map(|(_, n)| n).sum::<u64>()
+    }
+
+    /// Closes the current segment and starts a new one. Every record appended before the
+    /// call is in the segments returned (all closed segments not yet released), which a
+    /// snapshot of every shard taken afterwards covers.
+    pub async fn rotate(&self, store: &RefCell<CoreStore>) -> std::io::Result<Vec<(PathBuf, u64)>> {
+        self.rotate.set(true);
+        if let Some(w) = store.borrow_mut().wal_mut().and_then(|b| b.writer.take()) {
+            w.wake();
+        }
+        std::future::poll_fn(|cx| {
+            if self.failed.get() || self.closing.get() {
+                return Poll::Ready(Err(std::io::Error::other("the write-ahead log is closed or failed")));
+            }
+            if !self.rotate.get() {
+                return Poll::Ready(Ok(()));
+            }
+            *self.rotated.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await?;
+        Ok(self.closed.borrow().clone())
+    }
+
+    /// Forgets segments a snapshot now covers (the caller deletes them).
+    pub fn release(&self, segments: &[(PathBuf, u64)]) {
+        self.closed.borrow_mut().retain(|s| !segments.contains(s));
     }
 
     /// Resolves once the first `generation` records are durable (only `fsync = always`
@@ -74,21 +125,106 @@ impl WalState {
 }
 
 /// Writes the core's log until closed. `store` holds the pending records.
-pub async fn run(state: Rc<WalState>, store: &RefCell<CoreStore>, path: PathBuf) {
-    if let Err(e) = write_loop(&state, store, &path).await {
-        tracing::error!(file = %path.display(), error = %e, "write-ahead log failed; writes are no longer acknowledged as durable");
+pub async fn run(state: Rc<WalState>, store: &RefCell<CoreStore>) {
+    if let Err(e) = write_loop(&state, store).await {
+        tracing::error!(dir = %state.dir.display(), log = %state.name, error = %e, "write-ahead log failed; writes are no longer acknowledged as durable");
         state.failed.set(true);
         for w in state.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+        if let Some(w) = state.rotated.borrow_mut().take() {
             w.wake();
         }
     }
 }
 
-async fn write_loop(state: &WalState, store: &RefCell<CoreStore>, path: &PathBuf) -> std::io::Result<()> {
-    let file = DmaFile::create(path).await?;
-    let mut writer = DmaStreamWriterBuilder::new(file)
-        .with_buffer_size(WRITER_BUFFER_BYTES)
-        .build();
+/// Direct-I/O block size: every write starts and ends on it.
+const BLOCK_BYTES: usize = 4096;
+/// Largest single write; a bigger round is written in pieces of this size.
+const WRITE_BYTES_MAX: usize = 1 << 20;
+
+/// One log segment, written with direct I/O in whole blocks: each write covers the
+/// unfinished last block again plus the new records, zero-padded to the block size, so
+/// whatever lies past the last record on disk is zeros (recovery's end marker) and a sync
+/// costs one small write. (glommio's DmaStreamWriter pads a sync with its whole buffer,
+/// 128 KiB here, and the padding is not zeroed.)
+struct Segment {
+    file: DmaFile,
+    /// File offset of `tail`'s first byte (block-aligned); everything before is written.
+    tail_at: u64,
+    /// Records in the unfinished last block.
+    tail: Vec<u8>,
+}
+
+impl Segment {
+    /// `fsync = always` opens the file O_DSYNC: a write completes once it is durable, so
+    /// no separate fdatasync is needed.
+    async fn create(path: &std::path::Path, dsync: bool) -> std::io::Result<Segment> {
+        let file = glommio::io::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(if dsync { libc::O_DSYNC } else { 0 })
+            .dma_open(path)
+            .await?;
+        Ok(Segment {
+            file,
+            tail_at: 0,
+            tail: Vec::with_capacity(BLOCK_BYTES),
+        })
+    }
+
+    async fn append(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        while !data.is_empty() {
+            let take = data.len().min(WRITE_BYTES_MAX);
+            let len = self.tail.len() + take;
+            let padded = len.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+            let mut buf = self.file.alloc_dma_buffer(padded);
+            let b = buf.as_bytes_mut();
+            b[..self.tail.len()].copy_from_slice(&self.tail);
+            b[self.tail.len()..len].copy_from_slice(&data[..take]);
+            b[len..].fill(0);
+            let written = self.file.write_at(buf, self.tail_at).await?;
+            if written != padded {
+                return Err(std::io::Error::other(format!(
+                    "short write: {written} of {padded} bytes at offset {}",
+                    self.tail_at
+                )));
+            }
+            // Keep the unfinished last block for the next write.
+            let full = len / BLOCK_BYTES * BLOCK_BYTES;
+            let mut next = Vec::with_capacity(BLOCK_BYTES);
+            if full < self.tail.len() {
+                next.extend_from_slice(&self.tail[full..]);
+                next.extend_from_slice(&data[..take]);
+            } else {
+                next.extend_from_slice(&data[full - self.tail.len()..take]);
+            }
+            self.tail = next;
+            self.tail_at += full as u64;
+            data = &data[take..];
+        }
+        Ok(())
+    }
+
+    async fn sync(&self) -> std::io::Result<()> {
+        Ok(self.file.fdatasync().await?)
+    }
+
+    /// Syncs, cuts the zero padding off, and closes.
+    async fn close(self) -> std::io::Result<()> {
+        self.file.fdatasync().await?;
+        self.file.truncate(self.tail_at + self.tail.len() as u64).await?;
+        self.file.close().await?;
+        Ok(())
+    }
+}
+
+async fn write_loop(state: &WalState, store: &RefCell<CoreStore>) -> std::io::Result<()> {
+    let dsync = state.fsync == Fsync::Always;
+    let mut segment = 0;
+    let mut path = state.segment_path(segment);
+    let mut writer = Segment::create(&path, dsync).await?;
     let mut spare = Vec::new();
     let mut last_sync = Instant::now();
     let mut unsynced = false;
@@ -97,7 +233,7 @@ async fn write_loop(state: &WalState, store: &RefCell<CoreStore>, path: &PathBuf
         let wait = std::pin::pin!(std::future::poll_fn(|cx| {
             let mut s = store.borrow_mut();
             match s.wal_mut() {
-                Some(buf) if buf.pending.is_empty() && !state.closing.get() => {
+                Some(buf) if buf.pending.is_empty() && !state.closing.get() && !state.rotate.get() => {
                     buf.writer = Some(cx.waker().clone());
                     Poll::Pending
                 }
@@ -124,15 +260,18 @@ async fn write_loop(state: &WalState, store: &RefCell<CoreStore>, path: &PathBuf
             std::mem::swap(&mut buf.pending, &mut spare);
             (std::mem::take(&mut spare), buf.appended)
         };
+        // Every round is written at once, whatever the policy: a process crash loses
+        // nothing written; the policy only decides when the device is told to persist it.
         if !data.is_empty() {
-            writer.write_all(&data).await?;
+            writer.append(&data).await?;
             state.bytes.set(state.bytes.get() + data.len() as u64);
-            unsynced = true;
+            state.segment_bytes.set(state.segment_bytes.get() + data.len() as u64);
+            unsynced = !dsync;
         }
         spare = data;
         spare.clear();
         let sync_now = match state.fsync {
-            Fsync::Always => unsynced,
+            Fsync::Always => false, // O_DSYNC: durable on completion
             Fsync::Everysec => unsynced && last_sync.elapsed() >= EVERYSEC,
             Fsync::No => false,
         };
@@ -142,6 +281,19 @@ async fn write_loop(state: &WalState, store: &RefCell<CoreStore>, path: &PathBuf
             unsynced = false;
         }
         state.advance(generation);
+        if state.rotate.get() && !state.closing.get() {
+            // Everything taken so far is written; close (which syncs) and start the next.
+            writer.close().await?;
+            state.closed.borrow_mut().push((path, state.segment_bytes.replace(0)));
+            segment += 1;
+            path = state.segment_path(segment);
+            writer = Segment::create(&path, dsync).await?;
+            unsynced = false;
+            state.rotate.set(false);
+            if let Some(w) = state.rotated.borrow_mut().take() {
+                w.wake();
+            }
+        }
         let drained = store.borrow_mut().wal_mut().is_none_or(|b| b.pending.is_empty());
         if state.closing.get() && drained && !unsynced {
             writer.close().await?;

@@ -1,0 +1,415 @@
+//! Per-shard snapshots and log compaction.
+//!
+//! A snapshot holds one shard's live keys as of one change seq, in the log's record format
+//! behind a small header:
+//!
+//! ```text
+//! "FLUXSNP1" | u32 shard | u32 shards | u64 seq | u64 keys | u64 written_at_ms | u32 crc32c
+//! then `keys` SET records (record.rs), each carrying the snapshot's seq
+//! ```
+//!
+//! Each core snapshots its own shards in the background when its log outgrows both
+//! `persistence.snapshot_log_bytes_min` and its last snapshot (so rewriting stays within a
+//! constant factor of the writes), and on request (Snapshot request, SIGUSR1). A round:
+//! 1. the log writer starts a new segment; every record before that point is in the closed
+//!    segments;
+//! 2. shard by shard, a consistent copy of the entries (shared handles, no value copies) is
+//!    written to `shard-<id>.snap.tmp`, synced, and renamed over the previous snapshot;
+//! 3. the directory is synced, then the closed segments are deleted: every record in them
+//!    has a seq at or below its shard's new snapshot.
+//!
+//! Logs of earlier runs (which may hold any core's shards after a core-count change) go
+//! once every core has finished its first round. A crash at any point leaves either the old
+//! snapshot or the new one, and every log record a snapshot does not cover.
+
+use std::cell::{Cell, RefCell};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use futures::channel::oneshot;
+use futures::io::AsyncWriteExt;
+use glommio::io::{DmaFile, DmaStreamWriterBuilder};
+
+use super::record::{self, Fields};
+use super::writer::WalState;
+use crate::shard::{now_ms, ChangeOp, CoreStore};
+
+const MAGIC: &[u8; 8] = b"FLUXSNP1";
+pub const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 8 + 4;
+/// Encoded bytes handed to the file at a time, so a large shard never needs its whole
+/// snapshot in memory twice.
+const CHUNK_BYTES: usize = 1 << 20;
+const WRITER_BUFFER_BYTES: usize = 512 << 10;
+/// How often each core checks whether its log has grown enough for a snapshot.
+const CHECK_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The fixed part of a snapshot file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub shard: u32,
+    /// The node's shard count when written: a snapshot is only valid for the same count.
+    pub shards: u32,
+    /// Every change of the shard up to this seq is in the snapshot.
+    pub seq: u64,
+    pub keys: u64,
+    pub written_at_ms: u64,
+}
+
+impl Header {
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let at = out.len();
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&self.shard.to_le_bytes());
+        out.extend_from_slice(&self.shards.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.keys.to_le_bytes());
+        out.extend_from_slice(&self.written_at_ms.to_le_bytes());
+        let crc = crc32c::crc32c(&out[at..]);
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Header, String> {
+        let Some(h) = data.get(..HEADER_BYTES) else {
+            return Err("shorter than a snapshot header".into());
+        };
+        if &h[..8] != MAGIC {
+            return Err("not a snapshot (bad magic)".into());
+        }
+        let crc = u32::from_le_bytes(h[HEADER_BYTES - 4..].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&h[..HEADER_BYTES - 4]) != crc {
+            return Err("header checksum mismatch".into());
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(h[i..i + 4].try_into().expect("4 bytes"));
+        let u64_at = |i: usize| u64::from_le_bytes(h[i..i + 8].try_into().expect("8 bytes"));
+        Ok(Header {
+            shard: u32_at(8),
+            shards: u32_at(12),
+            seq: u64_at(16),
+            keys: u64_at(24),
+            written_at_ms: u64_at(32),
+        })
+    }
+}
+
+/// The file holding `shard`'s snapshot.
+pub fn file_name(shard: u32) -> String {
+    format!("shard-{shard:05}.snap")
+}
+
+/// Logs of earlier runs, deleted once every core has written its first snapshot round.
+pub struct OldLogs {
+    files: Vec<PathBuf>,
+    /// Cores that have not finished their first round yet.
+    cores_left: AtomicUsize,
+    /// Each core's share of their bytes, counted towards its first snapshot trigger, so old
+    /// logs never pile up across restarts.
+    pub bytes_per_core: u64,
+}
+
+impl OldLogs {
+    pub fn new(files: Vec<PathBuf>, bytes: u64, cores: u32) -> Arc<OldLogs> {
+        Arc::new(OldLogs {
+            files,
+            cores_left: AtomicUsize::new(cores as usize),
+            bytes_per_core: bytes / u64::from(cores.max(1)),
+        })
+    }
+
+    /// Called once by each core after its first round; the last one deletes the files.
+    fn core_done(&self, core: u32) {
+        if self.cores_left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        for f in &self.files {
+            match std::fs::remove_file(f) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::warn!(core, file = %f.display(), error = %e, "cannot delete an old log"),
+            }
+        }
+        if !self.files.is_empty() {
+            tracing::info!(core, files = self.files.len(), "logs of earlier runs deleted");
+        }
+    }
+}
+
+/// A shard's snapshot as recovery found it (all zero: none).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Loaded {
+    pub seq: u64,
+    pub bytes: u64,
+    pub written_at_ms: u64,
+}
+
+/// What one snapshot round wrote.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Report {
+    pub shards: u64,
+    pub keys: u64,
+    pub bytes: u64,
+    pub millis: u64,
+    /// Log bytes deleted after the round.
+    pub log_bytes_released: u64,
+}
+
+/// One core's snapshot state, shared by its tasks.
+pub struct Snapshots {
+    dir: PathBuf,
+    log_bytes_min: u64,
+    old: Arc<OldLogs>,
+    first_done: Cell<bool>,
+    requests: RefCell<Vec<oneshot::Sender<Result<Report, String>>>>,
+    waker: RefCell<Option<Waker>>,
+    /// Unix ms of the oldest shard snapshot this core relies on (0: none).
+    pub taken_at_ms: Cell<u64>,
+    /// Per shard of this core (local index): (seq, bytes) of its current snapshot. A shard
+    /// whose seq has not moved since is not written again.
+    shards: RefCell<Vec<(u64, u64)>>,
+    /// Size of this core's snapshots.
+    pub bytes: Cell<u64>,
+    /// Rounds completed since start.
+    pub rounds: Cell<u64>,
+}
+
+impl Snapshots {
+    /// `loaded` is what recovery found for this core's shards, in local order.
+    pub fn new(dir: PathBuf, log_bytes_min: u64, old: Arc<OldLogs>, loaded: Vec<Loaded>) -> Rc<Snapshots> {
+        let taken_at_ms = loaded
+            .iter()
+            .map(|l| l.written_at_ms)
+            .filter(|t| *t > 0)
+            .min()
+            .unwrap_or(0);
+        let bytes = loaded.iter().map(|l| l.bytes).sum();
+        Rc::new(Snapshots {
+            dir,
+            log_bytes_min,
+            old,
+            first_done: Cell::new(false),
+            requests: RefCell::new(Vec::new()),
+            waker: RefCell::new(None),
+            taken_at_ms: Cell::new(taken_at_ms),
+            shards: RefCell::new(loaded.iter().map(|l| (l.seq, l.bytes)).collect()),
+            bytes: Cell::new(bytes),
+            rounds: Cell::new(0),
+        })
+    }
+
+    /// Asks for a round now; the reply comes when a round that started after the call ends.
+    pub fn request(&self) -> oneshot::Receiver<Result<Report, String>> {
+        let (tx, rx) = oneshot::channel();
+        self.requests.borrow_mut().push(tx);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+        rx
+    }
+
+    /// Milliseconds since the oldest snapshot this core relies on; -1 when there is none.
+    pub fn age_ms(&self) -> i64 {
+        match self.taken_at_ms.get() {
+            0 => -1,
+            t => now_ms().saturating_sub(t) as i64,
+        }
+    }
+
+    fn due(&self, wal: &WalState) -> bool {
+        let old = if self.first_done.get() {
+            0
+        } else {
+            self.old.bytes_per_core
+        };
+        wal.log_bytes() + old >= self.log_bytes_min.max(self.bytes.get())
+    }
+}
+
+/// Snapshots the core's shards whenever its log has grown enough or a round was requested.
+/// Runs until the core drops it at shutdown (an unfinished round leaves only a `.tmp`).
+pub async fn run(snaps: Rc<Snapshots>, wal: Rc<WalState>, store: &RefCell<CoreStore>, signals: Arc<AtomicU64>) {
+    let mut seen_signals = signals.load(Ordering::Acquire);
+    loop {
+        // Wait for a request, or look at the log size now and then.
+        let tick = std::pin::pin!(glommio::timer::sleep(CHECK_INTERVAL));
+        let asked = std::future::poll_fn(|cx| {
+            if !snaps.requests.borrow().is_empty() {
+                return Poll::Ready(());
+            }
+            *snaps.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        futures::future::select(tick, std::pin::pin!(asked)).await;
+        // `signals` counts SIGUSR1s for the whole node.
+        let now_signals = signals.load(Ordering::Acquire);
+        let signalled = std::mem::replace(&mut seen_signals, now_signals) != now_signals;
+        if snaps.requests.borrow().is_empty() && !signalled && !snaps.due(&wal) {
+            continue;
+        }
+        let waiting = std::mem::take(&mut *snaps.requests.borrow_mut());
+        let result = round(&snaps, &wal, store).await;
+        match &result {
+            Ok(r) => tracing::info!(
+                core = store.borrow().core(),
+                shards = r.shards,
+                keys = r.keys,
+                bytes = r.bytes,
+                millis = r.millis,
+                log_bytes_released = r.log_bytes_released,
+                "snapshot written"
+            ),
+            Err(e) => tracing::error!(core = store.borrow().core(), error = %e, "snapshot failed; the log is kept"),
+        }
+        for tx in waiting {
+            let _ = tx.send(result.clone());
+        }
+        if result.is_err() {
+            // Do not retry in a tight loop on a persistent error (disk full).
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+async fn round(snaps: &Snapshots, wal: &WalState, store: &RefCell<CoreStore>) -> Result<Report, String> {
+    let started = Instant::now();
+    let segments = wal
+        .rotate(store)
+        .await
+        .map_err(|e| format!("cannot start a new log segment: {e}"))?;
+    let (keyspace, core) = {
+        let s = store.borrow();
+        (*s.keyspace(), s.core())
+    };
+    let mut report = Report::default();
+    let round_at = now_ms();
+    for (i, shard) in keyspace.shards_of_core(core).enumerate() {
+        let (last_seq, _) = snaps.shards.borrow()[i];
+        if store.borrow().shard_seq(shard) == last_seq {
+            continue; // unchanged since its snapshot (or never written to)
+        }
+        let taken_at = now_ms();
+        let snap = store.borrow().entries(shard, taken_at);
+        let header = Header {
+            shard,
+            shards: keyspace.shards(),
+            seq: snap.seq,
+            keys: snap.entries.len() as u64,
+            written_at_ms: taken_at,
+        };
+        let bytes = write_shard(&snaps.dir, &header, &snap.entries).await.map_err(|e| {
+            format!(
+                "cannot write the snapshot of shard {shard} in {}: {e}",
+                snaps.dir.display()
+            )
+        })?;
+        snaps.shards.borrow_mut()[i] = (header.seq, bytes);
+        report.bytes += bytes;
+        report.keys += header.keys;
+        report.shards += 1;
+    }
+    sync_dir(&snaps.dir)
+        .await
+        .map_err(|e| format!("cannot sync {}: {e}", snaps.dir.display()))?;
+    // The snapshots are durable: the segments closed before the round are covered.
+    for (path, bytes) in &segments {
+        glommio::io::remove(path)
+            .await
+            .map_err(|e| format!("cannot delete {}: {e}", path.display()))?;
+        report.log_bytes_released += bytes;
+    }
+    wal.release(&segments);
+    if !snaps.first_done.replace(true) {
+        snaps.old.core_done(core);
+    }
+    snaps.taken_at_ms.set(round_at);
+    snaps.bytes.set(snaps.shards.borrow().iter().map(|(_, b)| b).sum());
+    snaps.rounds.set(snaps.rounds.get() + 1);
+    report.millis = started.elapsed().as_millis() as u64;
+    Ok(report)
+}
+
+/// Writes one shard's snapshot next to the old one, then renames it into place.
+async fn write_shard(
+    dir: &Path,
+    header: &Header,
+    entries: &[(bytes::Bytes, bytes::Bytes, u64)],
+) -> std::io::Result<u64> {
+    let path = dir.join(file_name(header.shard));
+    let tmp = path.with_extension("snap.tmp");
+    let file = DmaFile::create(&tmp).await?;
+    let mut w = DmaStreamWriterBuilder::new(file)
+        .with_buffer_size(WRITER_BUFFER_BYTES)
+        .build();
+    let mut buf = Vec::with_capacity(CHUNK_BYTES + 4096);
+    header.encode(&mut buf);
+    let mut total = 0u64;
+    for (key, value, expire_at_ms) in entries {
+        record::encode_fields(
+            &Fields {
+                shard: header.shard,
+                seq: header.seq,
+                op: ChangeOp::Set,
+                expire_at_ms: *expire_at_ms,
+                key,
+                value,
+            },
+            &mut buf,
+        );
+        if buf.len() >= CHUNK_BYTES {
+            w.write_all(&buf).await?;
+            total += buf.len() as u64;
+            buf.clear();
+        }
+    }
+    w.write_all(&buf).await?;
+    total += buf.len() as u64;
+    // close() syncs the data before it returns.
+    w.close().await?;
+    glommio::io::rename(&tmp, &path).await?;
+    Ok(total)
+}
+
+async fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    glommio::io::Directory::open(dir).await?.sync().await?;
+    Ok(())
+}
+
+/// Deletes snapshots a crash left half-written.
+pub fn remove_unfinished(dir: &Path) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.to_string_lossy().ends_with(".snap.tmp") {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: the header round-trips and any flipped bit in it is caught.
+    #[test]
+    fn header_round_trip_and_damage() {
+        let h = Header {
+            shard: 7,
+            shards: 256,
+            seq: 1 << 40,
+            keys: 12345,
+            written_at_ms: 1_700_000_000_000,
+        };
+        let mut buf = Vec::new();
+        h.encode(&mut buf);
+        assert_eq!(buf.len(), HEADER_BYTES);
+        assert_eq!(Header::decode(&buf), Ok(h));
+        for i in 0..HEADER_BYTES {
+            let mut bad = buf.clone();
+            bad[i] ^= 0x10;
+            assert!(Header::decode(&bad).is_err(), "flip at {i} not caught");
+        }
+        assert!(Header::decode(&buf[..HEADER_BYTES - 1]).is_err());
+    }
+}
