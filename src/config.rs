@@ -62,7 +62,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cluster.advertise_addr", "address clients use to reach this node; empty = FLUX_POD_IP, else the listen address unless it is a wildcard, else the first non-loopback interface address"),
     ("cluster.lease_ttl_ms", "registration lease; a node that stops renewing it leaves the cluster after this long"),
     ("persistence.enabled", "write every change to a per-core write-ahead log under data_dir/wal and replay it at start"),
-    ("persistence.fsync", "always (acknowledge after fdatasync; one per executor round), everysec, or no"),
+    ("persistence.fsync", "always (acknowledge once durable; one disk write per executor round), everysec, or no"),
     ("persistence.snapshot_log_bytes_min", "a core snapshots its shards (and deletes the log they cover) once its log exceeds both this and its last snapshot's size"),
     ("cdc.enabled", "publish every change to RabbitMQ"),
     ("cdc.amqp_url", "broker address, amqp://user:password@host:port/vhost"),

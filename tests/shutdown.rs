@@ -89,3 +89,38 @@ fn sigint_stops_cleanly() {
     assert!(status.success(), "{status:?}");
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
+
+// Goal: a server whose stderr has gone away (its log pipe closed) still stops on SIGTERM:
+// logging must not take down the thread that handles signals.
+#[test]
+fn sigterm_with_stderr_closed() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flux-server"))
+        .args(["--listen", "127.0.0.1:0", "--cores", "1", "--data-dir"])
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("flux-server ready") {
+        line.clear();
+        assert!(err.read_line(&mut line).unwrap() > 0, "server exited before ready");
+    }
+    drop(err);
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server ignored SIGTERM once stderr was closed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -31,6 +31,9 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
+        // A closed stderr (a log pipe gone) must not panic the thread that logs: the signal
+        // thread would die before starting the shutdown.
+        .log_internal_errors(false)
         .init();
 
     // Registered before the cores start, so an early signal still means a clean stop.

@@ -119,14 +119,17 @@ impl OldLogs {
         })
     }
 
-    /// Called once by each core after its first round; the last one deletes the files.
-    fn core_done(&self, core: u32) {
+    /// Called once by each core after its first round; the last one deletes the files and
+    /// returns their bytes.
+    fn core_done(&self, core: u32) -> u64 {
         if self.cores_left.fetch_sub(1, Ordering::AcqRel) != 1 {
-            return;
+            return 0;
         }
+        let mut released = 0;
         for f in &self.files {
+            let bytes = std::fs::metadata(f).map_or(0, |m| m.len());
             match std::fs::remove_file(f) {
-                Ok(()) => {}
+                Ok(()) => released += bytes,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::warn!(core, file = %f.display(), error = %e, "cannot delete an old log"),
             }
@@ -134,6 +137,7 @@ impl OldLogs {
         if !self.files.is_empty() {
             tracing::info!(core, files = self.files.len(), "logs of earlier runs deleted");
         }
+        released
     }
 }
 
@@ -321,7 +325,7 @@ async fn round(snaps: &Snapshots, wal: &WalState, store: &RefCell<CoreStore>) ->
     }
     wal.release(&segments);
     if !snaps.first_done.replace(true) {
-        snaps.old.core_done(core);
+        report.log_bytes_released += snaps.old.core_done(core);
     }
     snaps.taken_at_ms.set(round_at);
     snaps.bytes.set(snaps.shards.borrow().iter().map(|(_, b)| b).sum());
