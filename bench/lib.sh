@@ -24,7 +24,7 @@ log() { printf '==> %s\n' "$*" >&2; }
 
 build() {
   log "building release binaries"
-  (cd "$ROOT" && cargo build --release --locked --bin flux-server --bin flux-bench >&2)
+  (cd "$ROOT" && cargo build --release --locked --bin flux-server --bin flux-bench --bin flux-cli >&2)
 }
 
 need() {  # need COMMAND PACKAGE
@@ -55,6 +55,24 @@ start_flux() {
   FLUX_PID=$!
   PIDS+=("$FLUX_PID")
   wait_port "$FLUX_PORT"
+}
+
+# restart_flux NAME ARGS...: starts flux-server on NAME's existing data directory; sets
+# FLUX_PID, FLUX_PORT and READY_S (seconds from launch until it accepts connections, which
+# it does only once recovery is done).
+restart_flux() {
+  local name=$1; shift
+  FLUX_PORT=$(free_port)
+  local t0; t0=$(date +%s.%N)
+  "$BIN/flux-server" --listen "127.0.0.1:$FLUX_PORT" --data-dir "$WORK/$name" --log-level info "$@" \
+    2>"$WORK/$name.restart.log" &
+  FLUX_PID=$!
+  PIDS+=("$FLUX_PID")
+  until (exec 3<>"/dev/tcp/127.0.0.1/$FLUX_PORT") 2>/dev/null; do
+    kill -0 "$FLUX_PID" 2>/dev/null || { log "flux-server exited during recovery"; return 1; }
+    sleep 0.005
+  done
+  READY_S=$(echo "$(date +%s.%N) - $t0" | bc -l)
 }
 
 stop_pid() {

@@ -5,6 +5,10 @@
 //! bound up front, in order, so that port 0 works: the first socket binds port 0 and the
 //! others bind the port it got. Optionally each core also gets a port of its own
 //! (`core_port_base + core`) for clients that route keys to their owner core themselves.
+//!
+//! Binding and listening are two steps: the sockets are bound before recovery (so the
+//! port is known and a busy port fails fast) and listen only once recovery is done, so a
+//! client connecting meanwhile is refused instead of waiting in a backlog.
 
 use std::io;
 use std::net::SocketAddr;
@@ -21,8 +25,19 @@ pub struct CoreListeners {
     pub own: Option<OwnedFd>,
 }
 
-/// Binds `cores` SO_REUSEPORT listeners on `addr` and, when `core_port_base` is non-zero,
-/// one exclusive listener per core. Returns them per core with the shared address.
+impl CoreListeners {
+    /// Starts accepting connections into the kernel's backlog.
+    pub fn listen(&self) -> io::Result<()> {
+        for fd in std::iter::once(&self.shared).chain(self.own.as_ref()) {
+            socket2::SockRef::from(fd).listen(BACKLOG)?;
+        }
+        Ok(())
+    }
+}
+
+/// Binds `cores` SO_REUSEPORT sockets on `addr` and, when `core_port_base` is non-zero,
+/// one exclusive socket per core. Returns them per core with the shared address; they
+/// accept nothing until [`CoreListeners::listen`].
 pub fn bind_all(addr: SocketAddr, cores: usize, core_port_base: u16) -> io::Result<(Vec<CoreListeners>, SocketAddr)> {
     if addr.port() != 0 {
         refuse_if_in_use(addr)?;
@@ -55,7 +70,9 @@ pub fn bind_all(addr: SocketAddr, cores: usize, core_port_base: u16) -> io::Resu
 /// SO_REUSEPORT lets any process of the same user join a port silently; bind the address
 /// once without it first, so a second server on a busy port fails instead of sharing it.
 fn refuse_if_in_use(addr: SocketAddr) -> io::Result<()> {
-    listener(addr, false).map(drop).map_err(|e| annotate(e, addr))
+    let probe = listener(addr, false).map_err(|e| annotate(e, addr))?;
+    // A bound socket alone does not claim a port against SO_REUSEPORT sockets.
+    probe.listen(1).map_err(|e| annotate(e, addr))
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<Socket> {
@@ -69,7 +86,6 @@ fn listener(addr: SocketAddr, reuse_port: bool) -> io::Result<Socket> {
         socket.set_reuse_port(true)?;
     }
     socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
     Ok(socket)
 }
 

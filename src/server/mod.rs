@@ -231,6 +231,11 @@ impl Server {
         let io_memory = config.runtime.io_memory_bytes;
         let preempt = Duration::from_micros(config.runtime.preempt_timer_us);
         let mesh_depth = config.limits.mesh_messages_max;
+        // Recovery is done: only now may clients connect.
+        for l in &listeners {
+            l.listen()
+                .map_err(|e| StartError::Invalid(format!("cannot listen on {local_addr}: {e}")))?;
+        }
         let boot = Arc::new(core::Boot {
             config,
             keyspace,

@@ -249,7 +249,14 @@ async fn run(args: Args) -> Result<u64, String> {
     let before = stats(&args).await;
     let plan = Arc::new(Plan {
         values: match args.value_bytes {
-            Some(n) => vec![Bytes::from(vec![b'x'; n])],
+            // Distinct, incompressible values, so servers that compress (Redis RDB) are
+            // measured on realistic data.
+            Some(n) => {
+                let mut rng = fastrand::Rng::with_seed(n as u64);
+                (0..1000)
+                    .map(|_| Bytes::from((0..n).map(|_| rng.alphanumeric() as u8).collect::<Vec<u8>>()))
+                    .collect()
+            }
             None => (0..1000).map(|i| Bytes::from(format!("value_{i}"))).collect(),
         },
         deadline: args.duration.map(|d| Instant::now() + d),
