@@ -86,7 +86,8 @@ pub enum Cmd {
     Stats,
     /// Node identity and routing parameters.
     Hello,
-    /// Snapshot every shard now and delete the log files the snapshots cover.
+    /// Snapshot every shard now and delete the log files the snapshots cover (waits until
+    /// done: raise --timeout for large data sets).
     Snapshot,
     /// The cluster's members (needs --etcd).
     Nodes,

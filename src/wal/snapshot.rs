@@ -227,7 +227,8 @@ impl Snapshots {
         } else {
             self.old.bytes_per_core
         };
-        wal.log_bytes() + old >= self.log_bytes_min.max(self.bytes.get())
+        // A failed log grows no more; its error is reported once, not by a round a second.
+        !wal.failed() && wal.log_bytes() + old >= self.log_bytes_min.max(self.bytes.get())
     }
 }
 

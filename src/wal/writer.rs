@@ -59,6 +59,11 @@ impl WalState {
         self.dir.join(format!("{}-{n:06}.log", self.name))
     }
 
+    /// True once a write failed: nothing more reaches the log.
+    pub fn failed(&self) -> bool {
+        self.failed.get()
+    }
+
     /// Bytes in this core's log files of this run (what a snapshot would let go).
     pub fn log_bytes(&self) -> u64 {
         self.segment_bytes.get() + self.closed.borrow().iter().map(|(_, n)| n).sum::<u64>()
@@ -260,8 +265,8 @@ async fn write_loop(state: &WalState, store: &RefCell<CoreStore>) -> std::io::Re
             std::mem::swap(&mut buf.pending, &mut spare);
             (std::mem::take(&mut spare), buf.appended)
         };
-        // Every round is written at once, whatever the policy: a process crash loses
-        // nothing written; the policy only decides when the device is told to persist it.
+        // Every round is written at once, whatever the policy, so a process crash loses
+        // at most the last round; the policy only decides when the device must persist it.
         if !data.is_empty() {
             writer.append(&data).await?;
             state.bytes.set(state.bytes.get() + data.len() as u64);
