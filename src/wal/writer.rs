@@ -189,6 +189,9 @@ impl Segment {
             b[..self.tail.len()].copy_from_slice(&self.tail);
             b[self.tail.len()..len].copy_from_slice(&data[..take]);
             b[len..].fill(0);
+            // The unfinished last block is written again, with more, next time.
+            let full = len / BLOCK_BYTES * BLOCK_BYTES;
+            let next_tail = b[full..len].to_vec();
             let written = self.file.write_at(buf, self.tail_at).await?;
             if written != padded {
                 return Err(std::io::Error::other(format!(
@@ -196,16 +199,7 @@ impl Segment {
                     self.tail_at
                 )));
             }
-            // Keep the unfinished last block for the next write.
-            let full = len / BLOCK_BYTES * BLOCK_BYTES;
-            let mut next = Vec::with_capacity(BLOCK_BYTES);
-            if full < self.tail.len() {
-                next.extend_from_slice(&self.tail[full..]);
-                next.extend_from_slice(&data[..take]);
-            } else {
-                next.extend_from_slice(&data[full - self.tail.len()..take]);
-            }
-            self.tail = next;
+            self.tail = next_tail;
             self.tail_at += full as u64;
             data = &data[take..];
         }
