@@ -24,21 +24,6 @@ pub struct Fields<'a> {
     pub value: &'a [u8],
 }
 
-/// Appends `c` as one record.
-pub fn encode(c: &Change, out: &mut Vec<u8>) {
-    encode_fields(
-        &Fields {
-            shard: c.shard,
-            seq: c.seq,
-            op: c.op,
-            expire_at_ms: c.expire_at_ms,
-            key: &c.key,
-            value: &c.value,
-        },
-        out,
-    );
-}
-
 /// Appends one record; returns its size in bytes.
 pub fn encode_fields(f: &Fields, out: &mut Vec<u8>) -> usize {
     let body_len = FIXED_BODY_BYTES + f.key.len() + f.value.len();
@@ -137,6 +122,20 @@ fn op_from(b: u8) -> Option<ChangeOp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn encode(c: &Change, out: &mut Vec<u8>) {
+        encode_fields(
+            &Fields {
+                shard: c.shard,
+                seq: c.seq,
+                op: c.op,
+                expire_at_ms: c.expire_at_ms,
+                key: &c.key,
+                value: &c.value,
+            },
+            out,
+        );
+    }
 
     fn change(seq: u64, key: &str, value: &str) -> Change {
         Change {
