@@ -276,6 +276,13 @@ fn mset(c: &mut common::Client, entries: Vec<(Vec<u8>, Vec<u8>)>) {
     assert!(code(&r).is_none(), "{r:?}");
 }
 
+/// `n` entries `<prefix><i>` = `v<i>`.
+fn numbered(prefix: &str, n: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+    (0..n)
+        .map(|i| (format!("{prefix}{i}").into_bytes(), format!("v{i}").into_bytes()))
+        .collect()
+}
+
 fn snapshot(c: &mut common::Client) -> proto::SnapshotResponse {
     match c.call(Op::Snapshot(proto::SnapshotRequest {})) {
         proto::Response {
@@ -356,12 +363,7 @@ fn snapshot_on_request_and_signal_then_kill_9() {
     let args = ["--cores", "2", "--persistence-fsync", "always"];
     let mut server = TestServer::start_in(dir.path(), &args);
     let mut c = server.connect();
-    mset(
-        &mut c,
-        (0..1000)
-            .map(|i| (format!("s{i}").into_bytes(), format!("v{i}").into_bytes()))
-            .collect(),
-    );
+    mset(&mut c, numbered("s", 1000));
     c.set_with(b"ttl", b"t", 600_000, proto::SetCondition::Always);
     let r = snapshot(&mut c);
     assert_eq!(r.keys, 1001, "{r:?}");
@@ -412,12 +414,7 @@ fn damaged_snapshot_and_wrong_shard_count() {
     let args = ["--cores", "1", "--shards", "64"];
     let mut server = TestServer::start_in(dir.path(), &args);
     let mut c = server.connect();
-    mset(
-        &mut c,
-        (0..5000)
-            .map(|i| (format!("w{i}").into_bytes(), format!("v{i}").into_bytes()))
-            .collect(),
-    );
+    mset(&mut c, numbered("w", 5000));
     snapshot(&mut c);
     server.signal(libc::SIGTERM);
     server.wait_exit(Duration::from_secs(10));

@@ -123,13 +123,14 @@ impl CoreStore {
     }
 
     /// Re-applies a logged change at start-up (see `Shard::restore`).
-    pub fn restore(&mut self, c: &crate::shard::Change, now_ms: u64) {
+    /// `hash` is the key's routing hash (`Keyspace::hash`).
+    pub fn restore(&mut self, c: &crate::shard::Change, hash: u64, now_ms: u64) {
         assert_eq!(
             self.keyspace.core_of_shard(c.shard),
             self.core,
             "record for another core's shard"
         );
-        let hash = Keyspace::hash(&c.key);
+        debug_assert_eq!(Keyspace::hash(&c.key), hash);
         debug_assert_eq!(self.keyspace.shard_of_hash(hash), c.shard);
         let s = &mut self.shards[self.keyspace.local_index(c.shard)];
         let before = s.memory_bytes();

@@ -54,11 +54,13 @@ pub fn log_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     files_ending(dir, ".log")
 }
 
-/// Checks that a recovered key belongs to the shard its record names: a different `shards`
-/// setting than the data was written with would put keys where no request finds them.
-fn check_shard(keyspace: &Keyspace, c: &Change, path: &Path, at: usize) -> Result<(), String> {
-    if c.shard < keyspace.shards() && keyspace.shard_of(&c.key) == c.shard {
-        return Ok(());
+/// Checks that a recovered key belongs to the shard its record names (a different `shards`
+/// setting than the data was written with would put keys where no request finds them) and
+/// returns the key's routing hash, so the key is hashed once.
+fn check_shard(keyspace: &Keyspace, c: &Change, path: &Path, at: usize) -> Result<u64, String> {
+    let hash = Keyspace::hash(&c.key);
+    if c.shard < keyspace.shards() && keyspace.shard_of_hash(hash) == c.shard {
+        return Ok(hash);
     }
     Err(format!(
         "{}: the record at offset {at} belongs to shard {} but its key maps to shard {} of {}: \
@@ -132,8 +134,8 @@ pub fn recover(
         while keys < header.keys {
             let why = match decode(&data[at..], record_bytes_max) {
                 Read::Record(c, n) if c.shard == header.shard && c.op == ChangeOp::Set && c.seq == header.seq => {
-                    check_shard(keyspace, &c, &path, at)?;
-                    stores[core].restore(&c, now);
+                    let hash = check_shard(keyspace, &c, &path, at)?;
+                    stores[core].restore(&c, hash, now);
                     at += n;
                     keys += 1;
                     continue;
@@ -162,7 +164,7 @@ pub fn recover(
         out.snapshot_bytes += data.len() as u64;
     }
 
-    let mut changes: Vec<Change> = Vec::new();
+    let mut changes: Vec<(u64, Change)> = Vec::new();
     for path in log_files(wal_dir).map_err(|e| format!("cannot list {}: {e}", wal_dir.display()))? {
         let data = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         out.files += 1;
@@ -171,9 +173,9 @@ pub fn recover(
         loop {
             match decode(&data[at..], record_bytes_max) {
                 Read::Record(c, n) => {
-                    check_shard(keyspace, &c, &path, at)?;
+                    let hash = check_shard(keyspace, &c, &path, at)?;
                     if c.seq > covered[c.shard as usize] {
-                        changes.push(c);
+                        changes.push((hash, c));
                     }
                     at += n;
                 }
@@ -204,10 +206,10 @@ pub fn recover(
     out.records = changes.len() as u64;
     // Per shard, in the order the shard applied them (a file per core and run, so one
     // shard's records may span files after a core-count change).
-    changes.sort_by_key(|c| (c.shard, c.seq));
-    for c in &changes {
+    changes.sort_by_key(|(_, c)| (c.shard, c.seq));
+    for (hash, c) in &changes {
         let core = keyspace.core_of_shard(c.shard) as usize;
-        stores[core].restore(c, now);
+        stores[core].restore(c, *hash, now);
     }
     out.keys = stores.iter().map(CoreStore::keys).sum();
     out.millis = started.elapsed().as_millis() as u64;
