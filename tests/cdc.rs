@@ -296,6 +296,15 @@ fn broker_outage_loses_nothing() {
         "--cdc-batch-delay-ms",
         "5",
     ]);
+    // The cut must interrupt an established connection, not the first handshake.
+    assert!(
+        common::eventually(Duration::from_secs(10), || server
+            .stats_response()
+            .cdc
+            .unwrap()
+            .connected),
+        "never connected to the broker through the proxy"
+    );
     let mut c = server.connect();
     write_keys(&mut c, "before", 0..10_000);
     proxy.cut();
