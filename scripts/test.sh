@@ -15,6 +15,8 @@ as_root() {
 ensure_packages() {
   local missing=()
   command -v protoc >/dev/null || missing+=(protobuf-compiler)   # etcd-client and our protos
+  # etcd-client's protos import google/protobuf/*.proto, which Debian ships separately.
+  [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
   command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
   command -v etcd >/dev/null || missing+=(etcd-server)
   command -v etcdctl >/dev/null || missing+=(etcd-client)

@@ -41,7 +41,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cpus", "CPU ids the shard executors are pinned to, comma-separated; empty = the first `cores` online CPUs"),
     ("shards", "shards per node, a power of two; stored with the data"),
     ("core_port_base", "when non-zero, core i also listens alone on this port + i (announced in Hello.core_ports)"),
-    ("data_dir", "directory for the node id, the write-ahead logs and the change spool"),
+    ("data_dir", "directory for the node id, the write-ahead logs, snapshots and the change-capture checkpoint"),
     ("log_level", "tracing filter: error, warn, info, debug, trace, or a directive list"),
     ("shutdown_timeout_ms", "on SIGTERM/SIGINT, the longest wait for in-flight work before exiting"),
     ("limits.frame_bytes_max", "largest request frame; larger ones get FRAME_TOO_LARGE and the connection closes"),
@@ -73,8 +73,9 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cdc.batch_delay_ms", "longest an event waits for its batch to fill; longer = fewer, larger broker messages"),
     ("cdc.queue_events_max", "events queued per shard core for the control core"),
     ("cdc.confirms_pending_max", "published batches awaiting the broker's confirm before the forwarder stops taking more"),
-    ("cdc.spool_bytes_max", "disk spool (data_dir/cdc-spool) for batches that pile up while the broker is away"),
-    ("cdc.overflow", "when the queues and the spool are full: block (writers wait) or drop (counted in Stats)"),
+    ("cdc.retention_bytes_max", "write-ahead log kept for changes the broker has not confirmed (the log is the spool); at this bound cdc.overflow applies"),
+    ("cdc.overflow", "at cdc.retention_bytes_max (or, persistence off, a full queue): block (writers wait, nothing lost) or drop (the oldest unconfirmed changes are given up, counted in Stats, a visible seq gap)"),
+    ("cdc.log_sync_interval_ms", "with fsync everysec or no, how often the log is synced while changes wait for it (an event is published only once its record is synced)"),
     ("cdc.reconnect_delay_max_ms", "longest pause between reconnection attempts to the broker"),
 ];
 
@@ -142,9 +143,10 @@ pub struct Cdc {
     pub batch_delay_ms: u64,
     pub queue_events_max: usize,
     pub confirms_pending_max: usize,
-    pub spool_bytes_max: u64,
+    pub retention_bytes_max: u64,
     pub overflow: Overflow,
     pub reconnect_delay_max_ms: u64,
+    pub log_sync_interval_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -154,13 +156,16 @@ pub enum CdcFormat {
     Json,
 }
 
-/// What a full change queue does to writers.
+/// What change capture does when the log holds `cdc.retention_bytes_max` of unconfirmed
+/// changes (with persistence off: when a core's queue is full).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Overflow {
-    /// Writers wait until the control core catches up: nothing is lost.
+    /// Writers wait until the broker confirms enough: nothing is lost. Reads, Stats,
+    /// cross-core traffic and shutdown go on.
     Block,
-    /// Writers go on; events that do not fit are counted as dropped.
+    /// Writers go on; the oldest unconfirmed changes are given up, counted in Stats and the
+    /// log, and consumers see the gap in seq.
     Drop,
 }
 
@@ -176,9 +181,10 @@ impl Default for Cdc {
             batch_delay_ms: 50,
             queue_events_max: 1 << 16,
             confirms_pending_max: 4_096,
-            spool_bytes_max: 1 << 30,
+            retention_bytes_max: 1 << 30,
             overflow: Overflow::Block,
             reconnect_delay_max_ms: 5_000,
+            log_sync_interval_ms: 10,
         }
     }
 }
@@ -391,10 +397,17 @@ impl Config {
             ("cdc.queue_events_max", c.queue_events_max),
             ("cdc.confirms_pending_max", c.confirms_pending_max),
             ("cdc.batch_delay_ms", c.batch_delay_ms as usize),
+            ("cdc.log_sync_interval_ms", c.log_sync_interval_ms as usize),
         ] {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
             }
+        }
+        if c.retention_bytes_max < 1 << 20 {
+            return fail(format!(
+                "cdc.retention_bytes_max: {} is below 1048576 (one log read)",
+                c.retention_bytes_max
+            ));
         }
         if c.enabled && !c.amqp_url.starts_with("amqp://") {
             return fail(format!("cdc.amqp_url: {:?} is not an amqp:// URL", c.amqp_url));

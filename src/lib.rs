@@ -16,11 +16,14 @@
 //!
 //! Layout (one concept per file):
 //! - [`config`]: one `Config` from defaults < TOML < `FLUX_*` env < flags.
+//! - [`change`]: the shared vocabulary of writes (a change, its op, record fields, the clock);
+//!   a leaf every other data module depends on.
 //! - [`wire`]: the frame codec shared by server and clients; [`proto`]: the generated messages.
 //! - [`keyspace`]: key -> shard -> core, the routing rule the protocol documents.
 //! - [`shard`]: one shard's map, expiry and memory accounting; a core's set of shards.
 //! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
-//! - [`cdc`]: change capture: per-core lock-free queues, the control core's forwarder.
+//! - [`cdc`]: change capture: per-core lock-free queues, the control core's forwarder, the
+//!   checkpoint; the write-ahead log is its spool.
 //! - [`cluster`]: etcd registration (node side) and rendezvous routing (client side).
 //! - [`wal`]: the per-core write-ahead log and recovery.
 //! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and
@@ -28,6 +31,7 @@
 //! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`.
 
 pub mod cdc;
+pub mod change;
 pub mod client;
 pub mod cluster;
 pub mod config;

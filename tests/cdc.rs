@@ -270,9 +270,10 @@ fn write_keys(c: &mut common::Client, prefix: &str, range: std::ops::Range<usize
 }
 
 // Goal: the broker connection is cut for several seconds in the middle of a write load:
-// the write path keeps serving during the cut, batches beyond the in-memory window go to
-// the disk spool, and afterwards every event arrives, with no per-shard gap (duplicates
-// from republishing are allowed and dropped by seq) and the spool is empty again.
+// the write path keeps serving during the cut, events beyond the in-memory window stay in
+// the write-ahead log and are read back from it, and afterwards every event arrives, with
+// no per-shard gap (duplicates from republishing are allowed and dropped by seq) and the
+// log holds nothing unconfirmed any more.
 #[test]
 fn broker_outage_loses_nothing() {
     let exchange = unique("test.cdc.outage");
@@ -290,9 +291,12 @@ fn broker_outage_loses_nothing() {
         &proxy.url(),
         "--cdc-reconnect-delay-max-ms",
         "500",
-        // A small in-memory window and short batches, so the cut spills to the disk spool.
+        // A small in-memory window, queue and short batches, so the cut overflows memory
+        // and events are read back from the log.
         "--cdc-confirms-pending-max",
         "16",
+        "--cdc-queue-events-max",
+        "1024",
         "--cdc-batch-delay-ms",
         "5",
     ]);
@@ -318,7 +322,10 @@ fn broker_outage_loses_nothing() {
     );
     let cdc = server.stats_response().cdc.unwrap();
     assert!(!cdc.connected, "the cut was not noticed");
-    assert!(cdc.spool_bytes > 0, "batches should have spilled to the spool: {cdc:?}");
+    assert!(
+        cdc.retained_bytes > 0,
+        "the log should hold the unconfirmed changes: {cdc:?}"
+    );
     proxy.restore();
     write_keys(&mut c, "after", 0..10_000);
 
@@ -336,13 +343,17 @@ fn broker_outage_loses_nothing() {
     let cdc = server.stats_response().cdc.unwrap();
     assert!(cdc.reconnects >= 1 && cdc.connected, "{cdc:?}");
     assert!(
+        cdc.events_from_log > 0,
+        "memory overflowed, so events came from the log: {cdc:?}"
+    );
+    assert!(
         common::eventually(Duration::from_secs(5), || server
             .stats_response()
             .cdc
             .unwrap()
-            .spool_bytes
+            .retained_bytes
             == 0),
-        "the spool must drain once everything is confirmed"
+        "nothing unconfirmed may stay in the log once everything is confirmed"
     );
 }
 

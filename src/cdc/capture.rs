@@ -2,24 +2,42 @@
 //! queue per core (rtrb), drained by the control core. Pushing an event is a memory write:
 //! no serialization, no syscall, no lock.
 //!
-//! When the queue is full the `overflow` policy decides: `block` keeps the events in order
-//! in a small local backlog and holds new writes back until the backlog has drained (the
-//! writer waits, nothing is lost); `drop` counts the event as dropped (visible in Stats and
-//! the log).
+//! With the write-ahead log on, the log is the spool and memory is only the fast path:
+//! - an event waits on the core until the log has synced its record (`release`), so
+//!   nothing reaches the broker that a crash could take back, and after a crash no seq is
+//!   reused for another change;
+//! - an event that finds the queue (or the wait list) full is simply dropped from memory:
+//!   its record is in the log, and the control core reads it back from there (it notices
+//!   the gap by log offset, or by the `overflowed` flag for a gap at the tail).
+//!
+//!   Writers are held back only when the control core says the log holds
+//!   `cdc.retention_bytes_max` of unconfirmed changes and `cdc.overflow = block`.
+//!
+//! Without a log, memory is all there is: a full queue either holds writers back while a
+//! small backlog drains (`block`, nothing lost while the process runs) or counts the event
+//! as dropped (`drop`).
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use rtrb::{Consumer, Producer, PushError, RingBuffer};
 
+use super::CoreLink;
+use crate::change::Change;
 use crate::config::Overflow;
-use crate::shard::Change;
 
 /// Creates one core's queue: the producer for the core, the consumer for the control core.
-pub fn queue(events_max: usize, overflow: Overflow) -> (CaptureQueue, Consumer<Change>) {
+/// `link` is the core's shared state with the control core when the log is on.
+pub fn queue(events_max: usize, overflow: Overflow, link: Option<Arc<CoreLink>>) -> (CaptureQueue, Consumer<Change>) {
     let (producer, consumer) = RingBuffer::new(events_max);
     (
         CaptureQueue {
             producer,
+            waiting: VecDeque::new(),
+            waiting_max: events_max,
+            dropped_end: 0,
+            link,
             backlog: VecDeque::new(),
             overflow,
             dropped: 0,
@@ -30,14 +48,31 @@ pub fn queue(events_max: usize, overflow: Overflow) -> (CaptureQueue, Consumer<C
 
 pub struct CaptureQueue {
     producer: Producer<Change>,
-    /// Events that did not fit, in order, ahead of anything newer (block policy only).
+    /// Log on: events whose records the log has not synced yet, in log order.
+    waiting: VecDeque<Change>,
+    waiting_max: usize,
+    /// Log on: the log end of the newest event dropped from `waiting` and not yet covered by
+    /// a sync (0: none); once synced, the control core is told to read the log's tail.
+    dropped_end: u64,
+    link: Option<Arc<CoreLink>>,
+    /// Log off, `block`: events that did not fit, in order, ahead of anything newer.
     backlog: VecDeque<Change>,
     overflow: Overflow,
+    /// Log off, `drop`: events lost.
     dropped: u64,
 }
 
 impl CaptureQueue {
+    #[inline]
     pub fn push(&mut self, change: Change) {
+        if self.link.is_some() {
+            if self.waiting.len() < self.waiting_max {
+                self.waiting.push_back(change);
+            } else {
+                self.dropped_end = change.log_end;
+            }
+            return;
+        }
         let change = if self.backlog.is_empty() {
             match self.producer.push(change) {
                 Ok(()) => return,
@@ -53,15 +88,45 @@ impl CaptureQueue {
                 if self.dropped.is_power_of_two() {
                     tracing::warn!(
                         dropped = self.dropped,
-                        "change queue full: events dropped (cdc.overflow = drop)"
+                        "change queue full and no write-ahead log to read back from: events dropped (cdc.overflow = drop)"
                     );
                 }
             }
         }
     }
 
+    /// The log has synced everything before `synced_end`: hand those events to the control
+    /// core. What does not fit is dropped from memory; the control core reads it back.
+    pub fn release(&mut self, synced_end: u64) {
+        let Some(link) = &self.link else { return };
+        link.synced_end.store(synced_end, Ordering::Release);
+        let mut overflowed = self.dropped_end != 0 && self.dropped_end <= synced_end;
+        if overflowed {
+            self.dropped_end = 0;
+        }
+        while self.waiting.front().is_some_and(|c| c.log_end <= synced_end) {
+            let Some(c) = self.waiting.pop_front() else { break };
+            if self.producer.push(c).is_err() {
+                overflowed = true;
+            }
+        }
+        if overflowed {
+            // After `synced_end` is stored: the control core reads at least up to here.
+            link.overflowed.store(true, Ordering::Release);
+        }
+    }
+
+    /// True when new writes may go ahead: the control core does not hold writers back
+    /// (log on), or nothing waits in the backlog (log off).
+    pub fn ready(&mut self) -> bool {
+        match &self.link {
+            Some(link) => !link.hold.load(Ordering::Relaxed),
+            None => self.pump(),
+        }
+    }
+
     /// Moves backlog into the queue as space allows; true when the backlog is empty.
-    pub fn pump(&mut self) -> bool {
+    fn pump(&mut self) -> bool {
         while let Some(c) = self.backlog.pop_front() {
             if let Err(PushError::Full(c)) = self.producer.push(c) {
                 self.backlog.push_front(c);
@@ -71,26 +136,25 @@ impl CaptureQueue {
         true
     }
 
-    /// True when new writes may go ahead (nothing waits in the backlog).
-    pub fn ready(&self) -> bool {
-        self.backlog.is_empty()
-    }
-
-    /// Events queued for the control core, backlog included.
+    /// Events held on this core for the control core: queued, waiting for the log, or in
+    /// the backlog.
     pub fn depth(&self) -> u64 {
-        (self.producer.buffer().capacity() - self.producer.slots() + self.backlog.len()) as u64
+        let queued = self.producer.buffer().capacity() - self.producer.slots();
+        (queued + self.waiting.len() + self.backlog.len()) as u64
     }
 
+    /// Events lost for good (log off, `drop`).
     pub fn dropped(&self) -> u64 {
         self.dropped
     }
 
-    /// Free slots in the queue (bounds how much the expiry sweep may remove at once).
+    /// How many more changes the core may make before capture has to hold writers or drop
+    /// (bounds the expiry sweep). Unbounded with a log: it can always be read back.
     pub fn room(&self) -> usize {
-        if self.backlog.is_empty() {
-            self.producer.slots()
-        } else {
-            0
+        match (&self.link, self.backlog.is_empty()) {
+            (Some(_), _) => usize::MAX,
+            (None, true) => self.producer.slots(),
+            (None, false) => 0,
         }
     }
 }

@@ -3,8 +3,8 @@
 
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 
+use crate::change::{Change, ChangeOp};
 use crate::proto::cdc::{ChangeEvent, Op};
-use crate::shard::{Change, ChangeOp};
 
 /// Appends `c` to `batch` as one `ChangeBatch.events` entry (field 1). Written with prost's
 /// field encoders straight from the change, so the control core builds no intermediate
@@ -114,6 +114,7 @@ mod tests {
             key: Bytes::from_static(b"k"),
             value: Bytes::from_static(b"v"),
             expire_at_ms: 0,
+            log_end: 0,
         }
     }
 

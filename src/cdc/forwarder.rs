@@ -1,18 +1,24 @@
-//! The control core's change forwarder: drains every shard core's change queue, packs the
-//! events into batches bounded by count, bytes and time, publishes them to RabbitMQ with
-//! publisher confirms, and forgets a batch only when the broker has confirmed it.
+//! The control core's change forwarder: drains every shard core's change queue (reading
+//! from the write-ahead log whatever the queue could not hold), packs the events into
+//! batches bounded by count, bytes and time, publishes them to RabbitMQ with publisher
+//! confirms, and keeps per shard the highest confirmed seq in the checkpoint.
 //!
-//! Order and delivery: batches are published in the order they were closed and confirmed
-//! by delivery tag (1, 2, ... per channel). A nack, or a lost connection, puts every
-//! unconfirmed batch back at the front of the outbox, in order, to be published again: a
-//! consumer may see a batch twice (it dedupes by node_id + shard + seq), never out of order
-//! after dedupe, and never miss one.
+//! Order and delivery: per shard, events are taken in seq order, first from the logs of
+//! earlier runs (everything after the checkpoint), then from this run. Batches are
+//! published in the order they were closed and confirmed by delivery tag (1, 2, ... per
+//! channel). A nack, or a lost connection, puts every unconfirmed batch back at the front
+//! of the outbox, in order, to be published again: a consumer may see a batch twice (it
+//! dedupes by node_id + shard + seq), never out of order after dedupe, and never misses one.
 //!
 //! Bounds: at most `cdc.confirms_pending_max` batches are closed-but-unconfirmed; past that
-//! the forwarder stops draining the shard cores' queues, which fill, which holds writers
-//! back (`cdc.overflow = block`). Nothing waits on the broker anywhere else.
+//! the forwarder stops taking events. With the log on, the shard cores then drop events
+//! from memory and the forwarder reads them back from the log later; what the log holds for
+//! unconfirmed changes is bounded by `cdc.retention_bytes_max` (`cdc.overflow`: hold
+//! writers, or give the oldest up). Without the log, the shard cores' queues fill and hold
+//! writers back (`block`) or drop (`drop`). Nothing waits on the broker anywhere else.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,39 +31,78 @@ use hdrhistogram::Histogram;
 use rtrb::Consumer;
 use tokio::sync::mpsc;
 
-use super::spool::Spool;
-use super::{encode, CdcCounters};
+use super::replay::{OldLogs, RunLog};
+use super::{checkpoint, encode, CdcCounters, CoreLink};
+use crate::change::{now_ms, Change};
 use crate::config::{Cdc, CdcFormat, Overflow};
-use crate::shard::{now_ms, Change};
+use crate::keyspace::Keyspace;
+use crate::wal::record;
 
 /// The old service's exchange, for `cdc.format = "json"`.
 pub const JSON_EXCHANGE: &str = "flux_kv_events";
 /// How often the forwarder drains the queues and closes due batches.
 const TICK: Duration = Duration::from_millis(1);
-/// Events taken from one core's queue per tick, so one busy core cannot starve the rest.
+/// Events taken per core (from its queue or its log) per tick, so one busy core cannot
+/// starve the rest or the confirms.
 const DRAIN_EVENTS_MAX: usize = 16_384;
+/// Bytes of log read at a time.
+const READ_BYTES: usize = 1 << 20;
+/// How often retention is measured (and writers held or released).
+const RETENTION_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the checkpoint is written when it moved.
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 /// First pause before reconnecting; doubles up to `cdc.reconnect_delay_max_ms`.
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
 /// Heartbeat so a silently dead broker connection is noticed.
 const HEARTBEAT_S: u16 = 10;
-/// On shutdown, how long the forwarder keeps trying to get everything confirmed.
+/// On shutdown, how long the forwarder keeps trying to get everything confirmed. What is
+/// left stays in the log and goes out after the next start.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least time between two reports of the same log read error.
+const ERROR_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Where the events of a batch came from, for the checkpoint and log retention.
+#[derive(Clone, Copy, Default)]
+struct Origin {
+    /// Per-shard seqs of its first and last events.
+    first_seq: u64,
+    last_seq: u64,
+    /// Holds a change read from a log of an earlier run.
+    old: bool,
+    /// Offset in this run's log of the first record of this run it holds.
+    log_start: Option<u64>,
+}
+
+impl Origin {
+    fn add(&mut self, c: &Change, old: bool) {
+        if self.first_seq == 0 {
+            self.first_seq = c.seq;
+        }
+        self.last_seq = c.seq;
+        self.old |= old;
+        if c.log_end != 0 && self.log_start.is_none() {
+            self.log_start = Some(c.log_end - record::encoded_len(c.key.len(), c.value.len()) as u64);
+        }
+    }
+}
 
 /// A closed batch, ready to publish (or published and awaiting its confirm).
 struct Ready {
+    shard: u32,
+    origin: Origin,
     exchange_is_json: bool,
     routing_key: String,
     body: Vec<u8>,
     events: u32,
-    /// Apply times of its events, for the write-to-confirm delay (not kept when spooled).
+    /// Apply times of its events taken from memory, for the write-to-confirm delay.
     timestamps_ms: Vec<u64>,
-    /// The spool segment it was read from, released when the broker confirms it.
-    spool_segment: Option<u64>,
 }
 
 /// A batch still collecting events of one shard, already encoded as a `ChangeBatch`.
 struct Building {
+    origin: Origin,
     body: Vec<u8>,
+    events: u32,
     timestamps_ms: Vec<u64>,
     opened: Instant,
 }
@@ -107,52 +152,116 @@ struct Link {
     confirms: mpsc::UnboundedReceiver<Confirm>,
 }
 
+/// What the forwarder needs to use the write-ahead log as its spool.
+pub struct LogSpool {
+    /// Where the shard cores write their logs.
+    pub wal_dir: PathBuf,
+    /// This run's log name prefix (`<run>`; core i's segments are `<run>-core<i>-*.log`).
+    pub run: String,
+    /// Log files of earlier runs, oldest first.
+    pub old_files: Vec<PathBuf>,
+    /// Per shard: the highest seq confirmed before this start.
+    pub confirmed: Vec<u64>,
+    pub checkpoint_path: PathBuf,
+    /// Bounds one record read back.
+    pub record_bytes_max: usize,
+}
+
+/// The forwarder's log state.
+struct Spool {
+    old: OldLogs,
+    runs: Vec<RunLog>,
+    /// Per core: once its queue is empty, read its log up to here (a gap at the tail).
+    tail_target: Vec<u64>,
+    checkpoint_path: PathBuf,
+    /// The confirmed seqs last written to the checkpoint.
+    written: Vec<u64>,
+    record_bytes_max: usize,
+    last_error: Option<Instant>,
+}
+
 /// The forwarder's state (lives on the control thread).
 pub struct Forwarder {
     config: Cdc,
     node_id: String,
+    keyspace: Keyspace,
     queues: Vec<Consumer<Change>>,
+    links: Vec<Arc<CoreLink>>,
     counters: Arc<CdcCounters>,
-    building: HashMap<u32, Building>,
-    /// Closed batches in publish order; older than anything in `spool`.
-    outbox: VecDeque<Ready>,
-    /// Where closed batches go, in order, while the broker is away and `outbox` is full.
     spool: Option<Spool>,
+    /// Per shard: seq of the last event taken; anything at or below it is a duplicate.
+    taken_seq: Vec<u64>,
+    /// Per core: offset in this run's log just past the last event taken from that core.
+    taken_end: Vec<u64>,
+    building: HashMap<u32, Building>,
+    /// Closed batches in publish order.
+    outbox: VecDeque<Ready>,
     unconfirmed: BTreeMap<u64, Ready>,
+    /// Retention is full with `cdc.overflow = drop`: events are counted, not published.
+    dropping: bool,
     delay_ms: Histogram<u64>,
     link: Option<Link>,
     reconnect_at: Instant,
     reconnect_delay: Duration,
+    retention_at: Instant,
+    checkpoint_at: Instant,
 }
 
 impl Forwarder {
-    /// `spool_dir` holds the disk spool (`<data_dir>/cdc-spool`).
+    /// `queues` and `links` are indexed by shard core. Without `spool` (persistence off)
+    /// change capture is lossless only while the process runs.
     pub fn new(
         config: Cdc,
         node_id: String,
+        keyspace: Keyspace,
         queues: Vec<Consumer<Change>>,
+        links: Vec<Arc<CoreLink>>,
         counters: Arc<CdcCounters>,
-        spool_dir: &std::path::Path,
-    ) -> std::io::Result<Self> {
-        let spool = Some(Spool::open(spool_dir, config.spool_bytes_max)?);
-        Ok(Forwarder {
+        spool: Option<LogSpool>,
+    ) -> Self {
+        let cores = keyspace.cores() as usize;
+        let taken_seq = spool
+            .as_ref()
+            .map_or_else(|| vec![0; keyspace.shards() as usize], |s| s.confirmed.clone());
+        let spool = spool.map(|s| Spool {
+            old: OldLogs::new(s.old_files),
+            runs: (0..cores)
+                .map(|i| RunLog::new(&s.wal_dir, format!("{}-core{i}", s.run)))
+                .collect(),
+            tail_target: vec![0; cores],
+            checkpoint_path: s.checkpoint_path,
+            written: s.confirmed,
+            record_bytes_max: s.record_bytes_max,
+            last_error: None,
+        });
+        if spool.is_none() {
+            counters.old_logs_released.store(true, Ordering::Release);
+        }
+        Forwarder {
             config,
             node_id,
+            keyspace,
             queues,
+            links,
             counters,
+            spool,
+            taken_seq,
+            taken_end: vec![0; cores],
             building: HashMap::new(),
             outbox: VecDeque::new(),
-            spool,
             unconfirmed: BTreeMap::new(),
+            dropping: false,
             delay_ms: Histogram::new_with_bounds(1, 3_600_000, 2).expect("static histogram bounds"),
             link: None,
             reconnect_at: Instant::now(),
             reconnect_delay: RECONNECT_DELAY_MIN,
-        })
+            retention_at: Instant::now(),
+            checkpoint_at: Instant::now(),
+        }
     }
 
-    /// Runs until `stop` is set and everything taken from the queues is confirmed (or the
-    /// flush timeout passes, which is logged with what is left).
+    /// Runs until `stop` is set and everything the cores produced is confirmed (or the
+    /// flush timeout passes, which is logged with what is left: it stays in the log).
     pub async fn run(mut self, stop: Arc<AtomicBool>) {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -166,28 +275,41 @@ impl Forwarder {
             self.drain(stopping);
             self.publish().await;
             self.take_confirms();
+            if self.retention_at.elapsed() >= RETENTION_INTERVAL {
+                self.bookkeeping(false);
+            }
             if stopping {
                 let since = *stopping_since.get_or_insert_with(Instant::now);
-                let idle = self.unconfirmed.is_empty()
-                    && self.outbox.is_empty()
-                    && self.building.is_empty()
-                    && self.spool.as_ref().is_none_or(Spool::is_empty);
-                if idle && self.queues.iter().all(|q| q.is_empty()) {
+                if self.idle() {
                     break;
                 }
                 if since.elapsed() > FLUSH_TIMEOUT {
                     let left: usize = self.outbox.len() + self.unconfirmed.len();
-                    tracing::error!(
+                    tracing::warn!(
                         batches = left,
-                        "shutdown: change batches not confirmed by the broker in time"
+                        "shutdown: change batches not confirmed by the broker in time; they stay in the log and are published after the next start"
                     );
                     break;
                 }
             }
         }
+        self.bookkeeping(true);
         if let Some(link) = self.link.take() {
             let _ = link.connection.close().await;
         }
+    }
+
+    /// Everything taken is confirmed and nothing is left to take.
+    fn idle(&self) -> bool {
+        let logs_read = self.spool.as_ref().is_none_or(|s| {
+            s.old.is_done()
+                && (0..self.links.len()).all(|c| self.taken_end[c] >= self.links[c].synced_end.load(Ordering::Acquire))
+        });
+        self.unconfirmed.is_empty()
+            && self.outbox.is_empty()
+            && self.building.is_empty()
+            && self.queues.iter().all(|q| q.is_empty())
+            && logs_read
     }
 
     async fn connect(&mut self) {
@@ -211,15 +333,13 @@ impl Forwarder {
         }
     }
 
-    /// Takes events from the shard cores' queues into per-shard batches, and closes the
-    /// batches that are full or old enough (all of them when stopping).
+    /// Takes events into per-shard batches, and closes the batches that are full or old
+    /// enough (all of them when stopping): first the logs of earlier runs, then each core's
+    /// queue, reading from its log whatever the queue skipped.
     fn drain(&mut self, stopping: bool) {
-        for q in 0..self.queues.len() {
-            let mut taken = 0;
-            while taken < DRAIN_EVENTS_MAX && self.has_room() {
-                let Ok(change) = self.queues[q].pop() else { break };
-                taken += 1;
-                self.add(change);
+        if self.drain_old_logs() {
+            for core in 0..self.queues.len() {
+                self.drain_core(core);
             }
         }
         let delay = Duration::from_millis(self.config.batch_delay_ms);
@@ -234,88 +354,282 @@ impl Forwarder {
         }
     }
 
-    /// Whether closed batches can still be taken in: memory for them, or room in the spool
-    /// for a full batch. When not, the shard cores' queues fill and hold writers back
-    /// (`cdc.overflow = block`); with `drop`, batches the spool cannot take are dropped.
+    /// Reads the logs of earlier runs; true once they are all read (nothing of this run may
+    /// go out before them).
+    fn drain_old_logs(&mut self) -> bool {
+        let mut taken = 0;
+        while taken < DRAIN_EVENTS_MAX && self.has_room() {
+            let Some(spool) = self.spool.as_mut() else { return true };
+            if spool.old.is_done() {
+                return true;
+            }
+            let read = spool.old.read(READ_BYTES, spool.record_bytes_max);
+            match read {
+                Ok(changes) => {
+                    taken += changes.len().max(1);
+                    for c in changes {
+                        self.take(c, true);
+                    }
+                }
+                Err(e) => {
+                    self.log_read_error("a log of an earlier run", &e);
+                    return false;
+                }
+            }
+        }
+        self.spool.as_ref().is_none_or(|s| s.old.is_done())
+    }
+
+    /// Takes one core's events in log order: from its queue while the queue is continuous,
+    /// from its log where the queue has a gap.
+    fn drain_core(&mut self, core: usize) {
+        let mut taken = 0;
+        while taken < DRAIN_EVENTS_MAX && self.has_room() {
+            let Ok(front) = self.queues[core].peek() else { break };
+            if front.log_end != 0 {
+                let start = front.log_end - record::encoded_len(front.key.len(), front.value.len()) as u64;
+                if front.log_end <= self.taken_end[core] {
+                    let _ = self.queues[core].pop(); // already read from the log
+                    continue;
+                }
+                if start > self.taken_end[core] {
+                    match self.read_log(core, start) {
+                        0 => break,
+                        n => taken += n,
+                    }
+                    continue;
+                }
+            }
+            let Ok(change) = self.queues[core].pop() else { break };
+            taken += 1;
+            self.take(change, false);
+        }
+        let Some(spool) = self.spool.as_mut() else { return };
+        if self.queues[core].is_empty() && self.links[core].overflowed.swap(false, Ordering::Acquire) {
+            let synced = self.links[core].synced_end.load(Ordering::Acquire);
+            spool.tail_target[core] = spool.tail_target[core].max(synced);
+        }
+        while taken < DRAIN_EVENTS_MAX && self.has_room() {
+            let target = self.spool.as_ref().map_or(0, |s| s.tail_target[core]);
+            if self.taken_end[core] >= target {
+                break;
+            }
+            match self.read_log(core, target) {
+                0 => break,
+                n => taken += n,
+            }
+        }
+    }
+
+    /// Reads core `core`'s log from where it was last taken up to `to` (one chunk); returns
+    /// how many events it took (0: an error, reported).
+    fn read_log(&mut self, core: usize, to: u64) -> usize {
+        let Some(spool) = self.spool.as_mut() else { return 0 };
+        let from = self.taken_end[core];
+        match spool.runs[core].read(from, to, READ_BYTES, spool.record_bytes_max) {
+            Ok(chunk) => {
+                let n = chunk.changes.len();
+                self.counters.events_from_log.fetch_add(n as u64, Ordering::Relaxed);
+                for c in chunk.changes {
+                    self.take(c, false);
+                }
+                self.taken_end[core] = self.taken_end[core].max(chunk.next);
+                n
+            }
+            Err(e) => {
+                self.log_read_error("this run's log", &e);
+                0
+            }
+        }
+    }
+
+    fn log_read_error(&mut self, what: &str, e: &str) {
+        let Some(spool) = self.spool.as_mut() else { return };
+        if spool.last_error.is_none_or(|t| t.elapsed() >= ERROR_REPORT_INTERVAL) {
+            spool.last_error = Some(Instant::now());
+            tracing::error!(error = %e, "change capture: cannot read {what}; retrying (events wait in the log)");
+        }
+    }
+
+    /// Whether closed batches can still be taken in; when not, events wait (in the log, or
+    /// in the cores' queues).
     fn has_room(&self) -> bool {
-        let in_memory = self.spool.as_ref().is_none_or(Spool::is_empty)
-            && self.outbox.len() + self.unconfirmed.len() < self.config.confirms_pending_max;
-        in_memory
-            || self.config.overflow == Overflow::Drop
-            || self
-                .spool
-                .as_ref()
-                .is_some_and(|s| s.has_room(self.config.batch_bytes_max))
+        self.outbox.len() + self.unconfirmed.len() < self.config.confirms_pending_max
     }
 
-    /// Queues a closed batch behind everything older: in memory while there is room and
-    /// nothing is spooled, else at the end of the spool.
-    fn enqueue(&mut self, ready: Ready) {
-        let spooled = self.spool.as_ref().is_some_and(|s| !s.is_empty());
-        if !spooled && self.outbox.len() + self.unconfirmed.len() < self.config.confirms_pending_max {
-            self.outbox.push_back(ready);
+    /// One event in per-shard seq order: duplicates (read from the log and the queue both)
+    /// are skipped; with retention full under `drop`, the event is counted and given up.
+    fn take(&mut self, change: Change, old: bool) {
+        let shard = change.shard as usize;
+        if change.log_end != 0 {
+            let core = self.keyspace.core_of_shard(change.shard) as usize;
+            self.taken_end[core] = self.taken_end[core].max(change.log_end);
+        }
+        let last = self.taken_seq[shard];
+        if change.seq <= last {
             return;
         }
-        let Some(spool) = self.spool.as_mut() else {
-            self.outbox.push_back(ready);
-            return;
-        };
-        if !spool.has_room(ready.body.len()) {
-            self.counters
-                .events_dropped
-                .fetch_add(u64::from(ready.events), Ordering::Relaxed);
-            tracing::warn!(
-                events = ready.events,
-                "change spool full: batch dropped (cdc.overflow = drop)"
+        if last != 0 && change.seq != last + 1 && self.spool.is_some() {
+            // The log is continuous per shard: a skip here means lost records.
+            tracing::error!(
+                shard,
+                expected = last + 1,
+                got = change.seq,
+                "change capture: seq gap in the log"
             );
+        }
+        self.taken_seq[shard] = change.seq;
+        if self.dropping {
+            self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if let Err(e) = spool.append(ready.exchange_is_json, &ready.routing_key, &ready.body, ready.events) {
-            // A spool that cannot be written is a disk problem; keep the batch in memory.
-            tracing::error!(error = %e, "cannot write the change spool");
-            self.outbox.push_back(ready);
-            return;
-        }
-        self.counters.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
+        self.add(change, old);
     }
 
-    fn add(&mut self, change: Change) {
+    fn add(&mut self, change: Change, old: bool) {
+        // Events read back from a log have no apply time; they do not count in the delay.
+        let timestamp = (change.timestamp_ms != 0).then_some(change.timestamp_ms);
         if self.config.format == CdcFormat::Json {
             if let Some(body) = encode::json(&change) {
-                let ready = Ready {
+                let mut origin = Origin::default();
+                origin.add(&change, old);
+                self.outbox.push_back(Ready {
+                    shard: change.shard,
+                    origin,
                     exchange_is_json: true,
                     routing_key: String::new(),
                     body,
                     events: 1,
-                    timestamps_ms: vec![change.timestamp_ms],
-                    spool_segment: None,
-                };
-                self.enqueue(ready);
+                    timestamps_ms: timestamp.into_iter().collect(),
+                });
             }
             return;
         }
         let b = self.building.entry(change.shard).or_insert_with(|| Building {
+            origin: Origin::default(),
             body: Vec::with_capacity(4096),
+            events: 0,
             timestamps_ms: Vec::new(),
             opened: Instant::now(),
         });
         encode::put_event(&self.node_id, &change, &mut b.body);
-        b.timestamps_ms.push(change.timestamp_ms);
-        if b.timestamps_ms.len() >= self.config.batch_events_max || b.body.len() >= self.config.batch_bytes_max {
+        b.origin.add(&change, old);
+        b.events += 1;
+        b.timestamps_ms.extend(timestamp);
+        if b.events as usize >= self.config.batch_events_max || b.body.len() >= self.config.batch_bytes_max {
             self.close(change.shard);
         }
     }
 
     fn close(&mut self, shard: u32) {
         let Some(b) = self.building.remove(&shard) else { return };
-        self.enqueue(Ready {
+        self.outbox.push_back(Ready {
+            shard,
+            origin: b.origin,
             exchange_is_json: false,
             routing_key: format!("{}.{shard}", self.node_id),
             body: b.body,
-            events: b.timestamps_ms.len() as u32,
+            events: b.events,
             timestamps_ms: b.timestamps_ms,
-            spool_segment: None,
         });
+    }
+
+    /// Measures what the log holds for unconfirmed changes, applies `cdc.overflow` at the
+    /// bound, and writes the checkpoint when it moved (always when `force`), then lets
+    /// compaction release what the checkpoint covers.
+    fn bookkeeping(&mut self, force: bool) {
+        self.retention_at = Instant::now();
+        let Some(spool) = self.spool.as_ref() else { return };
+        let cores = self.links.len();
+        let mut confirmed = self.taken_seq.clone();
+        let mut release = self.taken_end.clone();
+        let mut old_pending = !spool.old.is_done();
+        let pending = self
+            .building
+            .iter()
+            .map(|(s, b)| (*s, &b.origin))
+            .chain(self.outbox.iter().map(|r| (r.shard, &r.origin)))
+            .chain(self.unconfirmed.values().map(|r| (r.shard, &r.origin)));
+        for (shard, origin) in pending {
+            let c = &mut confirmed[shard as usize];
+            *c = (*c).min(origin.first_seq - 1);
+            if let Some(start) = origin.log_start {
+                let core = self.keyspace.core_of_shard(shard) as usize;
+                release[core] = release[core].min(start);
+            }
+            old_pending |= origin.old;
+        }
+        let synced: Vec<u64> = self
+            .links
+            .iter()
+            .map(|l| l.synced_end.load(Ordering::Acquire))
+            .collect();
+        let retained: u64 = (0..cores).map(|c| synced[c].saturating_sub(release[c])).sum::<u64>()
+            + if old_pending { spool.old.bytes } else { 0 };
+        self.counters.retained_bytes.store(retained, Ordering::Relaxed);
+        self.apply_retention(retained);
+
+        let spool = self.spool.as_mut().expect("checked above");
+        let due = force || self.checkpoint_at.elapsed() >= CHECKPOINT_INTERVAL;
+        if !due || (confirmed == spool.written && !force) {
+            return;
+        }
+        self.checkpoint_at = Instant::now();
+        let at = now_ms();
+        if let Err(e) = checkpoint::store(&spool.checkpoint_path, &confirmed, at) {
+            tracing::error!(file = %spool.checkpoint_path.display(), error = %e, "change capture: cannot write the checkpoint; the log is kept");
+            return;
+        }
+        spool.written = confirmed;
+        self.counters.checkpoint_at_ms.store(at, Ordering::Relaxed);
+        for (link, r) in self.links.iter().zip(release) {
+            link.release_below.fetch_max(r, Ordering::Release);
+        }
+        if !old_pending {
+            self.counters.old_logs_released.store(true, Ordering::Release);
+        }
+    }
+
+    /// At `cdc.retention_bytes_max`: hold writers (`block`), or give up the oldest events
+    /// not yet published (`drop`), until the log holds less again.
+    fn apply_retention(&mut self, retained: u64) {
+        let over = retained > self.config.retention_bytes_max;
+        match self.config.overflow {
+            Overflow::Block => {
+                let was = self.counters.writers_held.swap(over, Ordering::Relaxed);
+                for l in &self.links {
+                    l.hold.store(over, Ordering::Relaxed);
+                }
+                if over != was {
+                    if over {
+                        tracing::warn!(retained_bytes = retained, limit = self.config.retention_bytes_max, "change capture: the log holds cdc.retention_bytes_max of unconfirmed changes; writers are held back (cdc.overflow = block)");
+                    } else {
+                        tracing::info!(
+                            retained_bytes = retained,
+                            "change capture: below cdc.retention_bytes_max again; writers go on"
+                        );
+                    }
+                }
+            }
+            Overflow::Drop => {
+                if over {
+                    let given_up = self.outbox.drain(..).map(|r| u64::from(r.events)).sum::<u64>()
+                        + self.building.drain().map(|(_, b)| u64::from(b.events)).sum::<u64>();
+                    self.counters.events_dropped.fetch_add(given_up, Ordering::Relaxed);
+                }
+                let dropped = self.counters.events_dropped.load(Ordering::Relaxed);
+                if over && !self.dropping {
+                    tracing::error!(retained_bytes = retained, limit = self.config.retention_bytes_max, events_dropped = dropped, "change capture: the log holds cdc.retention_bytes_max of unconfirmed changes; giving up the oldest (cdc.overflow = drop): consumers will see a gap in seq");
+                }
+                if !over && self.dropping {
+                    tracing::warn!(
+                        events_dropped = dropped,
+                        "change capture: below cdc.retention_bytes_max again; publishing resumes"
+                    );
+                }
+                self.dropping = over;
+            }
+        }
     }
 
     /// Publishes the outbox in order while the confirm window has room.
@@ -324,7 +638,7 @@ impl Forwarder {
             if self.link.is_none() {
                 return;
             }
-            let Some(ready) = self.next_to_publish() else { return };
+            let Some(ready) = self.outbox.pop_front() else { return };
             let Some(link) = self.link.as_mut() else { return };
             let exchange = if ready.exchange_is_json {
                 JSON_EXCHANGE
@@ -359,31 +673,6 @@ impl Forwarder {
             .store(self.unconfirmed.len() as u64, Ordering::Relaxed);
     }
 
-    /// The oldest batch not yet published: from memory, else from the spool.
-    fn next_to_publish(&mut self) -> Option<Ready> {
-        if let Some(r) = self.outbox.pop_front() {
-            return Some(r);
-        }
-        let spool = self.spool.as_mut()?;
-        let read = spool.read();
-        self.counters.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
-        let record = match read {
-            Ok(r) => r?,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the change spool");
-                return None;
-            }
-        };
-        Some(Ready {
-            exchange_is_json: record.json,
-            routing_key: record.routing_key,
-            body: record.body,
-            events: record.events,
-            timestamps_ms: Vec::new(),
-            spool_segment: Some(record.segment),
-        })
-    }
-
     /// Applies the confirms that arrived; notices a dead connection.
     fn take_confirms(&mut self) {
         let Some(link) = self.link.as_mut() else { return };
@@ -412,10 +701,6 @@ impl Forwarder {
                         .fetch_add(u64::from(done.events), Ordering::Relaxed);
                     for ts in done.timestamps_ms {
                         let _ = self.delay_ms.record(now.saturating_sub(ts).max(1));
-                    }
-                    if let (Some(seg), Some(spool)) = (done.spool_segment, self.spool.as_mut()) {
-                        spool.confirmed(seg);
-                        self.counters.spool_bytes.store(spool.bytes(), Ordering::Relaxed);
                     }
                 }
             }

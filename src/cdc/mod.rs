@@ -3,22 +3,58 @@
 //! once the broker has confirmed it.
 //!
 //! ```text
-//!  shard core 0 --rtrb queue--+
-//!  shard core 1 --rtrb queue--+--> control core (one thread, tokio current_thread, pinned)
-//!                                    drain -> per-shard batches -> publish -> confirm
+//!  shard core 0: apply -> log record -> (synced) --rtrb queue--+
+//!  shard core 1: apply -> log record -> (synced) --rtrb queue--+--> control core
+//!                     |                                        |    drain -> per-shard batches
+//!                     +---- write-ahead log (the spool) -------+    -> publish -> confirm
+//!                                                                   -> checkpoint (per shard)
 //! ```
 //!
-//! - `capture.rs`: the shard core's bounded, lock-free queue and its overflow policy.
-//! - `forwarder.rs`: the control core: batching, publishing, confirms, reconnects.
-//! - `spool.rs`: the disk spool for batches that pile up while the broker is away.
+//! The guarantee (with persistence on): every change the log holds has exactly one
+//! identity (node_id, shard, seq) and reaches the exchange at least once, in per-shard seq
+//! order, across crashes, broker outages and restarts with another core count. Memory is
+//! only the fast path; the log is the spool:
+//! - an event leaves its shard core only once the log has synced its record, so nothing is
+//!   published that a crash could take back;
+//! - the control core keeps, per shard, the highest seq the broker confirmed in
+//!   `data_dir/cdc-checkpoint`; at start, every logged change after it is read back and
+//!   published before that shard's new changes;
+//! - compaction keeps every log segment that still holds unconfirmed changes, up to
+//!   `cdc.retention_bytes_max`; past it `cdc.overflow` holds writers back (`block`) or
+//!   gives the oldest changes up, counted, leaving a visible seq gap (`drop`).
+//!
+//! - `capture.rs`: the shard core's bounded, lock-free queue.
+//! - `forwarder.rs`: the control core: batching, publishing, confirms, reconnects,
+//!   retention.
+//! - `replay.rs`: reading changes back from the log.
+//! - `checkpoint.rs`: the per-shard confirmed seqs on disk.
 //! - `encode.rs`: events as protobuf `ChangeBatch` or as the old service's JSON.
 
 pub mod capture;
+pub mod checkpoint;
 pub mod encode;
 pub mod forwarder;
-pub mod spool;
+pub mod replay;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// What one shard core and the control core share about that core's changes (plain
+/// atomics, touched once per log sync or checkpoint, never per write).
+#[derive(Debug, Default)]
+pub struct CoreLink {
+    /// Offset in the core's log of this run up to which every record is synced: the control
+    /// core may read the log up to here.
+    pub synced_end: AtomicU64,
+    /// Set by the core when it dropped events from memory because the queue was full; the
+    /// control core then reads the log's tail.
+    pub overflowed: AtomicBool,
+    /// Set by the control core while the log holds `cdc.retention_bytes_max` of unconfirmed
+    /// changes and `cdc.overflow = block`: the core holds writers back.
+    pub hold: AtomicBool,
+    /// Offset in the core's log of this run below which every change is confirmed and in
+    /// the checkpoint on disk: compaction may delete segments that end at or before it.
+    pub release_below: AtomicU64,
+}
 
 use amqprs::connection::OpenConnectionArguments;
 
@@ -69,8 +105,17 @@ pub struct CdcCounters {
     pub republished_batches: AtomicU64,
     pub delay_p50_ms: AtomicU64,
     pub delay_p99_ms: AtomicU64,
-    pub spool_bytes: AtomicU64,
     pub events_dropped: AtomicU64,
+    /// Log bytes held for changes the broker has not confirmed yet.
+    pub retained_bytes: AtomicU64,
+    /// Events read back from the log rather than taken from memory.
+    pub events_from_log: AtomicU64,
+    pub writers_held: AtomicBool,
+    /// When the checkpoint was last written (Unix ms; 0: never).
+    pub checkpoint_at_ms: AtomicU64,
+    /// Logs of earlier runs hold no unconfirmed change any more (or CDC keeps none): they
+    /// may be deleted once snapshots cover them.
+    pub old_logs_released: AtomicBool,
 }
 
 impl CdcCounters {
@@ -86,8 +131,14 @@ impl CdcCounters {
             republished_batches: self.republished_batches.load(r),
             confirm_delay_p50_ms: self.delay_p50_ms.load(r),
             confirm_delay_p99_ms: self.delay_p99_ms.load(r),
-            spool_bytes: self.spool_bytes.load(r),
             events_dropped: self.events_dropped.load(r),
+            retained_bytes: self.retained_bytes.load(r),
+            events_from_log: self.events_from_log.load(r),
+            writers_held: self.writers_held.load(r),
+            checkpoint_age_ms: match self.checkpoint_at_ms.load(r) {
+                0 => -1,
+                t => crate::change::now_ms().saturating_sub(t) as i64,
+            },
         }
     }
 }

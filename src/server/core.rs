@@ -2,6 +2,7 @@
 //! the mesh service, the expiry sweep).
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::{mpsc, Arc, Mutex};
@@ -18,21 +19,24 @@ use super::connection;
 use super::forward::Outboxes;
 use super::listener::CoreListeners;
 use super::uring::{Ring, RingKind};
-use crate::cdc::CdcCounters;
+use crate::cdc::capture::CaptureQueue;
+use crate::cdc::{CdcCounters, CoreLink};
+use crate::change::now_ms;
 use crate::config::Config;
 use crate::keyspace::Keyspace;
 use crate::proto::{CoreStats, HelloResponse};
-use crate::shard::{now_ms, Command, CoreStore, Outcome};
-use crate::wal::snapshot::{self, Loaded, OldLogs, Report, Snapshots};
+use crate::shard::{Command, CoreStore, Outcome};
+use crate::wal::snapshot::{self, CaptureHold, Loaded, OldLogs, Report, Snapshots};
 use crate::wal::writer::{self, WalState};
+use crate::wal::{Recorder, WalBuffer};
 
 /// How often each core looks for expired keys, and the most it removes per look: small
 /// enough to never stall requests, frequent enough that an expired key is gone in ~1 s.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 pub const SWEEP_KEYS_MAX: usize = 2_000;
 
-/// How often a writer held back by a full change queue looks again. The control core drains
-/// the queues every millisecond.
+/// How often a writer held back by change capture looks again. The control core drains the
+/// queues every millisecond and measures retention every 20.
 const CDC_ROOM_POLL: Duration = Duration::from_millis(1);
 
 /// How often an executor wakes while it waits for the other cores to join the mesh.
@@ -58,6 +62,16 @@ pub enum MeshRequest {
     },
 }
 
+impl MeshRequest {
+    /// Whether applying it makes changes (change capture may hold it back).
+    fn writes(&self) -> bool {
+        match self {
+            MeshRequest::Commands { ops, .. } => ops.iter().any(|(_, c)| c.writes()),
+            MeshRequest::Stats { .. } | MeshRequest::Snapshot { .. } => false,
+        }
+    }
+}
+
 pub type MeshBuilderFull = MeshBuilder<MeshRequest, Full>;
 
 /// Everything the executors share at start-up (built on the main thread).
@@ -72,6 +86,10 @@ pub struct Boot {
     pub ready: Mutex<mpsc::Sender<Result<(u32, RingKind), String>>>,
     /// Each core's store (recovered from the log), taken by core index.
     pub stores: Mutex<Vec<Option<CoreStore>>>,
+    /// Each core's change-capture queue, when capture is on, taken by core index.
+    pub captures: Mutex<Vec<Option<CaptureQueue>>>,
+    /// Each core's shared state with the control core, when capture is on.
+    pub links: Vec<Arc<CoreLink>>,
     /// Where the cores write their logs, when persistence is on.
     pub wal_dir: Option<std::path::PathBuf>,
     /// Names this run's log files.
@@ -113,6 +131,10 @@ pub struct Core {
     pub keyspace: Keyspace,
     pub hello: HelloResponse,
     pub store: RefCell<CoreStore>,
+    /// Where the shards' changes go: the log buffer and change capture.
+    pub recorder: RefCell<Recorder>,
+    /// Mesh messages with writes that change capture holds back, in arrival order.
+    held: RefCell<VecDeque<MeshRequest>>,
     pub counters: Counters,
     pub ring: Rc<Ring>,
     /// Work queued for other cores, sent once per executor round (see `forward.rs`).
@@ -138,7 +160,12 @@ impl Core {
     pub fn stats(&self) -> CoreStats {
         let store = self.store.borrow();
         let c = &self.counters;
-        let (cdc_queue_events, cdc_events_dropped) = store.cdc_counts();
+        let (cdc_queue_events, cdc_events_dropped) = self
+            .recorder
+            .borrow()
+            .capture
+            .as_ref()
+            .map_or((0, 0), |q| (q.depth(), q.dropped()));
         CoreStats {
             core: self.index,
             connections_accepted: c.connections_accepted.get(),
@@ -151,7 +178,8 @@ impl Core {
             cdc_queue_events,
             cdc_events_dropped,
             wal_bytes: self.wal.as_ref().map_or(0, |w| w.bytes.get()),
-            log_bytes: self.wal.as_ref().map_or(0, |w| w.log_bytes()),
+            log_bytes: self.wal.as_ref().map_or(0, |w| w.log_bytes())
+                + self.snapshots.as_ref().map_or(0, |s| s.held_bytes()),
             snapshot_age_ms: self.snapshots.as_ref().map_or(-1, |s| s.age_ms()),
             snapshot_bytes: self.snapshots.as_ref().map_or(0, |s| s.bytes.get()),
             snapshots: self.snapshots.as_ref().map_or(0, |s| s.rounds.get()),
@@ -162,8 +190,8 @@ impl Core {
     /// false if the log failed and writes must not be acknowledged.
     pub async fn wal_durable(&self) -> bool {
         let Some(wal) = &self.wal else { return true };
-        // Read the generation first: a store borrow must never live across an await.
-        let appended = self.store.borrow().wal_appended();
+        // Read the generation first: a borrow must never live across an await.
+        let appended = self.recorder.borrow().appended();
         wal.durable(appended).await
     }
 
@@ -178,12 +206,45 @@ impl Core {
         }
     }
 
+    /// True when change capture lets writes go ahead now.
+    pub fn writes_ready(&self) -> bool {
+        self.recorder.borrow_mut().writes_ready()
+    }
+
     /// Waits until change capture can take this core's next writes (`cdc.overflow = block`
-    /// with a full queue); returns at once when capture is off or has room.
+    /// at the retention bound, or a full queue without a log); returns at once when capture
+    /// is off or has room, and when shutdown begins (what is in flight is finished).
     pub async fn cdc_room(&self) {
-        while !self.store.borrow_mut().cdc_ready() {
+        while !self.writes_ready() && !self.stopping() {
             sleep(CDC_ROOM_POLL).await;
         }
+    }
+
+    /// Applies one key operation owned by this core; its changes go to the recorder.
+    pub fn apply(&self, hash: u64, cmd: Command, now_ms: u64) -> Outcome {
+        self.store
+            .borrow_mut()
+            .apply(hash, cmd, now_ms, &mut *self.recorder.borrow_mut())
+    }
+
+    /// Serves a message from another core, unless it writes while change capture holds
+    /// writers back: then it waits, in arrival order, and everything else goes on.
+    fn serve_mesh(self: &Rc<Self>, msg: MeshRequest) {
+        if msg.writes() && (!self.held.borrow().is_empty() || !self.writes_ready()) {
+            let first = self.held.borrow().is_empty();
+            self.held.borrow_mut().push_back(msg);
+            if first {
+                spawn_local(drain_held(self.clone())).detach();
+            }
+            return;
+        }
+        self.handle_mesh(msg);
+    }
+
+    /// True once shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        // The semaphore never has permits; acquiring fails only once it is closed.
+        self.shutdown.try_acquire(1).is_err()
     }
 
     /// Resolves once shutdown has begun.
@@ -197,11 +258,8 @@ impl Core {
             MeshRequest::Commands { ops, reply } => {
                 Counters::add(&self.counters.forwarded_in, ops.len() as u64);
                 let now = now_ms();
-                let (outcomes, logged): (Vec<Outcome>, u64) = {
-                    let mut store = self.store.borrow_mut();
-                    let outcomes = ops.into_iter().map(|(hash, cmd)| store.apply(hash, cmd, now)).collect();
-                    (outcomes, store.wal_appended())
-                };
+                let outcomes: Vec<Outcome> = ops.into_iter().map(|(hash, cmd)| self.apply(hash, cmd, now)).collect();
+                let logged = self.recorder.borrow().appended();
                 // The requester may have gone (connection closed); nothing to do then.
                 match &self.wal {
                     // fsync = always: answer once these writes are on disk, without holding
@@ -280,9 +338,7 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
     // Nothing more will be written: flush and sync the log, then close it.
     if let Some(wal) = &core.wal {
         wal.close();
-        if let Some(w) = core.store.borrow_mut().wal_mut().and_then(|b| b.writer.take()) {
-            w.wake();
-        }
+        core.recorder.borrow_mut().wake_writer();
         let task = core.wal_task.borrow_mut().take();
         if let Some(task) = task {
             task.await;
@@ -332,6 +388,16 @@ fn take_slot<T>(table: &Mutex<Vec<Option<T>>>, index: u32, what: &str) -> Result
 async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest>>) -> Result<Rc<Core>, String> {
     let listeners = take_slot(&boot.listeners, index, "listener")?;
     let store = take_slot(&boot.stores, index, "store")?;
+    let capture = boot
+        .config
+        .cdc
+        .enabled
+        .then(|| take_slot(&boot.captures, index, "capture queue"))
+        .transpose()?;
+    let link = boot.links.get(index as usize).cloned();
+    let capture_sync = capture
+        .is_some()
+        .then(|| Duration::from_millis(boot.config.cdc.log_sync_interval_ms));
     let ring =
         Ring::new(boot.config.runtime.ring_entries).map_err(|e| format!("cannot create the network ring: {e}"))?;
     spawn_local(ring.clone().drive()).detach();
@@ -341,9 +407,14 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         keyspace: boot.keyspace,
         hello: boot.hello.clone(),
         store: RefCell::new(store),
+        recorder: RefCell::new(Recorder {
+            log: boot.wal_dir.as_ref().map(|_| WalBuffer::default()),
+            capture,
+        }),
+        held: RefCell::new(VecDeque::new()),
         wal: boot.wal_dir.as_ref().map(|dir| {
-            let name = format!("{:020}-core{index}", boot.started_ms);
-            WalState::new(boot.config.persistence.fsync, dir.clone(), name)
+            let name = format!("{}-core{index}", run_name(boot.started_ms));
+            WalState::new(boot.config.persistence.fsync, dir.clone(), name, capture_sync)
         }),
         wal_task: RefCell::new(None),
         snapshots: boot.wal_dir.as_ref().map(|_| {
@@ -353,7 +424,11 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
                 .map(|s| boot.shard_snapshots.get(s as usize).copied().unwrap_or_default())
                 .collect();
             let min = boot.config.persistence.snapshot_log_bytes_min;
-            Snapshots::new(boot.snap_dir.clone(), min, boot.old_logs.clone(), loaded)
+            let hold = link.clone().map(|link| CaptureHold {
+                link,
+                counters: boot.cdc.clone(),
+            });
+            Snapshots::new(boot.snap_dir.clone(), min, boot.old_logs.clone(), hold, loaded)
         }),
         snapshot_task: RefCell::new(None),
         persistence: boot.persistence.clone(),
@@ -367,10 +442,10 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
     });
     if let (Some(wal), Some(snaps)) = (&core.wal, &core.snapshots) {
         let (state, c) = (wal.clone(), core.clone());
-        *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.store).await }));
+        *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.recorder).await }));
         let (wal, snaps, c, signals) = (wal.clone(), snaps.clone(), core.clone(), boot.snapshot_requests.clone());
         *core.snapshot_task.borrow_mut() = Some(spawn_local(async move {
-            snapshot::run(snaps, wal, &c.store, signals).await;
+            snapshot::run(snaps, wal, &c.store, &c.recorder, signals).await;
         }));
     }
     spawn_local(sweep(core.clone())).detach();
@@ -384,9 +459,25 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
     Ok(core)
 }
 
+/// The name every log segment of this run starts with (before `-core<i>`): the start time,
+/// zero-padded so names sort by run.
+pub fn run_name(started_ms: u64) -> String {
+    format!("{started_ms:020}")
+}
+
 async fn serve_peer(core: Rc<Core>, rx: ConnectedReceiver<MeshRequest>) {
     while let Some(msg) = rx.recv().await {
+        core.serve_mesh(msg);
+    }
+}
+
+/// Applies held mesh messages in order as change capture makes room.
+async fn drain_held(core: Rc<Core>) {
+    loop {
         core.cdc_room().await;
+        let Some(msg) = core.held.borrow_mut().pop_front() else {
+            return;
+        };
         core.handle_mesh(msg);
     }
 }
@@ -427,11 +518,19 @@ async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
 /// right away (after yielding) instead of waiting a full interval.
 async fn sweep(core: Rc<Core>) {
     loop {
-        if !core.store.borrow_mut().cdc_ready() {
+        if !core.writes_ready() {
             sleep(SWEEP_INTERVAL).await;
             continue;
         }
-        let removed = core.store.borrow_mut().sweep(now_ms(), SWEEP_KEYS_MAX);
+        let removed = {
+            let mut recorder = core.recorder.borrow_mut();
+            // Each removal is a change event: never more than capture can take now.
+            let max = recorder
+                .capture
+                .as_ref()
+                .map_or(SWEEP_KEYS_MAX, |q| q.room().min(SWEEP_KEYS_MAX));
+            core.store.borrow_mut().sweep(now_ms(), max, &mut *recorder)
+        };
         if removed == SWEEP_KEYS_MAX {
             glommio::executor().yield_now().await;
         } else {

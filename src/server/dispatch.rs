@@ -17,9 +17,10 @@ use prost::Message;
 
 use super::core::{Core, MeshRequest};
 use super::forward;
+use crate::change::now_ms;
 use crate::keyspace::Keyspace;
 use crate::proto::{self, request::Op, response::Result as R, CoreStats, ErrorCode, GetResponse, Request, Response};
-use crate::shard::{now_ms, Command, Condition, Outcome};
+use crate::shard::{Command, Condition, Outcome};
 use crate::wire;
 
 /// How to build one response once outcomes are known.
@@ -65,7 +66,11 @@ struct Batch<'a> {
 /// Executes the requests in `frames` (payloads of complete frames) and returns one response
 /// per frame, in the same order.
 pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
-    core.cdc_room().await;
+    let requests: Vec<_> = frames.map(Request::decode).collect();
+    // Change capture may hold writers back; reads, Stats and the rest never wait for it.
+    if !core.writes_ready() && requests.iter().any(|r| r.as_ref().is_ok_and(writes)) {
+        core.cdc_room().await;
+    }
     let cores = core.keyspace.cores() as usize;
     let mut batch = Batch {
         core,
@@ -75,8 +80,8 @@ pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Ve
         remote: (0..cores).map(|_| Forward::default()).collect(),
         wants_stats: false,
     };
-    for payload in frames {
-        let plan = match Request::decode(payload) {
+    for request in requests {
+        let plan = match request {
             Ok(req) => batch.plan(req),
             Err(e) => Plan::Ready(error(
                 0,
@@ -87,6 +92,11 @@ pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Ve
         batch.plans.push(plan);
     }
     batch.finish().await
+}
+
+/// Whether a request changes keys.
+fn writes(r: &Request) -> bool {
+    matches!(r.op, Some(Op::Set(_) | Op::Del(_) | Op::Expire(_) | Op::Mset(_)))
 }
 
 /// Replaces every response with an INTERNAL error (same ids).
@@ -242,7 +252,7 @@ impl Batch<'_> {
         let hash = Keyspace::hash(cmd.key());
         let owner = ks.core_of_shard(ks.shard_of_hash(hash));
         if owner == self.core.index {
-            let outcome = self.core.store.borrow_mut().apply(hash, cmd, self.now_ms);
+            let outcome = self.core.apply(hash, cmd, self.now_ms);
             self.outcomes.push(Some(outcome));
         } else {
             let forward = &mut self.remote[owner as usize];
@@ -295,8 +305,8 @@ impl Batch<'_> {
                     id,
                     R::Stats(proto::StatsResponse {
                         cores: stats.clone().unwrap_or_default(),
-                        cdc: Some(self.core.cdc.snapshot(self.core.config.cdc.enabled)),
-                        persistence: Some(self.core.persistence.clone()),
+                        cdc: Some(Box::new(self.core.cdc.snapshot(self.core.config.cdc.enabled))),
+                        persistence: Some(Box::new(self.core.persistence.clone())),
                     }),
                 ),
                 Plan::Keys { id, kind, ops } => {

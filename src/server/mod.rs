@@ -34,8 +34,8 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
 pub use self::uring::RingKind;
-use crate::cdc::forwarder::Forwarder;
-use crate::cdc::{capture, CdcCounters};
+use crate::cdc::forwarder::{Forwarder, LogSpool};
+use crate::cdc::{capture, checkpoint, CdcCounters, CoreLink};
 use crate::cluster::registration::{advertise_addr, LeaveRequest, Registration};
 use crate::cluster::NodeInfo;
 use crate::config::Config;
@@ -148,32 +148,35 @@ impl Server {
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| StartError::Invalid(format!("cannot read the CPU topology: {e}")))?,
         );
-        // Change capture: one queue per core, drained by the control core.
-        let cdc = Arc::new(CdcCounters::default());
-        let (capture, forwarder) = if config.cdc.enabled {
-            let (producers, consumers): (Vec<_>, Vec<_>) = (0..cores)
-                .map(|_| capture::queue(config.cdc.queue_events_max, config.cdc.overflow))
-                .unzip();
-            let spool_dir = config.data_dir.join("cdc-spool");
-            let f = Forwarder::new(config.cdc.clone(), node_id.clone(), consumers, cdc.clone(), &spool_dir).map_err(
-                |e| StartError::Invalid(format!("cannot open the change spool in {}: {e}", spool_dir.display())),
-            )?;
-            (producers.into_iter().map(Some).collect(), Some(f))
-        } else {
-            (Vec::new(), None)
-        };
-        // Each core's store, built here so the logs can be replayed before any port opens.
-        let mut capture: Vec<Option<_>> = capture;
+        // Change capture: one queue per core, drained by the control core; with the log on,
+        // the log is its spool.
         let persistent = config.persistence.enabled;
-        let mut stores: Vec<CoreStore> = (0..cores)
-            .map(|i| {
-                let q = capture.get_mut(i as usize).and_then(Option::take);
-                CoreStore::new(keyspace, i, config.limits.memory_bytes_max, q, persistent)
+        let cdc = Arc::new(CdcCounters::default());
+        let links: Vec<Arc<CoreLink>> = if config.cdc.enabled {
+            (0..cores).map(|_| Arc::new(CoreLink::default())).collect()
+        } else {
+            Vec::new()
+        };
+        let (captures, consumers): (Vec<_>, Vec<_>) = links
+            .iter()
+            .map(|link| {
+                let link = persistent.then(|| link.clone());
+                let (q, rx) = capture::queue(config.cdc.queue_events_max, config.cdc.overflow, link);
+                (Some(q), rx)
             })
+            .unzip();
+        if config.cdc.enabled && !persistent {
+            tracing::warn!("change capture is on without persistence: events not yet confirmed by the broker are lost if the process stops or crashes (turn persistence on to make the log the spool)");
+        }
+        // Each core's store, built here so the logs can be replayed before any port opens.
+        let mut stores: Vec<CoreStore> = (0..cores)
+            .map(|i| CoreStore::new(keyspace, i, config.limits.memory_bytes_max))
             .collect();
+        let started_ms = crate::change::now_ms();
         let wal_dir = config.data_dir.join("wal");
         let snap_dir = config.data_dir.join("snapshots");
         let mut old_logs = OldLogs::new(Vec::new(), 0, cores);
+        let mut spool = None;
         let mut shard_snapshots = Vec::new();
         let mut persistence = crate::proto::PersistenceStats {
             enabled: persistent,
@@ -205,9 +208,27 @@ impl Server {
             persistence.recovery_ms = r.millis;
             persistence.snapshots_loaded = r.snapshots;
             persistence.snapshot_bytes_loaded = r.snapshot_bytes;
-            old_logs = OldLogs::new(r.log_files, r.bytes, cores);
+            old_logs = OldLogs::new(r.log_files.clone(), r.bytes, cores);
             shard_snapshots = r.shard_snapshots;
+            spool = Some(capture_checkpoint(
+                &config,
+                &keyspace,
+                &mut stores,
+                r.log_files,
+                started_ms,
+            )?);
         }
+        let forwarder = config.cdc.enabled.then(|| {
+            Forwarder::new(
+                config.cdc.clone(),
+                node_id.clone(),
+                keyspace,
+                consumers,
+                links.clone(),
+                cdc.clone(),
+                spool.flatten(),
+            )
+        });
         let snapshot_requests = Arc::new(AtomicU64::new(0));
         let control_cpu = control_cpu(&config, &cpus)?;
         let (serving_tx, serving) = tokio::sync::watch::channel(false);
@@ -221,7 +242,7 @@ impl Server {
                 cores,
                 shards: config.shards,
                 version: env!("CARGO_PKG_VERSION").into(),
-                started_at_ms: crate::shard::now_ms(),
+                started_at_ms: crate::change::now_ms(),
             };
             let endpoints = config.cluster.etcd_endpoints.clone();
             let ttl = config.cluster.lease_ttl_ms;
@@ -244,13 +265,15 @@ impl Server {
             shutdown: shutdown_rx.shared(),
             ready: Mutex::new(ready_tx),
             stores: Mutex::new(stores.into_iter().map(Some).collect()),
+            captures: Mutex::new(captures),
+            links,
             wal_dir: persistent.then_some(wal_dir),
             snap_dir,
             old_logs,
             shard_snapshots,
             snapshot_requests: snapshot_requests.clone(),
             persistence,
-            started_ms: crate::shard::now_ms(),
+            started_ms,
             cdc,
         });
         let mesh = (cores > 1).then(|| MeshBuilder::full(cores as usize, mesh_depth));
@@ -359,6 +382,75 @@ impl Server {
             Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err("core join thread vanished".into())),
         }
     }
+}
+
+/// Loads (or, on the first start with change capture, creates) the change-capture
+/// checkpoint, and says what the forwarder reads back from the logs of earlier runs. With
+/// capture off, a leftover checkpoint is removed (saying how many changes were never
+/// delivered), so a later start with capture on begins at the current state.
+fn capture_checkpoint(
+    config: &Config,
+    keyspace: &Keyspace,
+    stores: &mut [CoreStore],
+    old_files: Vec<std::path::PathBuf>,
+    started_ms: u64,
+) -> Result<Option<LogSpool>, StartError> {
+    let path = checkpoint::path(&config.data_dir);
+    let recovered: Vec<u64> = (0..keyspace.shards())
+        .map(|s| stores[keyspace.core_of_shard(s) as usize].shard_seq(s))
+        .collect();
+    let saved = checkpoint::load(&path, keyspace.shards()).map_err(StartError::Invalid)?;
+    if !config.cdc.enabled {
+        if let Some(saved) = saved {
+            let undelivered: u64 = recovered.iter().zip(&saved).map(|(r, c)| r.saturating_sub(*c)).sum();
+            if undelivered > 0 {
+                tracing::warn!(undelivered, file = %path.display(), "change capture is off: changes that were never delivered are given up");
+            }
+            std::fs::remove_file(&path)
+                .map_err(|e| StartError::Invalid(format!("cannot remove {}: {e}", path.display())))?;
+        }
+        return Ok(None);
+    }
+    let confirmed = match saved {
+        Some(saved) => saved,
+        None => {
+            checkpoint::store(&path, &recovered, crate::change::now_ms())
+                .map_err(|e| StartError::Invalid(format!("cannot write {}: {e}", path.display())))?;
+            recovered.clone()
+        }
+    };
+    for (shard, (&c, &r)) in confirmed.iter().zip(&recovered).enumerate() {
+        if c > r {
+            // The log lost changes that were published (fsync = no and a power loss):
+            // continue after the published seq, so no identity names two changes.
+            tracing::error!(
+                shard,
+                confirmed = c,
+                logged = r,
+                "the log ends before changes the broker confirmed; continuing after them"
+            );
+            stores[keyspace.core_of_shard(shard as u32) as usize].restore_seq(shard as u32, c);
+        }
+    }
+    let pending: u64 = recovered
+        .iter()
+        .zip(&confirmed)
+        .map(|(r, c)| r.saturating_sub(*c))
+        .sum();
+    if pending > 0 {
+        tracing::info!(
+            changes = pending,
+            "change capture: publishing the changes the broker had not confirmed before the restart"
+        );
+    }
+    Ok(Some(LogSpool {
+        wal_dir: config.data_dir.join("wal"),
+        run: core::run_name(started_ms),
+        old_files,
+        confirmed,
+        checkpoint_path: path,
+        record_bytes_max: config.limits.frame_bytes_max + 64,
+    }))
 }
 
 /// The CPUs the shard executors are pinned to: `cpus` if given, else the first `cores`

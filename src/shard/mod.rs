@@ -17,8 +17,8 @@ use std::collections::BTreeSet;
 use bytes::Bytes;
 use hashbrown::HashTable;
 
-use crate::wal::record::Fields;
-use crate::wal::WalBuffer;
+use crate::change::Fields;
+pub use crate::change::{now_ms, Change, ChangeOp, ChangeSink};
 
 /// Bytes charged per entry on top of key and value: the table slot, the `Bytes` handles and
 /// allocator rounding, measured roughly. Keeps `memory_bytes_max` honest for small values.
@@ -70,6 +70,11 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether it may change the key (reads only ever remove an expired one).
+    pub fn writes(&self) -> bool {
+        matches!(self, Command::Set { .. } | Command::Del { .. } | Command::Expire { .. })
+    }
+
     pub fn key(&self) -> &Bytes {
         match self {
             Command::Get { key }
@@ -93,31 +98,6 @@ pub enum Outcome {
     Ttl(i64),
     /// A write that would grow memory past the limit was refused.
     OutOfMemory,
-}
-
-/// What a change did (the `Op` of proto/cdc.proto).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ChangeOp {
-    Set,
-    Del,
-    Expire,
-    Expired,
-}
-
-/// One applied change, for change data capture. Owned and `Send`: it travels to the control
-/// core as it is; serialization happens there, never on the shard core.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Change {
-    pub shard: u32,
-    /// Per-shard sequence number, gap-free from 1.
-    pub seq: u64,
-    pub timestamp_ms: u64,
-    pub op: ChangeOp,
-    pub key: Bytes,
-    /// The new value (SET only).
-    pub value: Bytes,
-    /// The key's expiry after the change; 0 = none.
-    pub expire_at_ms: u64,
 }
 
 /// A shard's live entries at change `seq`: (key, value, expire_at_ms).
@@ -151,16 +131,6 @@ fn rehash(e: &Entry) -> u64 {
     table_hash(crate::keyspace::Keyspace::hash(&e.key))
 }
 
-/// Where a core's applied changes go: its write-ahead log, encoded on the spot from the
-/// entry (nothing cloned), and change capture, as owned events the core hands to its
-/// capture queue after each command. Owned by the core and lent to a shard per call.
-#[derive(Default)]
-pub struct Recorder {
-    pub wal: Option<WalBuffer>,
-    pub capture: bool,
-    pub changes: Vec<Change>,
-}
-
 /// The value of a change that has none (DEL, EXPIRE, EXPIRED).
 const NO_VALUE: Bytes = Bytes::new();
 
@@ -172,30 +142,26 @@ struct ChangeLog {
 
 impl ChangeLog {
     /// Records one change with the next sequence number.
-    #[allow(clippy::too_many_arguments)]
-    fn record(&mut self, out: &mut Recorder, op: ChangeOp, key: &Bytes, value: &Bytes, expire_at_ms: u64, now_ms: u64) {
+    #[inline]
+    fn record(
+        &mut self,
+        out: &mut impl ChangeSink,
+        op: ChangeOp,
+        key: &Bytes,
+        value: &Bytes,
+        expire_at_ms: u64,
+        now_ms: u64,
+    ) {
         self.seq += 1;
-        if let Some(wal) = &mut out.wal {
-            wal.append(&Fields {
-                shard: self.shard,
-                seq: self.seq,
-                op,
-                expire_at_ms,
-                key,
-                value,
-            });
-        }
-        if out.capture {
-            out.changes.push(Change {
-                shard: self.shard,
-                seq: self.seq,
-                timestamp_ms: now_ms,
-                op,
-                key: key.clone(),
-                value: value.clone(),
-                expire_at_ms,
-            });
-        }
+        let fields = Fields {
+            shard: self.shard,
+            seq: self.seq,
+            op,
+            expire_at_ms,
+            key,
+            value,
+        };
+        out.record(&fields, now_ms);
     }
 }
 
@@ -233,7 +199,7 @@ impl Shard {
     /// Applies one command at time `now_ms`. `h` is [`table_hash`] of the key's routing hash.
     /// A write may grow this shard's memory by at most `room_bytes` (what is left of its
     /// core's share of `limits.memory_bytes_max`). Changes go to `out`.
-    pub fn apply(&mut self, h: u64, cmd: Command, now_ms: u64, room_bytes: u64, out: &mut Recorder) -> Outcome {
+    pub fn apply(&mut self, h: u64, cmd: Command, now_ms: u64, room_bytes: u64, out: &mut impl ChangeSink) -> Outcome {
         match cmd {
             Command::Get { key } => Outcome::Value(self.live_entry(h, &key, now_ms, out).map(|e| e.value.clone())),
             Command::Exists { key } => Outcome::Applied(self.live_entry(h, &key, now_ms, out).is_some()),
@@ -293,7 +259,7 @@ impl Shard {
         condition: Condition,
         now_ms: u64,
         room_bytes: u64,
-        out: &mut Recorder,
+        out: &mut impl ChangeSink,
     ) -> Outcome {
         match self.table.find_entry(h, |e| e.key == key) {
             Ok(mut occ) => {
@@ -352,7 +318,7 @@ impl Shard {
     }
 
     /// The entry for `key` if it exists and has not expired; an expired one is removed now.
-    fn live_entry(&mut self, h: u64, key: &[u8], now_ms: u64, out: &mut Recorder) -> Option<&mut Entry> {
+    fn live_entry(&mut self, h: u64, key: &[u8], now_ms: u64, out: &mut impl ChangeSink) -> Option<&mut Entry> {
         let occ = self.table.find_entry(h, |e| e.key == key).ok()?;
         if occ.get().live(now_ms) {
             return Some(occ.into_mut());
@@ -378,12 +344,13 @@ impl Shard {
 
     /// Re-applies a logged change during recovery: no change is recorded, no limit applies
     /// (what was acknowledged comes back), and the shard's seq continues from the record's.
-    /// A key whose expiry has passed stays gone.
-    pub fn restore(&mut self, h: u64, c: &Change, now_ms: u64) {
+    /// A key whose deadline passed while the node was down is restored all the same: the
+    /// sweep (or the first read) then removes it with an EXPIRED change, so the log and the
+    /// change stream say it went.
+    pub fn restore(&mut self, h: u64, c: &Change) {
         self.log.seq = self.log.seq.max(c.seq);
-        let expired = c.expire_at_ms != 0 && c.expire_at_ms <= now_ms;
         match c.op {
-            ChangeOp::Set if !expired => match self.table.find_entry(h, |e| e.key == c.key) {
+            ChangeOp::Set => match self.table.find_entry(h, |e| e.key == c.key) {
                 Ok(mut occ) => {
                     let e = occ.get_mut();
                     let old_charge = e.charge();
@@ -405,14 +372,14 @@ impl Shard {
                     absent.into_table().insert_unique(h, entry, rehash);
                 }
             },
-            ChangeOp::Expire if !expired => {
+            ChangeOp::Expire => {
                 if let Some(e) = self.table.find_mut(h, |e| e.key == c.key) {
                     let old = std::mem::replace(&mut e.expire_at_ms, c.expire_at_ms);
                     let key = e.key.clone();
                     move_deadline(&mut self.deadlines, &key, old, c.expire_at_ms);
                 }
             }
-            _ => {
+            ChangeOp::Del | ChangeOp::Expired => {
                 if let Ok(occ) = self.table.find_entry(h, |e| e.key == c.key) {
                     let (entry, _) = occ.remove();
                     self.forget(&entry);
@@ -431,16 +398,17 @@ impl Shard {
         self.log.seq = self.log.seq.max(seq);
     }
 
-    /// A consistent copy of the live entries as of change `seq()`: handles only (the `Bytes`
-    /// are shared, not copied), so taking it holds the core for microseconds per thousand
-    /// keys and the snapshot is written from it in the background.
-    pub fn entries(&self, now_ms: u64) -> SnapshotEntries {
+    /// A consistent copy of the entries as of change `seq()`: handles only (the `Bytes` are
+    /// shared, not copied), so taking it holds the core for microseconds per thousand keys
+    /// and the snapshot is written from it in the background. Entries past their deadline
+    /// but not yet removed are kept: their EXPIRED change is still to come, and a snapshot
+    /// without them would let a crash erase the key without one.
+    pub fn entries(&self) -> SnapshotEntries {
         SnapshotEntries {
             seq: self.log.seq,
             entries: self
                 .table
                 .iter()
-                .filter(|e| e.live(now_ms))
                 .map(|e| (e.key.clone(), e.value.clone(), e.expire_at_ms))
                 .collect(),
         }
@@ -448,7 +416,7 @@ impl Shard {
 
     /// Removes up to `max_keys` keys whose deadline has passed; returns how many were removed.
     /// Bounded so one core's sweep never stalls its requests.
-    pub fn sweep(&mut self, now_ms: u64, max_keys: usize, out: &mut Recorder) -> usize {
+    pub fn sweep(&mut self, now_ms: u64, max_keys: usize, out: &mut impl ChangeSink) -> usize {
         let mut removed = 0;
         while removed < max_keys {
             let Some((deadline, _)) = self.deadlines.first() else {
@@ -500,14 +468,6 @@ fn deadline(now_ms: u64, ttl_ms: u64) -> u64 {
     }
 }
 
-/// Wall-clock time in Unix milliseconds: deadlines are absolute so they survive restarts.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -528,7 +488,7 @@ mod tests {
     }
     fn apply(s: &mut Shard, cmd: Command, now_ms: u64, room: u64) -> Outcome {
         let h = table_hash(crate::keyspace::Keyspace::hash(cmd.key()));
-        s.apply(h, cmd, now_ms, room, &mut Recorder::default())
+        s.apply(h, cmd, now_ms, room, &mut ())
     }
 
     // Goal: memory accounting returns to zero when every key is gone, whichever way it went.
@@ -543,7 +503,7 @@ mod tests {
             apply(&mut s, Command::Del { key: b("a") }, 0, u64::MAX),
             Outcome::Applied(true)
         );
-        assert_eq!(s.sweep(10, 100, &mut Recorder::default()), 1);
+        assert_eq!(s.sweep(10, 100, &mut ()), 1);
         assert_eq!((s.memory_bytes(), s.len(), s.deadlines.len()), (0, 0, 0));
     }
 
@@ -603,11 +563,7 @@ mod tests {
     #[test]
     fn changes_are_recorded_in_order() {
         let mut s = Shard::new(7);
-        let mut out = Recorder {
-            wal: Some(WalBuffer::default()),
-            capture: true,
-            changes: Vec::new(),
-        };
+        let mut out: Vec<Change> = Vec::new();
         let mut apply = |cmd: Command, now_ms: u64| {
             let h = table_hash(crate::keyspace::Keyspace::hash(cmd.key()));
             s.apply(h, cmd, now_ms, u64::MAX, &mut out)
@@ -619,24 +575,8 @@ mod tests {
         apply(set("b", "2", 0, Condition::Always), 14);
         apply(Command::Del { key: b("b") }, 15);
         apply(get("a"), 100); // a expired at 18: removed on access
-                              // The log got the same changes, encoded.
-        let wal = out.wal.take().unwrap();
-        assert_eq!(wal.appended, 5);
-        let mut at = 0;
-        for c in &out.changes {
-            match crate::wal::record::decode(&wal.pending[at..], 1 << 20) {
-                crate::wal::record::Read::Record(logged, n) => {
-                    assert_eq!(
-                        (logged.seq, logged.op, &logged.key, &logged.value),
-                        (c.seq, c.op, &c.key, &c.value)
-                    );
-                    at += n;
-                }
-                other => panic!("{other:?}"),
-            }
-        }
+
         let got: Vec<(u64, ChangeOp, Bytes, u64)> = out
-            .changes
             .drain(..)
             .map(|c| {
                 assert_eq!(c.shard, 7);

@@ -1,9 +1,7 @@
 //! The shards one core owns, and that core's share of the memory limit.
 
-use super::{table_hash, Command, Outcome, Recorder, Shard};
-use crate::cdc::capture::CaptureQueue;
+use super::{table_hash, Change, ChangeSink, Command, Outcome, Shard};
 use crate::keyspace::Keyspace;
-use crate::wal::WalBuffer;
 
 /// All shards owned by one core. Lives in that core's thread only.
 pub struct CoreStore {
@@ -16,28 +14,13 @@ pub struct CoreStore {
     memory_bytes: u64,
     /// Where the next sweep starts, so a bounded sweep visits every shard in turn.
     sweep_cursor: usize,
-    /// Change capture, when enabled: every change goes here in apply order.
-    capture: Option<CaptureQueue>,
-    /// Where the shards record their changes (log records, capture events).
-    out: Recorder,
 }
 
 impl CoreStore {
     /// `node_memory_bytes_max` is the node-wide limit (0 = unlimited); each core gets an equal
     /// share so no core has to ask another before a write.
-    pub fn new(
-        keyspace: Keyspace,
-        core: u32,
-        node_memory_bytes_max: u64,
-        capture: Option<CaptureQueue>,
-        wal: bool,
-    ) -> Self {
+    pub fn new(keyspace: Keyspace, core: u32, node_memory_bytes_max: u64) -> Self {
         let shards = keyspace.shards_of_core(core).map(Shard::new).collect();
-        let out = Recorder {
-            wal: wal.then(WalBuffer::default),
-            capture: capture.is_some(),
-            changes: Vec::new(),
-        };
         let memory_bytes_max = match node_memory_bytes_max {
             0 => u64::MAX,
             n => (n / u64::from(keyspace.cores())).max(1),
@@ -49,8 +32,6 @@ impl CoreStore {
             memory_bytes_max,
             memory_bytes: 0,
             sweep_cursor: 0,
-            capture,
-            out,
         }
     }
 
@@ -63,8 +44,8 @@ impl CoreStore {
     }
 
     /// Applies `cmd`, whose key has routing hash `hash` (`Keyspace::hash`); this core must
-    /// own the key's shard.
-    pub fn apply(&mut self, hash: u64, cmd: Command, now_ms: u64) -> Outcome {
+    /// own the key's shard. Its changes go to `out`, in order.
+    pub fn apply(&mut self, hash: u64, cmd: Command, now_ms: u64, out: &mut impl ChangeSink) -> Outcome {
         debug_assert_eq!(Keyspace::hash(cmd.key()), hash);
         let shard = self.keyspace.shard_of_hash(hash);
         assert_eq!(
@@ -75,17 +56,14 @@ impl CoreStore {
         let room = self.memory_bytes_max.saturating_sub(self.memory_bytes);
         let s = &mut self.shards[self.keyspace.local_index(shard)];
         let before = s.memory_bytes();
-        let outcome = s.apply(table_hash(hash), cmd, now_ms, room, &mut self.out);
+        let outcome = s.apply(table_hash(hash), cmd, now_ms, room, out);
         self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
-        self.pass_on();
         outcome
     }
 
     /// Removes at most `max_keys` expired keys across this core's shards. Returns how many
     /// were removed; equal to `max_keys` means more may be due.
-    pub fn sweep(&mut self, now_ms: u64, max_keys: usize) -> usize {
-        // Each removal is a change event: never remove more than the change queue can take.
-        let max_keys = self.capture.as_ref().map_or(max_keys, |q| max_keys.min(q.room()));
+    pub fn sweep(&mut self, now_ms: u64, max_keys: usize, out: &mut impl ChangeSink) -> usize {
         let n = self.shards.len();
         let mut removed = 0;
         for step in 0..n {
@@ -95,36 +73,16 @@ impl CoreStore {
             let i = (self.sweep_cursor + step) % n;
             let s = &mut self.shards[i];
             let before = s.memory_bytes();
-            removed += s.sweep(now_ms, max_keys - removed, &mut self.out);
+            removed += s.sweep(now_ms, max_keys - removed, out);
             self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
-            self.pass_on();
         }
         self.sweep_cursor = (self.sweep_cursor + 1) % n.max(1);
         removed
     }
 
-    /// The write-ahead log's pending records (for the core's writer task).
-    pub fn wal_mut(&mut self) -> Option<&mut WalBuffer> {
-        self.out.wal.as_mut()
-    }
-
-    /// Records appended to the log so far.
-    pub fn wal_appended(&self) -> u64 {
-        self.out.wal.as_ref().map_or(0, |w| w.appended)
-    }
-
-    /// Hands the change events of the last command to change capture, in order.
-    fn pass_on(&mut self) {
-        if let Some(q) = &mut self.capture {
-            for c in self.out.changes.drain(..) {
-                q.push(c);
-            }
-        }
-    }
-
     /// Re-applies a logged change at start-up (see `Shard::restore`).
     /// `hash` is the key's routing hash (`Keyspace::hash`).
-    pub fn restore(&mut self, c: &crate::shard::Change, hash: u64, now_ms: u64) {
+    pub fn restore(&mut self, c: &Change, hash: u64) {
         assert_eq!(
             self.keyspace.core_of_shard(c.shard),
             self.core,
@@ -134,7 +92,7 @@ impl CoreStore {
         debug_assert_eq!(self.keyspace.shard_of_hash(hash), c.shard);
         let s = &mut self.shards[self.keyspace.local_index(c.shard)];
         let before = s.memory_bytes();
-        s.restore(table_hash(hash), c, now_ms);
+        s.restore(table_hash(hash), c);
         self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
     }
 
@@ -150,24 +108,13 @@ impl CoreStore {
     }
 
     /// `shard`'s live entries as of now (see `Shard::entries`); this core must own it.
-    pub fn entries(&self, shard: u32, now_ms: u64) -> super::SnapshotEntries {
+    pub fn entries(&self, shard: u32) -> super::SnapshotEntries {
         assert_eq!(
             self.keyspace.core_of_shard(shard),
             self.core,
             "snapshot of another core's shard"
         );
-        self.shards[self.keyspace.local_index(shard)].entries(now_ms)
-    }
-
-    /// True when writes may be applied now: change capture is off, or its queue has no
-    /// backlog (`cdc.overflow = block` holds writers back until it has drained).
-    pub fn cdc_ready(&mut self) -> bool {
-        self.capture.as_mut().is_none_or(|q| q.pump())
-    }
-
-    /// (events queued for the control core, events dropped).
-    pub fn cdc_counts(&self) -> (u64, u64) {
-        self.capture.as_ref().map_or((0, 0), |q| (q.depth(), q.dropped()))
+        self.shards[self.keyspace.local_index(shard)].entries()
     }
 
     pub fn keys(&self) -> u64 {
@@ -197,7 +144,7 @@ mod tests {
     #[test]
     fn memory_share_is_enforced_across_shards() {
         let ks = Keyspace::new(8, 2).unwrap();
-        let mut store = CoreStore::new(ks, 1, 2 * 3 * (96 + 2 + 1), None, false);
+        let mut store = CoreStore::new(ks, 1, 2 * 3 * (96 + 2 + 1));
         let mut applied = 0;
         for key in key_on_core(&ks, 1, 5) {
             let hash = Keyspace::hash(&key);
@@ -207,7 +154,7 @@ mod tests {
                 ttl_ms: 0,
                 condition: Condition::Always,
             };
-            if store.apply(hash, set, 0) == Outcome::Applied(true) {
+            if store.apply(hash, set, 0, &mut ()) == Outcome::Applied(true) {
                 applied += 1;
             }
         }
@@ -219,7 +166,7 @@ mod tests {
     #[test]
     fn sweep_is_bounded() {
         let ks = Keyspace::new(8, 1).unwrap();
-        let mut store = CoreStore::new(ks, 0, 0, None, false);
+        let mut store = CoreStore::new(ks, 0, 0);
         for key in key_on_core(&ks, 0, 50) {
             store.apply(
                 Keyspace::hash(&key),
@@ -230,11 +177,12 @@ mod tests {
                     condition: Condition::Always,
                 },
                 0,
+                &mut (),
             );
         }
-        assert_eq!(store.sweep(5, 100), 0);
-        assert_eq!(store.sweep(20, 30), 30);
-        assert_eq!(store.sweep(20, 30), 20);
+        assert_eq!(store.sweep(5, 100, &mut ()), 0);
+        assert_eq!(store.sweep(20, 30, &mut ()), 30);
+        assert_eq!(store.sweep(20, 30, &mut ()), 20);
         assert_eq!((store.keys(), store.memory_bytes()), (0, 0));
     }
 
@@ -243,8 +191,8 @@ mod tests {
     #[should_panic(expected = "routed to the wrong core")]
     fn wrong_core_is_caught() {
         let ks = Keyspace::new(8, 2).unwrap();
-        let mut store = CoreStore::new(ks, 0, 0, None, false);
+        let mut store = CoreStore::new(ks, 0, 0);
         let key = key_on_core(&ks, 1, 1).remove(0);
-        store.apply(Keyspace::hash(&key), Command::Get { key }, 0);
+        store.apply(Keyspace::hash(&key), Command::Get { key }, 0, &mut ());
     }
 }

@@ -375,7 +375,7 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
             match stats.cdc {
                 Some(c) if c.enabled => writeln!(
                     out,
-                    "cdc: connected {}, events published {}, batches {}, confirms pending {}, reconnects {}, republished {}, write-to-confirm p50 {} ms p99 {} ms, queued {}, spool bytes {}, dropped {}",
+                    "cdc: connected {}, events published {}, batches {}, confirms pending {}, reconnects {}, republished {}, write-to-confirm p50 {} ms p99 {} ms, queued {}, retained log bytes {}, read from log {}, writers held {}, checkpoint age {} ms, dropped {}",
                     c.connected,
                     c.events_published,
                     c.batches_published,
@@ -385,7 +385,10 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
                     c.confirm_delay_p50_ms,
                     c.confirm_delay_p99_ms,
                     stats.cores.iter().map(|c| c.cdc_queue_events).sum::<u64>(),
-                    c.spool_bytes,
+                    c.retained_bytes,
+                    c.events_from_log,
+                    c.writers_held,
+                    c.checkpoint_age_ms,
                     stats.cores.iter().map(|c| c.cdc_events_dropped).sum::<u64>() + c.events_dropped,
                 )
                 .map_err(io),

@@ -9,19 +9,17 @@
 
 use bytes::Bytes;
 
-use crate::shard::{Change, ChangeOp};
+pub use crate::change::Fields;
+use crate::change::{Change, ChangeOp};
 
 const FRAME_BYTES: usize = 8;
 const FIXED_BODY_BYTES: usize = 4 + 8 + 1 + 8 + 4;
 
-/// One record's fields, borrowed from wherever they live (a change, a shard entry).
-pub struct Fields<'a> {
-    pub shard: u32,
-    pub seq: u64,
-    pub op: ChangeOp,
-    pub expire_at_ms: u64,
-    pub key: &'a [u8],
-    pub value: &'a [u8],
+/// Bytes one record of a change with this key and value takes in the log. Change capture
+/// uses it to find where a change's record starts from where it ends.
+#[inline]
+pub fn encoded_len(key_bytes: usize, value_bytes: usize) -> usize {
+    FRAME_BYTES + FIXED_BODY_BYTES + key_bytes + value_bytes
 }
 
 /// Appends one record; returns its size in bytes.
@@ -96,6 +94,7 @@ pub fn decode(data: &[u8], body_bytes_max: usize) -> Read {
         key,
         value,
         expire_at_ms: u64_at(13),
+        log_end: 0,
     };
     Read::Record(change, FRAME_BYTES + len)
 }
@@ -124,17 +123,8 @@ mod tests {
     use super::*;
 
     fn encode(c: &Change, out: &mut Vec<u8>) {
-        encode_fields(
-            &Fields {
-                shard: c.shard,
-                seq: c.seq,
-                op: c.op,
-                expire_at_ms: c.expire_at_ms,
-                key: &c.key,
-                value: &c.value,
-            },
-            out,
-        );
+        let n = encode_fields(&c.fields(), out);
+        assert_eq!(n, encoded_len(c.key.len(), c.value.len()));
     }
 
     fn change(seq: u64, key: &str, value: &str) -> Change {
@@ -146,6 +136,7 @@ mod tests {
             key: Bytes::copy_from_slice(key.as_bytes()),
             value: Bytes::copy_from_slice(value.as_bytes()),
             expire_at_ms: 42,
+            log_end: 0,
         }
     }
 

@@ -1,6 +1,8 @@
 //! Recovery at start, before any port opens: load each shard's snapshot, then read every
 //! log file, check every record, and re-apply the records each snapshot does not cover, per
-//! shard in seq order, to the core that owns the shard now. Snapshots and records carry
+//! shard in seq order, to the core that owns the shard now. Keys whose deadline passed
+//! while the node was down come back too, so that their removal is logged and published
+//! as EXPIRED changes once the node runs. Snapshots and records carry
 //! their shard, so a restart with another core count finds every key.
 //!
 //! A damaged record at the end of a log file (a crash in the middle of a write) is cut off
@@ -13,8 +15,9 @@ use std::time::Instant;
 
 use super::record::{decode, Read};
 use super::snapshot::{self, Header, Loaded, HEADER_BYTES};
+use crate::change::{Change, ChangeOp};
 use crate::keyspace::Keyspace;
-use crate::shard::{now_ms, Change, ChangeOp, CoreStore};
+use crate::shard::CoreStore;
 
 /// What recovery did, for the start-up log and Stats.
 #[derive(Debug, Default)]
@@ -87,7 +90,6 @@ pub fn recover(
         shard_snapshots: vec![Loaded::default(); keyspace.shards() as usize],
         ..Recovered::default()
     };
-    let now = now_ms();
     // Snapshots first: what each covers (by seq) is skipped in the logs.
     let mut covered = vec![0u64; keyspace.shards() as usize];
     snapshot::remove_unfinished(snap_dir).or_else(|e| match e.kind() {
@@ -135,7 +137,7 @@ pub fn recover(
             let why = match decode(&data[at..], record_bytes_max) {
                 Read::Record(c, n) if c.shard == header.shard && c.op == ChangeOp::Set && c.seq == header.seq => {
                     let hash = check_shard(keyspace, &c, &path, at)?;
-                    stores[core].restore(&c, hash, now);
+                    stores[core].restore(&c, hash);
                     at += n;
                     keys += 1;
                     continue;
@@ -209,7 +211,7 @@ pub fn recover(
     changes.sort_by_key(|(_, c)| (c.shard, c.seq));
     for (hash, c) in &changes {
         let core = keyspace.core_of_shard(c.shard) as usize;
-        stores[core].restore(c, *hash, now);
+        stores[core].restore(c, *hash);
     }
     out.keys = stores.iter().map(CoreStore::keys).sum();
     out.millis = started.elapsed().as_millis() as u64;

@@ -16,11 +16,14 @@
 //! 2. shard by shard, a consistent copy of the entries (shared handles, no value copies) is
 //!    written to `shard-<id>.snap.tmp`, synced, and renamed over the previous snapshot;
 //! 3. the directory is synced, then the closed segments are deleted: every record in them
-//!    has a seq at or below its shard's new snapshot.
+//!    has a seq at or below its shard's new snapshot. With change capture on, a segment
+//!    that still holds changes the broker has not confirmed (per the checkpoint on disk) is
+//!    kept until they are: the log is capture's spool.
 //!
 //! Logs of earlier runs (which may hold any core's shards after a core-count change) go
-//! once every core has finished its first round. A crash at any point leaves either the old
-//! snapshot or the new one, and every log record a snapshot does not cover.
+//! once every core has finished its first round and change capture has them confirmed. A
+//! crash at any point leaves either the old snapshot or the new one, and every log record a
+//! snapshot or the checkpoint does not cover.
 
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
@@ -35,8 +38,11 @@ use futures::io::AsyncWriteExt;
 use glommio::io::{DmaFile, DmaStreamWriterBuilder};
 
 use super::record::{self, Fields};
-use super::writer::WalState;
-use crate::shard::{now_ms, ChangeOp, CoreStore};
+use super::writer::{Closed, WalState};
+use super::Recorder;
+use crate::cdc::{CdcCounters, CoreLink};
+use crate::change::{now_ms, ChangeOp};
+use crate::shard::CoreStore;
 
 const MAGIC: &[u8; 8] = b"FLUXSNP1";
 pub const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 8 + 4;
@@ -100,11 +106,13 @@ pub fn file_name(shard: u32) -> String {
     format!("shard-{shard:05}.snap")
 }
 
-/// Logs of earlier runs, deleted once every core has written its first snapshot round.
+/// Logs of earlier runs, deleted once every core has written its first snapshot round and
+/// change capture (when on) has every change in them confirmed.
 pub struct OldLogs {
     files: Vec<PathBuf>,
     /// Cores that have not finished their first round yet.
     cores_left: AtomicUsize,
+    deleted: std::sync::atomic::AtomicBool,
     /// Each core's share of their bytes, counted towards its first snapshot trigger, so old
     /// logs never pile up across restarts.
     pub bytes_per_core: u64,
@@ -115,14 +123,20 @@ impl OldLogs {
         Arc::new(OldLogs {
             files,
             cores_left: AtomicUsize::new(cores as usize),
+            deleted: std::sync::atomic::AtomicBool::new(false),
             bytes_per_core: bytes / u64::from(cores.max(1)),
         })
     }
 
-    /// Called once by each core after its first round; the last one deletes the files and
-    /// returns their bytes.
-    fn core_done(&self, core: u32) -> u64 {
-        if self.cores_left.fetch_sub(1, Ordering::AcqRel) != 1 {
+    /// Called once by each core after its first round.
+    fn core_done(&self) {
+        self.cores_left.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Deletes the files once every core has snapshotted and `confirmed` (change capture
+    /// needs nothing in them any more); returns their bytes the one time it does.
+    fn delete_when_done(&self, core: u32, confirmed: bool) -> u64 {
+        if !confirmed || self.cores_left.load(Ordering::Acquire) != 0 || self.deleted.swap(true, Ordering::AcqRel) {
             return 0;
         }
         let mut released = 0;
@@ -160,11 +174,20 @@ pub struct Report {
     pub log_bytes_released: u64,
 }
 
+/// What change capture still needs from the log (absent: capture is off).
+pub struct CaptureHold {
+    pub link: Arc<CoreLink>,
+    pub counters: Arc<CdcCounters>,
+}
+
 /// One core's snapshot state, shared by its tasks.
 pub struct Snapshots {
     dir: PathBuf,
     log_bytes_min: u64,
     old: Arc<OldLogs>,
+    capture: Option<CaptureHold>,
+    /// Segments a snapshot covers that still hold changes the broker has not confirmed.
+    covered: RefCell<Vec<Closed>>,
     first_done: Cell<bool>,
     requests: RefCell<Vec<oneshot::Sender<Result<Report, String>>>>,
     waker: RefCell<Option<Waker>>,
@@ -181,7 +204,13 @@ pub struct Snapshots {
 
 impl Snapshots {
     /// `loaded` is what recovery found for this core's shards, in local order.
-    pub fn new(dir: PathBuf, log_bytes_min: u64, old: Arc<OldLogs>, loaded: Vec<Loaded>) -> Rc<Snapshots> {
+    pub fn new(
+        dir: PathBuf,
+        log_bytes_min: u64,
+        old: Arc<OldLogs>,
+        capture: Option<CaptureHold>,
+        loaded: Vec<Loaded>,
+    ) -> Rc<Snapshots> {
         let taken_at_ms = loaded
             .iter()
             .map(|l| l.written_at_ms)
@@ -193,6 +222,8 @@ impl Snapshots {
             dir,
             log_bytes_min,
             old,
+            capture,
+            covered: RefCell::new(Vec::new()),
             first_done: Cell::new(false),
             requests: RefCell::new(Vec::new()),
             waker: RefCell::new(None),
@@ -221,6 +252,38 @@ impl Snapshots {
         }
     }
 
+    /// Deletes covered segments (and old logs) change capture no longer needs; returns the
+    /// bytes released.
+    async fn release_confirmed(&self, core: u32) -> u64 {
+        let below = self
+            .capture
+            .as_ref()
+            .map_or(u64::MAX, |c| c.link.release_below.load(Ordering::Acquire));
+        let done: Vec<Closed> = {
+            let mut covered = self.covered.borrow_mut();
+            let (done, keep) = covered.drain(..).partition(|c| c.end() <= below);
+            *covered = keep;
+            done
+        };
+        let mut released = 0;
+        for c in done {
+            match glommio::io::remove(&c.path).await {
+                Ok(()) => released += c.bytes,
+                Err(e) => tracing::warn!(core, file = %c.path.display(), error = %e, "cannot delete a log segment"),
+            }
+        }
+        let confirmed = self
+            .capture
+            .as_ref()
+            .is_none_or(|c| c.counters.old_logs_released.load(Ordering::Acquire));
+        released + self.old.delete_when_done(core, confirmed)
+    }
+
+    /// Log bytes kept only because change capture has not had them confirmed.
+    pub fn held_bytes(&self) -> u64 {
+        self.covered.borrow().iter().map(|c| c.bytes).sum()
+    }
+
     fn due(&self, wal: &WalState) -> bool {
         let old = if self.first_done.get() {
             0
@@ -234,9 +297,17 @@ impl Snapshots {
 
 /// Snapshots the core's shards whenever its log has grown enough or a round was requested.
 /// Runs until the core drops it at shutdown (an unfinished round leaves only a `.tmp`).
-pub async fn run(snaps: Rc<Snapshots>, wal: Rc<WalState>, store: &RefCell<CoreStore>, signals: Arc<AtomicU64>) {
+pub async fn run(
+    snaps: Rc<Snapshots>,
+    wal: Rc<WalState>,
+    store: &RefCell<CoreStore>,
+    recorder: &RefCell<Recorder>,
+    signals: Arc<AtomicU64>,
+) {
     let mut seen_signals = signals.load(Ordering::Acquire);
+    let core = store.borrow().core();
     loop {
+        snaps.release_confirmed(core).await;
         // Wait for a request, or look at the log size now and then.
         let tick = std::pin::pin!(glommio::timer::sleep(CHECK_INTERVAL));
         let asked = std::future::poll_fn(|cx| {
@@ -254,7 +325,7 @@ pub async fn run(snaps: Rc<Snapshots>, wal: Rc<WalState>, store: &RefCell<CoreSt
             continue;
         }
         let waiting = std::mem::take(&mut *snaps.requests.borrow_mut());
-        let result = round(&snaps, &wal, store).await;
+        let result = round(&snaps, &wal, store, recorder).await;
         match &result {
             Ok(r) => tracing::info!(
                 core = store.borrow().core(),
@@ -277,10 +348,15 @@ pub async fn run(snaps: Rc<Snapshots>, wal: Rc<WalState>, store: &RefCell<CoreSt
     }
 }
 
-async fn round(snaps: &Snapshots, wal: &WalState, store: &RefCell<CoreStore>) -> Result<Report, String> {
+async fn round(
+    snaps: &Snapshots,
+    wal: &WalState,
+    store: &RefCell<CoreStore>,
+    recorder: &RefCell<Recorder>,
+) -> Result<Report, String> {
     let started = Instant::now();
     let segments = wal
-        .rotate(store)
+        .rotate(recorder)
         .await
         .map_err(|e| format!("cannot start a new log segment: {e}"))?;
     let (keyspace, core) = {
@@ -295,7 +371,7 @@ async fn round(snaps: &Snapshots, wal: &WalState, store: &RefCell<CoreStore>) ->
             continue; // unchanged since its snapshot (or never written to)
         }
         let taken_at = now_ms();
-        let snap = store.borrow().entries(shard, taken_at);
+        let snap = store.borrow().entries(shard);
         let header = Header {
             shard,
             shards: keyspace.shards(),
@@ -317,17 +393,14 @@ async fn round(snaps: &Snapshots, wal: &WalState, store: &RefCell<CoreStore>) ->
     sync_dir(&snaps.dir)
         .await
         .map_err(|e| format!("cannot sync {}: {e}", snaps.dir.display()))?;
-    // The snapshots are durable: the segments closed before the round are covered.
-    for (path, bytes) in &segments {
-        glommio::io::remove(path)
-            .await
-            .map_err(|e| format!("cannot delete {}: {e}", path.display()))?;
-        report.log_bytes_released += bytes;
-    }
+    // The snapshots are durable: the segments closed before the round are covered; they
+    // go as soon as change capture has their changes confirmed (at once when it is off).
     wal.release(&segments);
+    snaps.covered.borrow_mut().extend(segments);
     if !snaps.first_done.replace(true) {
-        report.log_bytes_released += snaps.old.core_done(core);
+        snaps.old.core_done();
     }
+    report.log_bytes_released += snaps.release_confirmed(core).await;
     snaps.taken_at_ms.set(round_at);
     snaps.bytes.set(snaps.shards.borrow().iter().map(|(_, b)| b).sum());
     snaps.rounds.set(snaps.rounds.get() + 1);
@@ -351,17 +424,15 @@ async fn write_shard(
     header.encode(&mut buf);
     let mut total = 0u64;
     for (key, value, expire_at_ms) in entries {
-        record::encode_fields(
-            &Fields {
-                shard: header.shard,
-                seq: header.seq,
-                op: ChangeOp::Set,
-                expire_at_ms: *expire_at_ms,
-                key,
-                value,
-            },
-            &mut buf,
-        );
+        let fields = Fields {
+            shard: header.shard,
+            seq: header.seq,
+            op: ChangeOp::Set,
+            expire_at_ms: *expire_at_ms,
+            key,
+            value,
+        };
+        record::encode_fields(&fields, &mut buf);
         if buf.len() >= CHUNK_BYTES {
             w.write_all(&buf).await?;
             total += buf.len() as u64;

@@ -9,10 +9,26 @@ use std::time::{Duration, Instant};
 use futures::future::{select, Either};
 use glommio::io::DmaFile;
 
+use super::Recorder;
+use crate::cdc::replay::segment_name;
 use crate::config::Fsync;
-use crate::shard::CoreStore;
 
 const EVERYSEC: Duration = Duration::from_secs(1);
+
+/// A closed segment of this run: its file, where it starts in the run's log, its bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub path: PathBuf,
+    pub start: u64,
+    pub bytes: u64,
+}
+
+impl Closed {
+    /// Offset in the run's log just past its last record.
+    pub fn end(&self) -> u64 {
+        self.start + self.bytes
+    }
+}
 
 /// What the core's other tasks see of its log.
 pub struct WalState {
@@ -24,21 +40,26 @@ pub struct WalState {
     /// Bytes written since start (Stats).
     pub bytes: Cell<u64>,
     failed: Cell<bool>,
-    /// Where this core's segments go and how they are named: `<run_ms>-core<i>-<n>.log`.
+    /// Where this core's segments go and how they are named: `<run_ms>-core<i>-<start>.log`
+    /// (see `cdc::replay`).
     dir: PathBuf,
     name: String,
     /// Bytes in the segment being written.
     segment_bytes: Cell<u64>,
-    /// Segments of this run that are closed and not yet covered by a snapshot, with sizes.
-    closed: RefCell<Vec<(PathBuf, u64)>>,
+    /// Segments of this run that are closed and not yet covered by a snapshot.
+    closed: RefCell<Vec<Closed>>,
+    /// With change capture on and fsync everysec or no: sync at least this often while
+    /// records are unsynced, because their events wait for it.
+    capture_sync: Option<Duration>,
     /// A snapshot asked for a new segment; its waker is woken once the writer switched.
     rotate: Cell<bool>,
     rotated: RefCell<Option<Waker>>,
 }
 
 impl WalState {
-    /// `name` is unique to this core and run; segments are `<name>-<n>.log` in `dir`.
-    pub fn new(fsync: Fsync, dir: PathBuf, name: String) -> Rc<WalState> {
+    /// `name` is unique to this core and run; segments are `<name>-<start>.log` in `dir`.
+    /// `capture_sync` is how often change capture needs the log synced (None: capture off).
+    pub fn new(fsync: Fsync, dir: PathBuf, name: String, capture_sync: Option<Duration>) -> Rc<WalState> {
         Rc::new(WalState {
             fsync,
             durable: Cell::new(0),
@@ -50,13 +71,14 @@ impl WalState {
             name,
             segment_bytes: Cell::new(0),
             closed: RefCell::new(Vec::new()),
+            capture_sync: capture_sync.filter(|_| fsync != Fsync::Always),
             rotate: Cell::new(false),
             rotated: RefCell::new(None),
         })
     }
 
-    fn segment_path(&self, n: usize) -> PathBuf {
-        self.dir.join(format!("{}-{n:06}.log", self.name))
+    fn segment_path(&self, start: u64) -> PathBuf {
+        self.dir.join(segment_name(&self.name, start))
     }
 
     /// True once a write failed: nothing more reaches the log.
@@ -66,17 +88,15 @@ impl WalState {
 
     /// Bytes in this core's log files of this run (what a snapshot would let go).
     pub fn log_bytes(&self) -> u64 {
-        self.segment_bytes.get() + self.closed.borrow().iter().map(|(_, n)| n).sum::<u64>()
+        self.segment_bytes.get() + self.closed.borrow().iter().map(|c| c.bytes).sum::<u64>()
     }
 
     /// Closes the current segment and starts a new one. Every record appended before the
     /// call is in the segments returned (all closed segments not yet released), which a
     /// snapshot of every shard taken afterwards covers.
-    pub async fn rotate(&self, store: &RefCell<CoreStore>) -> std::io::Result<Vec<(PathBuf, u64)>> {
+    pub async fn rotate(&self, recorder: &RefCell<Recorder>) -> std::io::Result<Vec<Closed>> {
         self.rotate.set(true);
-        if let Some(w) = store.borrow_mut().wal_mut().and_then(|b| b.writer.take()) {
-            w.wake();
-        }
+        recorder.borrow_mut().wake_writer();
         std::future::poll_fn(|cx| {
             if self.failed.get() || self.closing.get() {
                 return Poll::Ready(Err(std::io::Error::other("the write-ahead log is closed or failed")));
@@ -91,8 +111,9 @@ impl WalState {
         Ok(self.closed.borrow().clone())
     }
 
-    /// Forgets segments a snapshot now covers (the caller deletes them).
-    pub fn release(&self, segments: &[(PathBuf, u64)]) {
+    /// Forgets segments a snapshot now covers (the caller deletes them, or keeps them for
+    /// change capture until it has them confirmed).
+    pub fn release(&self, segments: &[Closed]) {
         self.closed.borrow_mut().retain(|s| !segments.contains(s));
     }
 
@@ -129,9 +150,10 @@ impl WalState {
     }
 }
 
-/// Writes the core's log until closed. `store` holds the pending records.
-pub async fn run(state: Rc<WalState>, store: &RefCell<CoreStore>) {
-    if let Err(e) = write_loop(&state, store).await {
+/// Writes the core's log until closed. `recorder` holds the pending records, and the
+/// change events waiting for them to be synced.
+pub async fn run(state: Rc<WalState>, recorder: &RefCell<Recorder>) {
+    if let Err(e) = write_loop(&state, recorder).await {
         tracing::error!(dir = %state.dir.display(), log = %state.name, error = %e, "write-ahead log failed; writes are no longer acknowledged as durable");
         state.failed.set(true);
         for w in state.waiters.borrow_mut().drain(..) {
@@ -219,19 +241,26 @@ impl Segment {
     }
 }
 
-async fn write_loop(state: &WalState, store: &RefCell<CoreStore>) -> std::io::Result<()> {
+async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>) -> std::io::Result<()> {
     let dsync = state.fsync == Fsync::Always;
-    let mut segment = 0;
-    let mut path = state.segment_path(segment);
+    // Offset in this run's log of the next byte written, and of the segment's first.
+    let mut written = 0u64;
+    let mut path = state.segment_path(written);
     let mut writer = Segment::create(&path, dsync).await?;
     let mut spare = Vec::new();
     let mut last_sync = Instant::now();
     let mut unsynced = false;
+    let sync_every = match (state.fsync, state.capture_sync) {
+        (Fsync::Always, _) => None,
+        (_, Some(capture)) => Some(capture.min(EVERYSEC)),
+        (Fsync::Everysec, None) => Some(EVERYSEC),
+        (Fsync::No, None) => None,
+    };
     loop {
-        // Wait for records, or for the next everysec sync.
+        // Wait for records, or for the next timed sync.
         let wait = std::pin::pin!(std::future::poll_fn(|cx| {
-            let mut s = store.borrow_mut();
-            match s.wal_mut() {
+            let mut r = recorder.borrow_mut();
+            match r.log.as_mut() {
                 Some(buf) if buf.pending.is_empty() && !state.closing.get() && !state.rotate.get() => {
                     buf.writer = Some(cx.waker().clone());
                     Poll::Pending
@@ -239,23 +268,22 @@ async fn write_loop(state: &WalState, store: &RefCell<CoreStore>) -> std::io::Re
                 _ => Poll::Ready(()),
             }
         }));
-        if state.fsync == Fsync::Everysec && unsynced {
-            // Written but not yet synced: wake for the sync even if no record comes.
-            let due = EVERYSEC
-                .saturating_sub(last_sync.elapsed())
-                .max(Duration::from_millis(1));
-            let tick = std::pin::pin!(glommio::timer::sleep(due));
-            if let Either::Right(_) = select(wait, tick).await {
-                if let Some(buf) = store.borrow_mut().wal_mut() {
-                    buf.writer = None;
+        match sync_every {
+            Some(every) if unsynced => {
+                // Written but not yet synced: wake for the sync even if no record comes.
+                let due = every.saturating_sub(last_sync.elapsed()).max(Duration::from_millis(1));
+                let tick = std::pin::pin!(glommio::timer::sleep(due));
+                if let Either::Right(_) = select(wait, tick).await {
+                    if let Some(buf) = recorder.borrow_mut().log.as_mut() {
+                        buf.writer = None;
+                    }
                 }
             }
-        } else {
-            wait.await;
+            _ => wait.await,
         }
         let (data, generation) = {
-            let mut s = store.borrow_mut();
-            let Some(buf) = s.wal_mut() else { return Ok(()) };
+            let mut r = recorder.borrow_mut();
+            let Some(buf) = r.log.as_mut() else { return Ok(()) };
             std::mem::swap(&mut buf.pending, &mut spare);
             (std::mem::take(&mut spare), buf.appended)
         };
@@ -263,29 +291,39 @@ async fn write_loop(state: &WalState, store: &RefCell<CoreStore>) -> std::io::Re
         // at most the last round; the policy only decides when the device must persist it.
         if !data.is_empty() {
             writer.append(&data).await?;
+            written += data.len() as u64;
             state.bytes.set(state.bytes.get() + data.len() as u64);
             state.segment_bytes.set(state.segment_bytes.get() + data.len() as u64);
             unsynced = !dsync;
         }
         spare = data;
         spare.clear();
-        let sync_now = match state.fsync {
-            Fsync::Always => false, // O_DSYNC: durable on completion
-            Fsync::Everysec => unsynced && last_sync.elapsed() >= EVERYSEC,
-            Fsync::No => false,
-        };
+        let sync_now = unsynced && sync_every.is_some_and(|every| last_sync.elapsed() >= every);
         if sync_now || (state.closing.get() && unsynced) {
             writer.sync().await?;
             last_sync = Instant::now();
             unsynced = false;
         }
         state.advance(generation);
+        if !unsynced {
+            // Every record written so far is durable: its change event may go out.
+            if let Some(q) = recorder.borrow_mut().capture.as_mut() {
+                q.release(written);
+            }
+        }
         if state.rotate.get() && !state.closing.get() {
             // Everything taken so far is written; close (which syncs) and start the next.
             writer.close().await?;
-            state.closed.borrow_mut().push((path, state.segment_bytes.replace(0)));
-            segment += 1;
-            path = state.segment_path(segment);
+            let bytes = state.segment_bytes.replace(0);
+            state.closed.borrow_mut().push(Closed {
+                path,
+                start: written - bytes,
+                bytes,
+            });
+            if let Some(q) = recorder.borrow_mut().capture.as_mut() {
+                q.release(written);
+            }
+            path = state.segment_path(written);
             writer = Segment::create(&path, dsync).await?;
             unsynced = false;
             state.rotate.set(false);
@@ -293,7 +331,7 @@ async fn write_loop(state: &WalState, store: &RefCell<CoreStore>) -> std::io::Re
                 w.wake();
             }
         }
-        let drained = store.borrow_mut().wal_mut().is_none_or(|b| b.pending.is_empty());
+        let drained = recorder.borrow().log.as_ref().is_none_or(|b| b.pending.is_empty());
         if state.closing.get() && drained && !unsynced {
             writer.close().await?;
             return Ok(());

@@ -1,0 +1,99 @@
+//! The words every subsystem that handles writes shares: a change, its op, the borrowed
+//! fields of a log record, where a shard sends its changes, and the clock.
+//!
+//! A leaf module: it imports nothing from the crate, so `shard`, `wal` and `cdc` all depend
+//! on it and never on each other for this vocabulary.
+
+use bytes::Bytes;
+
+/// What a change did (the `Op` of proto/cdc.proto).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeOp {
+    Set,
+    Del,
+    Expire,
+    Expired,
+}
+
+/// One change's fields, borrowed from wherever they live (a shard entry, a snapshot copy, a
+/// decoded record), so the log encodes straight from the entry and nothing is cloned.
+#[derive(Clone, Copy)]
+pub struct Fields<'a> {
+    pub shard: u32,
+    /// Per-shard sequence number, gap-free from 1.
+    pub seq: u64,
+    pub op: ChangeOp,
+    /// The key's expiry after the change; 0 = none.
+    pub expire_at_ms: u64,
+    pub key: &'a Bytes,
+    /// The new value (SET only; empty otherwise).
+    pub value: &'a Bytes,
+}
+
+/// One applied change, owned and `Send`: it travels to the control core as it is and is
+/// serialized there, never on the shard core. Cloning the `Bytes` is a reference count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    pub shard: u32,
+    pub seq: u64,
+    pub timestamp_ms: u64,
+    pub op: ChangeOp,
+    pub key: Bytes,
+    pub value: Bytes,
+    pub expire_at_ms: u64,
+    /// Offset in its core's log of this run just past the change's record; 0 when there is
+    /// no log (persistence off) or the change was read back from a log.
+    pub log_end: u64,
+}
+
+impl Change {
+    pub fn new(f: &Fields, timestamp_ms: u64, log_end: u64) -> Change {
+        Change {
+            shard: f.shard,
+            seq: f.seq,
+            timestamp_ms,
+            op: f.op,
+            key: f.key.clone(),
+            value: f.value.clone(),
+            expire_at_ms: f.expire_at_ms,
+            log_end,
+        }
+    }
+
+    pub fn fields(&self) -> Fields<'_> {
+        Fields {
+            shard: self.shard,
+            seq: self.seq,
+            op: self.op,
+            expire_at_ms: self.expire_at_ms,
+            key: &self.key,
+            value: &self.value,
+        }
+    }
+}
+
+/// Where a shard sends each change it applies, in apply order (the core's log and change
+/// capture in the server; nothing, or a list, in tests and recovery).
+pub trait ChangeSink {
+    fn record(&mut self, f: &Fields, now_ms: u64);
+}
+
+/// Discards changes (recovery re-applies what is already logged).
+impl ChangeSink for () {
+    fn record(&mut self, _: &Fields, _: u64) {}
+}
+
+/// Collects changes (tests).
+impl ChangeSink for Vec<Change> {
+    fn record(&mut self, f: &Fields, now_ms: u64) {
+        self.push(Change::new(f, now_ms, 0));
+    }
+}
+
+/// Wall-clock time in Unix milliseconds: deadlines are absolute so they survive restarts.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
