@@ -3,52 +3,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use common::cdc::{tail, tail_json, unique, write_keys, Proxy};
 use common::{b, code, TestServer};
 use flux_kv::proto::{self, request::Op, response::Result as R};
 use flux_kv::wire;
-
-fn unique(prefix: &str) -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos();
-    format!("{prefix}.{}.{nanos}", std::process::id())
-}
-
-/// flux-cdc-tail printing JSON lines for `exchange`, exiting after `count` events or when idle.
-fn tail_json(exchange: &str, count: usize, idle: &str) -> Child {
-    tail(&[
-        "--exchange",
-        exchange,
-        "--json",
-        "--count",
-        &count.to_string(),
-        "--idle-timeout",
-        idle,
-    ])
-}
-
-/// flux-cdc-tail bound and ready (it prints `ready` once its queue is bound).
-fn tail(args: &[&str]) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flux-cdc-tail"))
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    err.read_line(&mut line).unwrap();
-    assert!(line.starts_with("ready"), "flux-cdc-tail did not get ready: {line}");
-    // Keep draining stderr so the child never blocks on it; echo it for failing tests.
-    std::thread::spawn(move || {
-        for l in err.lines().map_while(Result::ok) {
-            eprintln!("flux-cdc-tail: {l}");
-        }
-    });
-    child
-}
 
 // Goal: 100,000 writes across all shards of 2 cores arrive on the exchange; after dedupe
 // every per-shard seq is present exactly once (1..n, no gap) and the writes to each key
@@ -192,81 +152,6 @@ fn json_compatibility_mode() {
             format!(r#"{{"type":1,"key":"{key}","value":null}}"#),
         ]
     );
-}
-
-/// A TCP proxy in front of RabbitMQ that the test can cut and restore.
-struct Proxy {
-    port: u16,
-    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
-}
-
-impl Proxy {
-    fn start(cut_at_start: bool) -> Proxy {
-        use std::sync::atomic::Ordering;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(cut_at_start));
-        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (c, list) = (cut.clone(), conns.clone());
-        std::thread::spawn(move || {
-            for client in listener.incoming().map_while(Result::ok) {
-                if c.load(Ordering::SeqCst) {
-                    continue; // dropped: the broker is "down"
-                }
-                let Ok(upstream) = std::net::TcpStream::connect("127.0.0.1:5672") else {
-                    continue;
-                };
-                let mut l = list.lock().unwrap();
-                l.push(client.try_clone().unwrap());
-                l.push(upstream.try_clone().unwrap());
-                for (mut from, mut to) in [
-                    (client.try_clone().unwrap(), upstream.try_clone().unwrap()),
-                    (upstream, client),
-                ] {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Proxy { port, cut, conns }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-
-    fn cut(&self) {
-        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
-        for s in self.conns.lock().unwrap().drain(..) {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-
-    fn restore(&self) {
-        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// Writes `n` SETs of keys `prefix<i>` in pipelined chunks; returns when all are acknowledged.
-fn write_keys(c: &mut common::Client, prefix: &str, range: std::ops::Range<usize>) {
-    for chunk in range.collect::<Vec<_>>().chunks(500) {
-        let mut bytes = Vec::new();
-        for i in chunk {
-            let op = Op::Set(proto::SetRequest {
-                key: b(format!("{prefix}{i}").as_bytes()),
-                value: b(b"v"),
-                ..Default::default()
-            });
-            wire::put_frame(&c.request(op), &mut bytes);
-        }
-        c.send_raw(&bytes);
-        for _ in chunk {
-            assert!(code(&c.recv().unwrap()).is_none());
-        }
-    }
 }
 
 // Goal: the broker connection is cut for several seconds in the middle of a write load:

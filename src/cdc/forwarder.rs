@@ -55,8 +55,9 @@ const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(200);
 const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
 /// Heartbeat so a silently dead broker connection is noticed.
 const HEARTBEAT_S: u16 = 10;
-/// On shutdown, how long the forwarder keeps trying to get everything confirmed. What is
-/// left stays in the log and goes out after the next start.
+/// On shutdown, how long the forwarder keeps trying to get everything confirmed, at most
+/// (and at most half the node's `shutdown_timeout_ms`). What is left stays in the log and
+/// goes out after the next start.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Least time between two reports of the same log read error.
 const ERROR_REPORT_INTERVAL: Duration = Duration::from_secs(1);
@@ -197,14 +198,18 @@ pub struct Forwarder {
     /// Closed batches in publish order.
     outbox: VecDeque<Ready>,
     unconfirmed: BTreeMap<u64, Ready>,
-    /// Retention is full with `cdc.overflow = drop`: events are counted, not published.
-    dropping: bool,
+    /// Retention is full with `cdc.overflow = drop`: log bytes of the oldest events still to
+    /// give up (counted, not published) as they are taken.
+    drop_bytes: u64,
+    /// When a drop was last logged (at most one line per second).
+    drop_logged: Option<Instant>,
     delay_ms: Histogram<u64>,
     link: Option<Link>,
     reconnect_at: Instant,
     reconnect_delay: Duration,
     retention_at: Instant,
     checkpoint_at: Instant,
+    flush_timeout: Duration,
 }
 
 impl Forwarder {
@@ -250,14 +255,23 @@ impl Forwarder {
             building: HashMap::new(),
             outbox: VecDeque::new(),
             unconfirmed: BTreeMap::new(),
-            dropping: false,
+            drop_bytes: 0,
+            drop_logged: None,
             delay_ms: Histogram::new_with_bounds(1, 3_600_000, 2).expect("static histogram bounds"),
             link: None,
             reconnect_at: Instant::now(),
             reconnect_delay: RECONNECT_DELAY_MIN,
             retention_at: Instant::now(),
             checkpoint_at: Instant::now(),
+            flush_timeout: FLUSH_TIMEOUT,
         }
+    }
+
+    /// Gives up flushing at shutdown after `timeout` (capped at [`FLUSH_TIMEOUT`]), so the
+    /// last checkpoint is written before the node's own shutdown timeout ends the process.
+    pub fn flush_within(mut self, timeout: Duration) -> Self {
+        self.flush_timeout = timeout.min(FLUSH_TIMEOUT);
+        self
     }
 
     /// Runs until `stop` is set and everything the cores produced is confirmed (or the
@@ -283,7 +297,7 @@ impl Forwarder {
                 if self.idle() {
                     break;
                 }
-                if since.elapsed() > FLUSH_TIMEOUT {
+                if since.elapsed() > self.flush_timeout {
                     let left: usize = self.outbox.len() + self.unconfirmed.len();
                     tracing::warn!(
                         batches = left,
@@ -367,6 +381,9 @@ impl Forwarder {
             match read {
                 Ok(changes) => {
                     taken += changes.len().max(1);
+                    self.counters
+                        .events_from_log
+                        .fetch_add(changes.len() as u64, Ordering::Relaxed);
                     for c in changes {
                         self.take(c, true);
                     }
@@ -479,7 +496,9 @@ impl Forwarder {
             );
         }
         self.taken_seq[shard] = change.seq;
-        if self.dropping {
+        if self.drop_bytes > 0 {
+            let bytes = record::encoded_len(change.key.len(), change.value.len()) as u64;
+            self.drop_bytes = self.drop_bytes.saturating_sub(bytes);
             self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -591,9 +610,10 @@ impl Forwarder {
     }
 
     /// At `cdc.retention_bytes_max`: hold writers (`block`), or give up the oldest events
-    /// not yet published (`drop`), until the log holds less again.
+    /// not yet published (`drop`) until the log holds a quarter less than the bound.
     fn apply_retention(&mut self, retained: u64) {
-        let over = retained > self.config.retention_bytes_max;
+        let max = self.config.retention_bytes_max;
+        let over = retained > max;
         match self.config.overflow {
             Overflow::Block => {
                 let was = self.counters.writers_held.swap(over, Ordering::Relaxed);
@@ -602,7 +622,7 @@ impl Forwarder {
                 }
                 if over != was {
                     if over {
-                        tracing::warn!(retained_bytes = retained, limit = self.config.retention_bytes_max, "change capture: the log holds cdc.retention_bytes_max of unconfirmed changes; writers are held back (cdc.overflow = block)");
+                        tracing::warn!(retained_bytes = retained, limit = max, "change capture: the log holds cdc.retention_bytes_max of unconfirmed changes; writers are held back (cdc.overflow = block)");
                     } else {
                         tracing::info!(
                             retained_bytes = retained,
@@ -612,22 +632,39 @@ impl Forwarder {
                 }
             }
             Overflow::Drop => {
-                if over {
-                    let given_up = self.outbox.drain(..).map(|r| u64::from(r.events)).sum::<u64>()
-                        + self.building.drain().map(|(_, b)| u64::from(b.events)).sum::<u64>();
-                    self.counters.events_dropped.fetch_add(given_up, Ordering::Relaxed);
+                if !over || self.drop_bytes > 0 {
+                    return;
                 }
-                let dropped = self.counters.events_dropped.load(Ordering::Relaxed);
-                if over && !self.dropping {
-                    tracing::error!(retained_bytes = retained, limit = self.config.retention_bytes_max, events_dropped = dropped, "change capture: the log holds cdc.retention_bytes_max of unconfirmed changes; giving up the oldest (cdc.overflow = drop): consumers will see a gap in seq");
+                // Oldest first: batches waiting to be published, those still filling, then
+                // (`drop_bytes`) the next events taken from the log.
+                let mut excess = retained - max / 4 * 3;
+                let mut given_up = 0u64;
+                while excess > 0 {
+                    let Some(r) = self.outbox.pop_front() else { break };
+                    excess = excess.saturating_sub(r.body.len() as u64);
+                    given_up += u64::from(r.events);
                 }
-                if !over && self.dropping {
-                    tracing::warn!(
-                        events_dropped = dropped,
-                        "change capture: below cdc.retention_bytes_max again; publishing resumes"
-                    );
+                if excess > 0 {
+                    let mut filling: Vec<(Instant, u32)> = self.building.iter().map(|(s, b)| (b.opened, *s)).collect();
+                    filling.sort_unstable();
+                    for (_, shard) in filling {
+                        if excess == 0 {
+                            break;
+                        }
+                        let Some(b) = self.building.remove(&shard) else {
+                            continue;
+                        };
+                        excess = excess.saturating_sub(b.body.len() as u64);
+                        given_up += u64::from(b.events);
+                    }
                 }
-                self.dropping = over;
+                self.drop_bytes = excess;
+                let dropped = self.counters.events_dropped.fetch_add(given_up, Ordering::Relaxed) + given_up;
+                if self.drop_logged.is_some_and(|t| t.elapsed() < ERROR_REPORT_INTERVAL) {
+                    return;
+                }
+                self.drop_logged = Some(Instant::now());
+                tracing::error!(retained_bytes = retained, limit = max, events_dropped = dropped, "change capture: the log holds cdc.retention_bytes_max of unconfirmed changes; giving up the oldest (cdc.overflow = drop): consumers will see a gap in seq");
             }
         }
     }

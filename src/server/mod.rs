@@ -228,6 +228,7 @@ impl Server {
                 cdc.clone(),
                 spool.flatten(),
             )
+            .flush_within(Duration::from_millis(config.shutdown_timeout_ms / 2))
         });
         let snapshot_requests = Arc::new(AtomicU64::new(0));
         let control_cpu = control_cpu(&config, &cpus)?;

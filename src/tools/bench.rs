@@ -53,6 +53,11 @@ pub struct Args {
     /// Key space: random keys `key:<0..N>`; default: the old workload's `user_<conn>_<i>`.
     #[arg(long)]
     pub keys: Option<u64>,
+    /// Requests per second over all connections (paced per connection); 0 = as fast as the
+    /// server answers. For latency at a given load, such as change capture's
+    /// write-to-confirm delay.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
     /// Run for this long instead of a request count (10s, 1m).
     #[arg(long, value_parser = super::parse_duration)]
     pub duration: Option<Duration>,
@@ -311,7 +316,18 @@ async fn worker(plan: Arc<Plan>, conn: usize) -> Result<Histogram<u64>, String> 
     let mut i: u64 = 0;
     let mut id: u64 = 0;
     let mut key = Vec::with_capacity(64);
+    // With --rate, this connection's batches start on a fixed schedule, offset per
+    // connection so the load is spread over each interval.
+    let a = &plan.args;
+    let interval = (a.rate > 0).then(|| Duration::from_secs_f64((a.pipeline * a.connections) as f64 / a.rate as f64));
+    let began = tokio::time::Instant::now()
+        + interval.map_or(Duration::ZERO, |t| t.mul_f64(conn as f64 / a.connections as f64));
+    let mut batches: u32 = 0;
     loop {
+        if let Some(t) = interval {
+            tokio::time::sleep_until(began + t * batches).await;
+            batches += 1;
+        }
         let k = plan.claim(plan.args.pipeline);
         if k == 0 {
             break;

@@ -50,20 +50,58 @@ pub struct Args {
     /// Exit when no message arrived for this long (10s, 500ms).
     #[arg(long, value_parser = super::parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// Remember what each identity carried and report a duplicate whose content differs (an
+    /// identity that names two changes). Costs memory per event: for checks, not for tails
+    /// that run for ever.
+    #[arg(long)]
+    pub verify_duplicates: bool,
 }
 
 /// Per-shard continuity check over (node_id, shard, seq).
 #[derive(Default)]
 pub struct Continuity {
     next: HashMap<(String, u32), u64>,
+    /// With `--verify-duplicates`: a digest of each identity's content.
+    digests: Option<HashMap<(String, u32, u64), u64>>,
     pub events: u64,
     pub duplicates: u64,
     pub gaps: u64,
+    /// Duplicates whose content differs from the first copy.
+    pub conflicts: u64,
+}
+
+/// What an event says, apart from its identity and apply time.
+fn digest(e: &ChangeEvent) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(&e.op.to_le_bytes());
+    h.update(&e.expire_at_ms.to_le_bytes());
+    h.update(&(e.key.len() as u64).to_le_bytes());
+    h.update(&e.key);
+    h.update(&e.value);
+    h.digest()
 }
 
 impl Continuity {
+    pub fn verifying() -> Continuity {
+        Continuity {
+            digests: Some(HashMap::new()),
+            ..Continuity::default()
+        }
+    }
+
     /// True when the event is new; duplicates are counted and skipped; a skip ahead is a gap.
     pub fn accept(&mut self, e: &ChangeEvent) -> bool {
+        if let Some(digests) = &mut self.digests {
+            let d = digest(e);
+            let first = *digests.entry((e.node_id.clone(), e.shard, e.seq)).or_insert(d);
+            if first != d {
+                self.conflicts += 1;
+                eprintln!(
+                    "conflict: node {} shard {} seq {} came with two different contents",
+                    e.node_id, e.shard, e.seq
+                );
+            }
+        }
         let next = self.next.entry((e.node_id.clone(), e.shard)).or_insert(1);
         if e.seq < *next {
             self.duplicates += 1;
@@ -101,7 +139,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Returns Ok(true) when no gap was seen.
+/// Returns Ok(true) when no gap (and, verifying, no conflict) was seen.
 async fn run(args: Args) -> Result<bool, String> {
     let conn_args = crate::cdc::amqp_args(&args.amqp_url)?;
     let conn = Connection::open(&conn_args).await.map_err(|e| e.to_string())?;
@@ -141,7 +179,11 @@ async fn run(args: Args) -> Result<bool, String> {
         .map_err(|e| e.to_string())?;
     eprintln!("ready: queue {queue} bound to {exchange} ({binding})");
 
-    let mut seen = Continuity::default();
+    let mut seen = if args.verify_duplicates {
+        Continuity::verifying()
+    } else {
+        Continuity::default()
+    };
     let mut out = std::io::stdout().lock();
     loop {
         let msg = match args.idle_timeout {
@@ -172,11 +214,11 @@ async fn run(args: Args) -> Result<bool, String> {
         }
     }
     eprintln!(
-        "events {}, duplicates {}, gaps {}",
-        seen.events, seen.duplicates, seen.gaps
+        "events {}, duplicates {}, gaps {}, conflicts {}",
+        seen.events, seen.duplicates, seen.gaps, seen.conflicts
     );
     let _ = conn.close().await;
-    Ok(seen.gaps == 0)
+    Ok(seen.gaps == 0 && seen.conflicts == 0)
 }
 
 fn print_event(out: &mut impl Write, e: &ChangeEvent, json: bool) -> std::io::Result<()> {

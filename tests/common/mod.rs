@@ -2,6 +2,8 @@
 //! the crate's own frame codec.
 #![allow(dead_code)]
 
+pub mod cdc;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
