@@ -16,8 +16,9 @@ pub enum ChangeOp {
 }
 
 /// One change's fields, borrowed from wherever they live (a shard entry, a snapshot copy, a
-/// decoded record), so the log encodes straight from the entry and nothing is cloned.
-#[derive(Clone, Copy)]
+/// decoded record, change capture's queue), so the log and the change stream encode
+/// straight from them and nothing is cloned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Fields<'a> {
     pub shard: u32,
     /// Per-shard sequence number, gap-free from 1.
@@ -25,13 +26,25 @@ pub struct Fields<'a> {
     pub op: ChangeOp,
     /// The key's expiry after the change; 0 = none.
     pub expire_at_ms: u64,
-    pub key: &'a Bytes,
+    pub key: &'a [u8],
     /// The new value (SET only; empty otherwise).
-    pub value: &'a Bytes,
+    pub value: &'a [u8],
 }
 
-/// One applied change, owned and `Send`: it travels to the control core as it is and is
-/// serialized there, never on the shard core. Cloning the `Bytes` is a reference count.
+/// A change as change capture sees it: its fields, when it was applied, and where its record
+/// ends in its core's log of this run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Event<'a> {
+    pub fields: Fields<'a>,
+    /// Unix ms the write was applied; 0 for a change read back from a log.
+    pub timestamp_ms: u64,
+    /// Offset just past its record in its core's log of this run; 0 when there is no log
+    /// or it was read from a log of an earlier run.
+    pub log_end: u64,
+}
+
+/// One applied change, owned: a log record decoded at recovery or read back by change
+/// capture.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
     pub shard: u32,
@@ -53,10 +66,18 @@ impl Change {
             seq: f.seq,
             timestamp_ms,
             op: f.op,
-            key: f.key.clone(),
-            value: f.value.clone(),
+            key: Bytes::copy_from_slice(f.key),
+            value: Bytes::copy_from_slice(f.value),
             expire_at_ms: f.expire_at_ms,
             log_end,
+        }
+    }
+
+    pub fn event(&self) -> Event<'_> {
+        Event {
+            fields: self.fields(),
+            timestamp_ms: self.timestamp_ms,
+            log_end: self.log_end,
         }
     }
 

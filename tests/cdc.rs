@@ -180,8 +180,8 @@ fn broker_outage_loses_nothing() {
         // and events are read back from the log.
         "--cdc-confirms-pending-max",
         "16",
-        "--cdc-queue-events-max",
-        "1024",
+        "--cdc-queue-bytes-max",
+        "65536",
         "--cdc-batch-delay-ms",
         "5",
     ]);

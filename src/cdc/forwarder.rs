@@ -17,7 +17,7 @@
 //! writers, or give the oldest up). Without the log, the shard cores' queues fill and hold
 //! writers back (`block`) or drop (`drop`). Nothing waits on the broker anywhere else.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -28,23 +28,28 @@ use amqprs::channel::{BasicPublishArguments, Channel, ConfirmSelectArguments, Ex
 use amqprs::connection::Connection;
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return, DELIVERY_MODE_PERSISTENT};
 use hdrhistogram::Histogram;
-use rtrb::Consumer;
 use tokio::sync::mpsc;
 
+use super::capture::EventReader;
 use super::replay::{OldLogs, RunLog};
 use super::{checkpoint, encode, CdcCounters, CoreLink};
-use crate::change::{now_ms, Change};
+use crate::change::{now_ms, Event};
 use crate::config::{Cdc, CdcFormat, Overflow};
 use crate::keyspace::Keyspace;
 use crate::wal::record;
 
 /// The old service's exchange, for `cdc.format = "json"`.
 pub const JSON_EXCHANGE: &str = "flux_kv_events";
-/// How often the forwarder drains the queues and closes due batches.
-const TICK: Duration = Duration::from_millis(1);
+/// How often the forwarder drains the queues and closes due batches. Each tick wakes the
+/// control thread, which often shares a CPU with a shard core: a wake-up a millisecond
+/// cost that core measurably more than one every 5 ms, and 5 ms is far below the 50 ms a
+/// batch waits to fill. The queues hold well over a tick of writes.
+const TICK: Duration = Duration::from_millis(5);
 /// Events taken per core (from its queue or its log) per tick, so one busy core cannot
 /// starve the rest or the confirms.
 const DRAIN_EVENTS_MAX: usize = 16_384;
+/// Buffers of confirmed batches kept for reuse: one per shard is enough for steady load.
+const SPARE_MAX: usize = 256;
 /// Bytes of log read at a time.
 const READ_BYTES: usize = 1 << 20;
 /// How often retention is measured (and writers held or released).
@@ -75,16 +80,21 @@ struct Origin {
 }
 
 impl Origin {
-    fn add(&mut self, c: &Change, old: bool) {
+    fn add(&mut self, e: &Event, old: bool) {
         if self.first_seq == 0 {
-            self.first_seq = c.seq;
+            self.first_seq = e.fields.seq;
         }
-        self.last_seq = c.seq;
+        self.last_seq = e.fields.seq;
         self.old |= old;
-        if c.log_end != 0 && self.log_start.is_none() {
-            self.log_start = Some(c.log_end - record::encoded_len(c.key.len(), c.value.len()) as u64);
+        if e.log_end != 0 && self.log_start.is_none() {
+            self.log_start = Some(log_start(e));
         }
     }
+}
+
+/// Where `e`'s record starts in its core's log of this run.
+fn log_start(e: &Event) -> u64 {
+    e.log_end - record::encoded_len(e.fields.key.len(), e.fields.value.len()) as u64
 }
 
 /// A closed batch, ready to publish (or published and awaiting its confirm).
@@ -186,7 +196,8 @@ pub struct Forwarder {
     config: Cdc,
     node_id: String,
     keyspace: Keyspace,
-    queues: Vec<Consumer<Change>>,
+    /// Each core's queue; out of its slot only while it is being drained.
+    queues: Vec<Option<EventReader>>,
     links: Vec<Arc<CoreLink>>,
     counters: Arc<CdcCounters>,
     spool: Option<Spool>,
@@ -194,7 +205,10 @@ pub struct Forwarder {
     taken_seq: Vec<u64>,
     /// Per core: offset in this run's log just past the last event taken from that core.
     taken_end: Vec<u64>,
-    building: HashMap<u32, Building>,
+    /// Per shard: the batch filling up, if any.
+    building: Vec<Option<Building>>,
+    /// Buffers of confirmed batches, reused for new ones (at most `SPARE_MAX`).
+    spare: Vec<(Vec<u8>, Vec<u64>)>,
     /// Closed batches in publish order.
     outbox: VecDeque<Ready>,
     unconfirmed: BTreeMap<u64, Ready>,
@@ -219,7 +233,7 @@ impl Forwarder {
         config: Cdc,
         node_id: String,
         keyspace: Keyspace,
-        queues: Vec<Consumer<Change>>,
+        queues: Vec<EventReader>,
         links: Vec<Arc<CoreLink>>,
         counters: Arc<CdcCounters>,
         spool: Option<LogSpool>,
@@ -246,13 +260,14 @@ impl Forwarder {
             config,
             node_id,
             keyspace,
-            queues,
+            queues: queues.into_iter().map(Some).collect(),
             links,
             counters,
             spool,
             taken_seq,
             taken_end: vec![0; cores],
-            building: HashMap::new(),
+            building: (0..keyspace.shards()).map(|_| None).collect(),
+            spare: Vec::new(),
             outbox: VecDeque::new(),
             unconfirmed: BTreeMap::new(),
             drop_bytes: 0,
@@ -321,8 +336,8 @@ impl Forwarder {
         });
         self.unconfirmed.is_empty()
             && self.outbox.is_empty()
-            && self.building.is_empty()
-            && self.queues.iter().all(|q| q.is_empty())
+            && self.building.iter().all(Option::is_none)
+            && self.queues.iter().flatten().all(EventReader::is_empty)
             && logs_read
     }
 
@@ -357,14 +372,13 @@ impl Forwarder {
             }
         }
         let delay = Duration::from_millis(self.config.batch_delay_ms);
-        let due: Vec<u32> = self
-            .building
-            .iter()
-            .filter(|(_, b)| stopping || b.opened.elapsed() >= delay)
-            .map(|(s, _)| *s)
-            .collect();
-        for shard in due {
-            self.close(shard);
+        for shard in 0..self.building.len() {
+            if self.building[shard]
+                .as_ref()
+                .is_some_and(|b| stopping || b.opened.elapsed() >= delay)
+            {
+                self.close(shard as u32);
+            }
         }
     }
 
@@ -385,7 +399,7 @@ impl Forwarder {
                         .events_from_log
                         .fetch_add(changes.len() as u64, Ordering::Relaxed);
                     for c in changes {
-                        self.take(c, true);
+                        self.take(&c.event(), true);
                     }
                 }
                 Err(e) => {
@@ -400,29 +414,38 @@ impl Forwarder {
     /// Takes one core's events in log order: from its queue while the queue is continuous,
     /// from its log where the queue has a gap.
     fn drain_core(&mut self, core: usize) {
+        let Some(mut queue) = self.queues[core].take() else {
+            return;
+        };
         let mut taken = 0;
         while taken < DRAIN_EVENTS_MAX && self.has_room() {
-            let Ok(front) = self.queues[core].peek() else { break };
-            if front.log_end != 0 {
-                let start = front.log_end - record::encoded_len(front.key.len(), front.value.len()) as u64;
-                if front.log_end <= self.taken_end[core] {
-                    let _ = self.queues[core].pop(); // already read from the log
-                    continue;
+            let mut gap_at = None;
+            taken += queue.drain(DRAIN_EVENTS_MAX - taken, |e| {
+                if !self.has_room() {
+                    return false;
                 }
-                if start > self.taken_end[core] {
-                    match self.read_log(core, start) {
-                        0 => break,
-                        n => taken += n,
+                if e.log_end != 0 {
+                    if e.log_end <= self.taken_end[core] {
+                        return true; // already read from the log
                     }
-                    continue;
+                    if log_start(e) > self.taken_end[core] {
+                        gap_at = Some(log_start(e));
+                        return false;
+                    }
                 }
+                self.take(e, false);
+                true
+            });
+            let Some(start) = gap_at else { break };
+            match self.read_log(core, start) {
+                0 => break,
+                n => taken += n,
             }
-            let Ok(change) = self.queues[core].pop() else { break };
-            taken += 1;
-            self.take(change, false);
         }
+        let empty = queue.is_empty();
+        self.queues[core] = Some(queue);
         let Some(spool) = self.spool.as_mut() else { return };
-        if self.queues[core].is_empty() && self.links[core].overflowed.swap(false, Ordering::Acquire) {
+        if empty && self.links[core].overflowed.swap(false, Ordering::Acquire) {
             let synced = self.links[core].synced_end.load(Ordering::Acquire);
             spool.tail_target[core] = spool.tail_target[core].max(synced);
         }
@@ -448,7 +471,7 @@ impl Forwarder {
                 let n = chunk.changes.len();
                 self.counters.events_from_log.fetch_add(n as u64, Ordering::Relaxed);
                 for c in chunk.changes {
-                    self.take(c, false);
+                    self.take(&c.event(), false);
                 }
                 self.taken_end[core] = self.taken_end[core].max(chunk.next);
                 n
@@ -476,44 +499,46 @@ impl Forwarder {
 
     /// One event in per-shard seq order: duplicates (read from the log and the queue both)
     /// are skipped; with retention full under `drop`, the event is counted and given up.
-    fn take(&mut self, change: Change, old: bool) {
-        let shard = change.shard as usize;
-        if change.log_end != 0 {
-            let core = self.keyspace.core_of_shard(change.shard) as usize;
-            self.taken_end[core] = self.taken_end[core].max(change.log_end);
+    fn take(&mut self, e: &Event, old: bool) {
+        let f = &e.fields;
+        let shard = f.shard as usize;
+        if e.log_end != 0 {
+            let core = self.keyspace.core_of_shard(f.shard) as usize;
+            self.taken_end[core] = self.taken_end[core].max(e.log_end);
         }
         let last = self.taken_seq[shard];
-        if change.seq <= last {
+        if f.seq <= last {
             return;
         }
-        if last != 0 && change.seq != last + 1 && self.spool.is_some() {
+        if last != 0 && f.seq != last + 1 && self.spool.is_some() {
             // The log is continuous per shard: a skip here means lost records.
             tracing::error!(
                 shard,
                 expected = last + 1,
-                got = change.seq,
+                got = f.seq,
                 "change capture: seq gap in the log"
             );
         }
-        self.taken_seq[shard] = change.seq;
+        self.taken_seq[shard] = f.seq;
         if self.drop_bytes > 0 {
-            let bytes = record::encoded_len(change.key.len(), change.value.len()) as u64;
+            let bytes = record::encoded_len(f.key.len(), f.value.len()) as u64;
             self.drop_bytes = self.drop_bytes.saturating_sub(bytes);
             self.counters.events_dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        self.add(change, old);
+        self.add(e, old);
     }
 
-    fn add(&mut self, change: Change, old: bool) {
+    fn add(&mut self, e: &Event, old: bool) {
         // Events read back from a log have no apply time; they do not count in the delay.
-        let timestamp = (change.timestamp_ms != 0).then_some(change.timestamp_ms);
+        let timestamp = (e.timestamp_ms != 0).then_some(e.timestamp_ms);
+        let shard = e.fields.shard;
         if self.config.format == CdcFormat::Json {
-            if let Some(body) = encode::json(&change) {
+            if let Some(body) = encode::json(&e.fields) {
                 let mut origin = Origin::default();
-                origin.add(&change, old);
+                origin.add(e, old);
                 self.outbox.push_back(Ready {
-                    shard: change.shard,
+                    shard,
                     origin,
                     exchange_is_json: true,
                     routing_key: String::new(),
@@ -524,24 +549,30 @@ impl Forwarder {
             }
             return;
         }
-        let b = self.building.entry(change.shard).or_insert_with(|| Building {
-            origin: Origin::default(),
-            body: Vec::with_capacity(4096),
-            events: 0,
-            timestamps_ms: Vec::new(),
-            opened: Instant::now(),
+        let spare = &mut self.spare;
+        let b = self.building[shard as usize].get_or_insert_with(|| {
+            let (body, timestamps_ms) = spare.pop().unwrap_or_default();
+            Building {
+                origin: Origin::default(),
+                body,
+                events: 0,
+                timestamps_ms,
+                opened: Instant::now(),
+            }
         });
-        encode::put_event(&self.node_id, &change, &mut b.body);
-        b.origin.add(&change, old);
+        encode::put_event(&self.node_id, e, &mut b.body);
+        b.origin.add(e, old);
         b.events += 1;
         b.timestamps_ms.extend(timestamp);
         if b.events as usize >= self.config.batch_events_max || b.body.len() >= self.config.batch_bytes_max {
-            self.close(change.shard);
+            self.close(shard);
         }
     }
 
     fn close(&mut self, shard: u32) {
-        let Some(b) = self.building.remove(&shard) else { return };
+        let Some(b) = self.building[shard as usize].take() else {
+            return;
+        };
         self.outbox.push_back(Ready {
             shard,
             origin: b.origin,
@@ -566,7 +597,8 @@ impl Forwarder {
         let pending = self
             .building
             .iter()
-            .map(|(s, b)| (*s, &b.origin))
+            .enumerate()
+            .filter_map(|(s, b)| Some((s as u32, &b.as_ref()?.origin)))
             .chain(self.outbox.iter().map(|r| (r.shard, &r.origin)))
             .chain(self.unconfirmed.values().map(|r| (r.shard, &r.origin)));
         for (shard, origin) in pending {
@@ -645,13 +677,15 @@ impl Forwarder {
                     given_up += u64::from(r.events);
                 }
                 if excess > 0 {
-                    let mut filling: Vec<(Instant, u32)> = self.building.iter().map(|(s, b)| (b.opened, *s)).collect();
+                    let mut filling: Vec<(Instant, usize)> = (self.building.iter().enumerate())
+                        .filter_map(|(s, b)| Some((b.as_ref()?.opened, s)))
+                        .collect();
                     filling.sort_unstable();
                     for (_, shard) in filling {
                         if excess == 0 {
                             break;
                         }
-                        let Some(b) = self.building.remove(&shard) else {
+                        let Some(b) = self.building[shard].take() else {
                             continue;
                         };
                         excess = excess.saturating_sub(b.body.len() as u64);
@@ -731,13 +765,18 @@ impl Forwarder {
                 continue;
             }
             for t in tags {
-                if let Some(done) = self.unconfirmed.remove(&t) {
+                if let Some(mut done) = self.unconfirmed.remove(&t) {
                     self.counters.batches_published.fetch_add(1, Ordering::Relaxed);
                     self.counters
                         .events_published
                         .fetch_add(u64::from(done.events), Ordering::Relaxed);
-                    for ts in done.timestamps_ms {
-                        let _ = self.delay_ms.record(now.saturating_sub(ts).max(1));
+                    for ts in &done.timestamps_ms {
+                        let _ = self.delay_ms.record(now.saturating_sub(*ts).max(1));
+                    }
+                    if self.spare.len() < SPARE_MAX {
+                        done.body.clear();
+                        done.timestamps_ms.clear();
+                        self.spare.push((done.body, done.timestamps_ms));
                     }
                 }
             }

@@ -54,6 +54,8 @@ pub struct CoreLink {
     /// Offset in the core's log of this run below which every change is confirmed and in
     /// the checkpoint on disk: compaction may delete segments that end at or before it.
     pub release_below: AtomicU64,
+    /// Events the control core has taken from the core's queue (for the queue depth).
+    pub taken_events: AtomicU64,
 }
 
 use amqprs::connection::OpenConnectionArguments;

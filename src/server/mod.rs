@@ -160,8 +160,12 @@ impl Server {
         let (captures, consumers): (Vec<_>, Vec<_>) = links
             .iter()
             .map(|link| {
-                let link = persistent.then(|| link.clone());
-                let (q, rx) = capture::queue(config.cdc.queue_events_max, config.cdc.overflow, link);
+                let (q, rx) = capture::queue(
+                    config.cdc.queue_bytes_max,
+                    config.cdc.overflow,
+                    link.clone(),
+                    persistent,
+                );
                 (Some(q), rx)
             })
             .unzip();

@@ -19,7 +19,7 @@ pub mod snapshot;
 pub mod writer;
 
 use crate::cdc::capture::CaptureQueue;
-use crate::change::{Change, ChangeSink, Fields};
+use crate::change::{ChangeSink, Event, Fields};
 
 /// Changes encoded on the shard core, waiting for its writer task.
 #[derive(Default)]
@@ -63,7 +63,11 @@ impl ChangeSink for Recorder {
             None => 0,
         };
         if let Some(q) = &mut self.capture {
-            q.push(Change::new(f, now_ms, log_end));
+            q.push(&Event {
+                fields: *f,
+                timestamp_ms: now_ms,
+                log_end,
+            });
         }
     }
 }
@@ -97,7 +101,8 @@ mod tests {
     // event knows where its record ends in the log.
     #[test]
     fn log_and_capture_see_the_same_changes() {
-        let (q, mut rx) = crate::cdc::capture::queue(16, crate::config::Overflow::Block, None);
+        let link = std::sync::Arc::new(crate::cdc::CoreLink::default());
+        let (q, mut rx) = crate::cdc::capture::queue(4096, crate::config::Overflow::Block, link, true);
         let mut rec = Recorder {
             log: Some(WalBuffer::default()),
             capture: Some(q),
@@ -114,19 +119,22 @@ mod tests {
             };
             rec.record(&f, 7);
         }
+        let end = rec.log.as_ref().unwrap().end;
+        rec.capture.as_mut().unwrap().release(end);
         let log = rec.log.take().unwrap();
         assert_eq!((log.appended, log.end as usize), (3, log.pending.len()));
         let mut at = 0;
-        while let Ok(c) = rx.pop() {
+        let taken = rx.drain(usize::MAX, |e| {
             match record::decode(&log.pending[at..], 1 << 20) {
                 record::Read::Record(logged, n) => {
                     at += n;
-                    assert_eq!((logged.seq, &logged.key, &logged.value), (c.seq, &c.key, &c.value));
-                    assert_eq!(c.log_end, at as u64);
+                    assert_eq!(logged.fields(), e.fields);
+                    assert_eq!(e.log_end, at as u64);
                 }
                 other => panic!("{other:?}"),
             }
-        }
-        assert_eq!(at, log.pending.len());
+            true
+        });
+        assert_eq!((taken, at), (3, log.pending.len()));
     }
 }
