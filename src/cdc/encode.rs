@@ -1,17 +1,15 @@
 //! Change events on the wire: protobuf `ChangeBatch` (proto/cdc.proto), or the old
 //! service's JSON messages for existing consumers.
 
-use prost::encoding::{encoded_len_varint, key_len, WireType};
+use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
 
 use crate::change::{ChangeOp, Event, Fields};
 use crate::proto::cdc::{ChangeEvent, Op};
 
-/// Appends `e` to `batch` as one `ChangeBatch.events` entry (field 1), straight from the
-/// event's borrowed fields (the capture queue's bytes): no intermediate message, nothing
-/// allocated per event. The small fields go through a stack buffer and reach the batch in a
-/// few copies, which measured a third cheaper than prost's byte-at-a-time field encoders on
-/// the control core's profile. The bytes equal prost's own encoding of the same
-/// `ChangeBatch` (checked by a test), proto3 defaults omitted.
+/// Appends `e` to `batch` as one `ChangeBatch.events` entry (field 1), written with prost's
+/// field encoders straight from the event's borrowed fields (the capture queue's bytes): no
+/// intermediate message, nothing allocated per event. The bytes equal prost's own encoding
+/// of the same `ChangeBatch` (checked by a test), proto3 defaults omitted.
 pub fn put_event(node_id: &str, e: &Event, batch: &mut Vec<u8>) {
     let c = &e.fields;
     let op = op(c.op) as u64;
@@ -24,74 +22,30 @@ pub fn put_event(node_id: &str, e: &Event, batch: &mut Vec<u8>) {
         + len_delimited(7, c.value.len())
         + varint_field(8, c.expire_at_ms);
     batch.reserve(1 + encoded_len_varint(len as u64) + len);
-    let mut h = Head::default();
-    h.key(1, WireType::LengthDelimited);
-    h.varint(len as u64);
-    h.bytes_field(1, node_id.as_bytes(), batch);
-    h.varint_field(2, u64::from(c.shard));
-    h.varint_field(3, c.seq);
-    h.varint_field(4, e.timestamp_ms);
-    h.varint_field(5, op);
-    h.bytes_field(6, c.key, batch);
-    h.bytes_field(7, c.value, batch);
-    h.varint_field(8, c.expire_at_ms);
-    h.flush(batch);
+    encode_key(1, WireType::LengthDelimited, batch);
+    encode_varint(len as u64, batch);
+    put_bytes(1, node_id.as_bytes(), batch);
+    put_varint(2, u64::from(c.shard), batch);
+    put_varint(3, c.seq, batch);
+    put_varint(4, e.timestamp_ms, batch);
+    put_varint(5, op, batch);
+    put_bytes(6, c.key, batch);
+    put_bytes(7, c.value, batch);
+    put_varint(8, c.expire_at_ms, batch);
 }
 
-/// Small fields gathered on the stack; `bytes_field` flushes them before its payload.
-struct Head {
-    buf: [u8; 64],
-    len: usize,
-}
-
-impl Default for Head {
-    fn default() -> Self {
-        Head { buf: [0; 64], len: 0 }
+fn put_varint(tag: u32, v: u64, buf: &mut Vec<u8>) {
+    if v != 0 {
+        encode_key(tag, WireType::Varint, buf);
+        encode_varint(v, buf);
     }
 }
 
-impl Head {
-    #[inline]
-    fn varint(&mut self, mut v: u64) {
-        while v >= 0x80 {
-            self.buf[self.len] = (v as u8) | 0x80;
-            self.len += 1;
-            v >>= 7;
-        }
-        self.buf[self.len] = v as u8;
-        self.len += 1;
-    }
-
-    /// Keys of fields 1..=15 take one byte.
-    #[inline]
-    fn key(&mut self, tag: u8, wire: WireType) {
-        debug_assert!((1..16).contains(&tag));
-        self.buf[self.len] = (tag << 3) | wire as u8;
-        self.len += 1;
-    }
-
-    #[inline]
-    fn varint_field(&mut self, tag: u8, v: u64) {
-        if v != 0 {
-            self.key(tag, WireType::Varint);
-            self.varint(v);
-        }
-    }
-
-    #[inline]
-    fn bytes_field(&mut self, tag: u8, b: &[u8], batch: &mut Vec<u8>) {
-        if !b.is_empty() {
-            self.key(tag, WireType::LengthDelimited);
-            self.varint(b.len() as u64);
-            self.flush(batch);
-            batch.extend_from_slice(b);
-        }
-    }
-
-    #[inline]
-    fn flush(&mut self, batch: &mut Vec<u8>) {
-        batch.extend_from_slice(&self.buf[..self.len]);
-        self.len = 0;
+fn put_bytes(tag: u32, b: &[u8], buf: &mut Vec<u8>) {
+    if !b.is_empty() {
+        encode_key(tag, WireType::LengthDelimited, buf);
+        encode_varint(b.len() as u64, buf);
+        buf.extend_from_slice(b);
     }
 }
 
