@@ -86,7 +86,7 @@ fn sigint_stops_cleanly() {
     server.connect().set(b"k", b"v");
     server.signal(libc::SIGINT);
     let status = server.wait_exit(Duration::from_secs(10)).expect("server exits");
-    assert!(status.success(), "{status:?}");
+    assert!(status.success(), "{status:?}; log:\n{}", server.log_text());
     assert!(std::net::TcpStream::connect(addr).is_err());
 }
 
