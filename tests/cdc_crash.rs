@@ -398,17 +398,24 @@ fn writer_1k(server: &TestServer, n: usize) -> (std::thread::JoinHandle<Vec<(Str
     (std::thread::spawn(move || send_until_dead(addr, load, count)), acked)
 }
 
+/// A 2-core node whose broker is cut from the start, with a 1 MiB retention bound and
+/// `overflow`: (exchange, proxy, data dir, server).
+fn at_retention_bound(overflow: &str) -> (String, Proxy, tempfile::TempDir, TestServer) {
+    let exchange = unique(&format!("test.retention.{overflow}"));
+    let proxy = Proxy::start(true);
+    let url = proxy.url();
+    let mut args = cdc_args(&exchange, &url, "2", "everysec");
+    args.extend(["--cdc-retention-bytes-max", "1048576", "--cdc-overflow", overflow]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), &args);
+    (exchange, proxy, dir, server)
+}
+
 // Goal (test 7, block): with the log holding cdc.retention_bytes_max of unconfirmed changes,
 // writers wait while reads and Stats go on; once the broker is back everything arrives.
 #[test]
 fn retention_bound_blocks_writers_only() {
-    let exchange = unique("test.retention.block");
-    let proxy = Proxy::start(true);
-    let url = proxy.url();
-    let mut args = cdc_args(&exchange, &url, "2", "everysec");
-    args.extend(["--cdc-retention-bytes-max", "1048576", "--cdc-overflow", "block"]);
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_in(dir.path(), &args);
+    let (exchange, proxy, _dir, server) = at_retention_bound("block");
     let mut reader = server.connect();
     reader.set(b"readable", b"yes");
     let n = 4_000;
@@ -450,13 +457,7 @@ fn retention_bound_blocks_writers_only() {
 // plus what is counted is every change.
 #[test]
 fn retention_bound_drops_counted_with_a_visible_gap() {
-    let exchange = unique("test.retention.drop");
-    let proxy = Proxy::start(true);
-    let url = proxy.url();
-    let mut args = cdc_args(&exchange, &url, "2", "everysec");
-    args.extend(["--cdc-retention-bytes-max", "1048576", "--cdc-overflow", "drop"]);
-    let dir = tempfile::tempdir().unwrap();
-    let server = TestServer::start_in(dir.path(), &args);
+    let (exchange, proxy, _dir, server) = at_retention_bound("drop");
     let n = 4_000;
     let (writer, _) = writer_1k(&server, n);
     assert_eq!(writer.join().unwrap().len(), n, "writers must not wait under drop");

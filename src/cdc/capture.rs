@@ -8,9 +8,10 @@
 //! straight from the queue's bytes without allocating per event.
 //!
 //! ```text
-//! u32 bytes after this field | u64 log_end | u64 timestamp_ms | u32 shard | u64 seq | u8 op
-//! | u64 expire_at_ms | u32 key bytes | key | value          (little-endian)
+//! u32 bytes after this field | u64 log_end | u64 timestamp_ms | the log record's body
+//! (u32 shard | u64 seq | u8 op | u64 expire_at_ms | u32 key bytes | key | value)
 //! ```
+//! Little-endian; the body is `wal::record`'s, encoded and decoded by the same code.
 //!
 //! With the write-ahead log on, the log is the spool and memory is only the fast path:
 //! - an event waits on the core until the log has synced its record (`release`), so
@@ -33,32 +34,26 @@ use std::sync::Arc;
 use rtrb::{Consumer, Producer, RingBuffer};
 
 use super::CoreLink;
-use crate::change::{ChangeOp, Event, Fields};
+use crate::change::{Event, Fields};
 use crate::config::Overflow;
+use crate::wal::record;
 
-/// Bytes of an event in the queue before its key and value.
-const HEADER_BYTES: usize = 4 + 8 + 8 + 4 + 8 + 1 + 8 + 4;
+/// Bytes of an event in the queue before its record body.
+const HEADER_BYTES: usize = 4 + 8 + 8;
 
-/// Bytes `e` takes in the queue.
+/// Bytes `f` takes in the queue.
 fn encoded_len(f: &Fields) -> usize {
-    HEADER_BYTES + f.key.len() + f.value.len()
+    HEADER_BYTES + record::body_len(f)
 }
 
 /// Appends `e` in the queue's format.
 fn encode(e: &Event, out: &mut Vec<u8>) {
-    let f = &e.fields;
-    let len = encoded_len(f);
+    let len = encoded_len(&e.fields);
     out.reserve(len);
     out.extend_from_slice(&((len - 4) as u32).to_le_bytes());
     out.extend_from_slice(&e.log_end.to_le_bytes());
     out.extend_from_slice(&e.timestamp_ms.to_le_bytes());
-    out.extend_from_slice(&f.shard.to_le_bytes());
-    out.extend_from_slice(&f.seq.to_le_bytes());
-    out.push(op_code(f.op));
-    out.extend_from_slice(&f.expire_at_ms.to_le_bytes());
-    out.extend_from_slice(&(f.key.len() as u32).to_le_bytes());
-    out.extend_from_slice(f.key);
-    out.extend_from_slice(f.value);
+    record::encode_body(&e.fields, out);
 }
 
 /// Bytes of the event at the start of `data`, if its length field is complete.
@@ -75,43 +70,13 @@ fn log_end_of(data: &[u8]) -> u64 {
 /// The event `data` holds exactly (written by [`encode`] on this node's own shard core; a
 /// malformed one is a bug, caught here).
 fn decode(data: &[u8]) -> Event<'_> {
-    let u32_at = |i: usize| u32::from_le_bytes(data[i..i + 4].try_into().expect("4 bytes"));
-    let u64_at = |i: usize| u64::from_le_bytes(data[i..i + 8].try_into().expect("8 bytes"));
-    let key_len = u32_at(41) as usize;
-    assert!(
-        data.len() >= HEADER_BYTES + key_len && event_len(data) == Some(data.len()),
-        "malformed change event in the capture queue"
-    );
+    debug_assert_eq!(event_len(data), Some(data.len()));
+    let fields = record::decode_body(&data[HEADER_BYTES..])
+        .unwrap_or_else(|why| panic!("malformed change event in the capture queue: {why}"));
     Event {
         log_end: log_end_of(data),
-        timestamp_ms: u64_at(12),
-        fields: Fields {
-            shard: u32_at(20),
-            seq: u64_at(24),
-            op: op_from(data[32]),
-            expire_at_ms: u64_at(33),
-            key: &data[HEADER_BYTES..HEADER_BYTES + key_len],
-            value: &data[HEADER_BYTES + key_len..],
-        },
-    }
-}
-
-fn op_code(op: ChangeOp) -> u8 {
-    match op {
-        ChangeOp::Set => 0,
-        ChangeOp::Del => 1,
-        ChangeOp::Expire => 2,
-        ChangeOp::Expired => 3,
-    }
-}
-
-fn op_from(b: u8) -> ChangeOp {
-    match b {
-        0 => ChangeOp::Set,
-        1 => ChangeOp::Del,
-        2 => ChangeOp::Expire,
-        3 => ChangeOp::Expired,
-        _ => panic!("malformed change event in the capture queue: op {b}"),
+        timestamp_ms: u64::from_le_bytes(data[12..20].try_into().expect("8 bytes")),
+        fields,
     }
 }
 
@@ -307,7 +272,7 @@ impl CaptureQueue {
     pub fn room(&self) -> usize {
         match (self.logged, self.backlog.is_empty()) {
             (true, _) => usize::MAX,
-            (false, true) => self.producer.slots() / HEADER_BYTES,
+            (false, true) => self.producer.slots() / (HEADER_BYTES + record::FIXED_BODY_BYTES),
             (false, false) => 0,
         }
     }
@@ -385,6 +350,7 @@ impl EventReader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::change::ChangeOp;
 
     fn event<'a>(seq: u64, key: &'a [u8], value: &'a [u8], log_end: u64) -> Event<'a> {
         Event {

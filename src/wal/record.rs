@@ -7,13 +7,12 @@
 //! Little-endian. A zero length ends the log: direct-I/O writes pad the last block with
 //! zeros, so everything after the last record reads as zeros.
 
-use bytes::Bytes;
-
 pub use crate::change::Fields;
 use crate::change::{Change, ChangeOp};
 
 const FRAME_BYTES: usize = 8;
-const FIXED_BODY_BYTES: usize = 4 + 8 + 1 + 8 + 4;
+/// Bytes of a record body before its key and value.
+pub const FIXED_BODY_BYTES: usize = 4 + 8 + 1 + 8 + 4;
 
 /// Bytes one record of a change with this key and value takes in the log. Change capture
 /// uses it to find where a change's record starts from where it ends.
@@ -30,6 +29,19 @@ pub fn encode_fields(f: &Fields, out: &mut Vec<u8>) -> usize {
     let crc_at = out.len();
     out.extend_from_slice(&[0; 4]);
     let body_at = out.len();
+    encode_body(f, out);
+    let crc = crc32c::crc32c(&out[body_at..]);
+    out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
+    FRAME_BYTES + body_len
+}
+
+/// Bytes of a record body with this key and value (change capture's queue carries bodies).
+pub fn body_len(f: &Fields) -> usize {
+    FIXED_BODY_BYTES + f.key.len() + f.value.len()
+}
+
+/// Appends the body of `f`'s record, without length and checksum.
+pub fn encode_body(f: &Fields, out: &mut Vec<u8>) {
     out.extend_from_slice(&f.shard.to_le_bytes());
     out.extend_from_slice(&f.seq.to_le_bytes());
     out.push(op_code(f.op));
@@ -37,9 +49,28 @@ pub fn encode_fields(f: &Fields, out: &mut Vec<u8>) -> usize {
     out.extend_from_slice(&(f.key.len() as u32).to_le_bytes());
     out.extend_from_slice(f.key);
     out.extend_from_slice(f.value);
-    let crc = crc32c::crc32c(&out[body_at..]);
-    out[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
-    FRAME_BYTES + body_len
+}
+
+/// The fields a record body holds, borrowed from it; the error says what is wrong.
+pub fn decode_body(body: &[u8]) -> Result<Fields<'_>, String> {
+    if body.len() < FIXED_BODY_BYTES {
+        return Err("record shorter than its fixed fields".into());
+    }
+    let u32_at = |i: usize| u32::from_le_bytes(body[i..i + 4].try_into().expect("4 bytes"));
+    let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
+    let key_len = u32_at(21) as usize;
+    let op = op_from(body[12]).ok_or_else(|| format!("unknown op {}", body[12]))?;
+    let Some(key) = body.get(FIXED_BODY_BYTES..FIXED_BODY_BYTES + key_len) else {
+        return Err("key runs past the record".into());
+    };
+    Ok(Fields {
+        shard: u32_at(0),
+        seq: u64_at(4),
+        op,
+        expire_at_ms: u64_at(13),
+        key,
+        value: &body[FIXED_BODY_BYTES + key_len..],
+    })
 }
 
 /// What reading one record at an offset found.
@@ -75,26 +106,9 @@ pub fn decode(data: &[u8], body_bytes_max: usize) -> Read {
     if crc32c::crc32c(body) != crc {
         return Read::Bad("checksum mismatch".into());
     }
-    let u32_at = |i: usize| u32::from_le_bytes(body[i..i + 4].try_into().expect("4 bytes"));
-    let u64_at = |i: usize| u64::from_le_bytes(body[i..i + 8].try_into().expect("8 bytes"));
-    let key_len = u32_at(21) as usize;
-    let Some(op) = op_from(body[12]) else {
-        return Read::Bad(format!("unknown op {}", body[12]));
-    };
-    if FIXED_BODY_BYTES + key_len > len {
-        return Read::Bad("key runs past the record".into());
-    }
-    let key = Bytes::copy_from_slice(&body[FIXED_BODY_BYTES..FIXED_BODY_BYTES + key_len]);
-    let value = Bytes::copy_from_slice(&body[FIXED_BODY_BYTES + key_len..]);
-    let change = Change {
-        shard: u32_at(0),
-        seq: u64_at(4),
-        timestamp_ms: 0,
-        op,
-        key,
-        value,
-        expire_at_ms: u64_at(13),
-        log_end: 0,
+    let change = match decode_body(body) {
+        Ok(f) => Change::new(&f, 0, 0),
+        Err(why) => return Read::Bad(why),
     };
     Read::Record(change, FRAME_BYTES + len)
 }
@@ -121,6 +135,7 @@ fn op_from(b: u8) -> Option<ChangeOp> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn encode(c: &Change, out: &mut Vec<u8>) {
         let n = encode_fields(&c.fields(), out);
