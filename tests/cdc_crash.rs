@@ -59,6 +59,22 @@ fn last_values(t: &Tailed) -> HashMap<String, String> {
         .collect()
 }
 
+/// Binds a consumer, lets the broker back in, and returns what arrived (gap-free, no
+/// identity with two contents).
+fn restore_and_consume(exchange: &str, proxy: &Proxy) -> Tailed {
+    let tail = consumer(exchange, "4s");
+    proxy.restore();
+    let got = tail.finish();
+    assert!(got.success, "gaps or conflicts in the stream:\n{}", got.stderr);
+    got
+}
+
+/// How many of the keys `<prefix>0 .. <prefix><n-1>` arrived as SET.
+fn arrived(got: &Tailed, prefix: &str, n: usize) -> usize {
+    let values = last_values(got);
+    (0..n).filter(|i| values.contains_key(&format!("{prefix}{i}"))).count()
+}
+
 /// One request of a load: the op and a key it names (to remember what was acknowledged).
 type Load = Vec<(Op, String, String)>;
 
@@ -219,15 +235,8 @@ fn sigterm_with_broker_cut_delivers_after_restart() {
     assert!(status.success(), "{}", server.log_text());
     drop(server);
     let _server = TestServer::start_in(dir.path(), &args);
-    let tail = consumer(&exchange, "4s");
-    proxy.restore();
-    let got = tail.finish();
-    assert!(got.success, "{}", got.stderr);
-    let values = last_values(&got);
-    assert_eq!(
-        (0..5_000).filter(|i| values.contains_key(&format!("term{i}"))).count(),
-        5_000
-    );
+    let got = restore_and_consume(&exchange, &proxy);
+    assert_eq!(arrived(&got, "term", 5_000), 5_000);
 }
 
 // Goal (test 4): a consumer that applies the stream (deduplicating by identity) ends with
@@ -364,15 +373,8 @@ fn two_cores_to_one_across_a_crash() {
     server.wait_exit(Duration::from_secs(10)).unwrap();
     drop(server);
     let server = TestServer::start_in(dir.path(), &cdc_args(&exchange, &url, "1", "always"));
-    let tail = consumer(&exchange, "4s");
-    proxy.restore();
-    let got = tail.finish();
-    assert!(got.success, "{}", got.stderr);
-    let values = last_values(&got);
-    assert_eq!(
-        (0..10_000).filter(|i| values.contains_key(&format!("c{i}"))).count(),
-        10_000
-    );
+    let got = restore_and_consume(&exchange, &proxy);
+    assert_eq!(arrived(&got, "c", 10_000), 10_000);
     // Order per shard: flux-cdc-tail reports any seq that skips ahead as a gap; none did,
     // and each shard's seqs arrived as 1, 2, 3, ...
     let mut per_shard: HashMap<u64, Vec<u64>> = HashMap::new();
