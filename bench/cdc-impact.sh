@@ -51,11 +51,12 @@ us_per_write() { printf '%.2f' "$(echo "1000000 * ($2 - $1) / $3" | bc -l)"; }
 
 declare -A QPS CPU_US CORE_US CTL_US
 rows=()
-# run LABEL CDC PERSISTENCE: one saturating run.
+# run LABEL CDC PERSISTENCE [SERVER-ARGS...]: one saturating run.
 run() {
   local label=$1 cdc=$2 persist=$3
+  shift 3
   start_flux "$label" --cores 1 --cpus "$SERVER_CPU" --control-cpu "$SERVER_CPU" \
-    --persistence-enabled "$persist" --cdc-enabled "$cdc" --cdc-exchange "$EXCHANGE" --cdc-amqp-url "$AMQP"
+    --persistence-enabled "$persist" --cdc-enabled "$cdc" --cdc-exchange "$EXCHANGE" --cdc-amqp-url "$AMQP" "$@"
   local out="$WORK/$label.json" c0 c1 s0 s1 k0 k1 extra="-"
   c0=$(cpu_seconds "$FLUX_PID"); s0=$(thread_seconds "$FLUX_PID" flux-core); k0=$(thread_seconds "$FLUX_PID" flux-control)
   measure "$FLUX_PID" "$out" "$BIN/flux-bench" --addr "127.0.0.1:$FLUX_PORT" -c "$C" -n "$N" --json
@@ -100,6 +101,8 @@ for i in $(seq 1 "$REPEAT"); do
     run "off-p$p-$i" false "$p"
     run "on-p$p-$i" true "$p"
   done
+  # The option for co-located control cores: the lowest priority (persistence off).
+  run "on-nice19-$i" true false --control-nice 19
 done
 steady steady-pfalse false
 steady steady-ptrue true
@@ -119,6 +122,15 @@ for p in false true; do
   cost=$(printf '%.2f' "$(echo "$mcon - $mcoff" | bc -l)")
   core_cost=$(printf '%.2f' "$(echo "$mson - $msoff" | bc -l)")
   summary+=("| $p | $mqoff | $mqon | **$(ratio "$mqon" "$mqoff")x** | $mcoff | $mcon | **$cost** | $core_cost | $mkon |")
+  if [ "$p" = false ]; then
+    qn=(); cn=(); sn=(); kn=()
+    for i in $(seq 1 "$REPEAT"); do
+      qn+=("${QPS[on-nice19-$i]}"); cn+=("${CPU_US[on-nice19-$i]}")
+      sn+=("${CORE_US[on-nice19-$i]}"); kn+=("${CTL_US[on-nice19-$i]}")
+    done
+    mqn=$(median "${qn[@]}"); mcn=$(median "${cn[@]}"); msn=$(median "${sn[@]}"); mkn=$(median "${kn[@]}")
+    summary+=("| false, \`control_nice = 19\` | $mqoff | $mqn | **$(ratio "$mqn" "$mqoff")x** | $mcoff | $mcn | **$(printf '%.2f' "$(echo "$mcn - $mcoff" | bc -l)")** | $(printf '%.2f' "$(echo "$msn - $msoff" | bc -l)") | $mkn |")
+  fi
 done
 
 {

@@ -8,21 +8,35 @@ use std::sync::Arc;
 use crate::cdc::forwarder::Forwarder;
 use crate::cluster::registration::Registration;
 
+/// Where the control thread runs: its CPU, and its niceness when that CPU is also a shard
+/// core's (None: normal priority).
+pub struct Placement {
+    pub cpu: Option<usize>,
+    pub shared_nice: Option<i32>,
+}
+
 /// Starts the control thread when there is anything for it to do. It runs until `stop` is
 /// set (after the shard cores have stopped) and its tasks have finished.
 pub fn spawn(
     forwarder: Option<Forwarder>,
     registration: Option<Registration>,
-    cpu: Option<usize>,
+    placement: Placement,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
     if forwarder.is_none() && registration.is_none() {
         return Ok(None);
     }
     let thread = std::thread::Builder::new().name("flux-control".into()).spawn(move || {
-        if let Some(id) = cpu {
+        if let Some(id) = placement.cpu {
             if !core_affinity::set_for_current(core_affinity::CoreId { id }) {
                 tracing::warn!(cpu = id, "cannot pin the control core");
+            }
+        }
+        if let Some(nice) = placement.shared_nice {
+            // SAFETY: plain syscalls on the calling thread (Linux keeps niceness per thread).
+            let set = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, nice) };
+            if set != 0 {
+                tracing::warn!(nice, error = %std::io::Error::last_os_error(), "cannot lower the control core's priority");
             }
         }
         let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -236,6 +236,7 @@ impl Server {
         });
         let snapshot_requests = Arc::new(AtomicU64::new(0));
         let control_cpu = control_cpu(&config, &cpus)?;
+        let control_nice = config.control_nice;
         let (serving_tx, serving) = tokio::sync::watch::channel(false);
         let (registration, leave) = if config.cluster.etcd_endpoints.is_empty() {
             (None, None)
@@ -293,7 +294,12 @@ impl Server {
             .map_err(|e| StartError::Core(e.to_string()))?;
 
         let stop_control = Arc::new(AtomicBool::new(false));
-        let control = control::spawn(forwarder, registration, control_cpu, stop_control.clone())?;
+        let shared = control_cpu.is_some_and(|c| cpus.contains(&c));
+        let placement = control::Placement {
+            cpu: control_cpu,
+            shared_nice: (shared && control_nice > 0).then_some(control_nice),
+        };
+        let control = control::spawn(forwarder, registration, placement, stop_control.clone())?;
         let (exit_tx, exited) = mpsc::channel();
         std::thread::Builder::new().name("flux-join".into()).spawn(move || {
             let failures: Vec<String> = handles
