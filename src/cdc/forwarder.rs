@@ -667,32 +667,10 @@ impl Forwarder {
                 if !over || self.drop_bytes > 0 {
                     return;
                 }
-                // Oldest first: batches waiting to be published, those still filling, then
-                // (`drop_bytes`) the next events taken from the log.
-                let mut excess = retained - max / 4 * 3;
-                let mut given_up = 0u64;
-                while excess > 0 {
-                    let Some(r) = self.outbox.pop_front() else { break };
-                    excess = excess.saturating_sub(r.body.len() as u64);
-                    given_up += u64::from(r.events);
-                }
-                if excess > 0 {
-                    let mut filling: Vec<(Instant, usize)> = (self.building.iter().enumerate())
-                        .filter_map(|(s, b)| Some((b.as_ref()?.opened, s)))
-                        .collect();
-                    filling.sort_unstable();
-                    for (_, shard) in filling {
-                        if excess == 0 {
-                            break;
-                        }
-                        let Some(b) = self.building[shard].take() else {
-                            continue;
-                        };
-                        excess = excess.saturating_sub(b.body.len() as u64);
-                        given_up += u64::from(b.events);
-                    }
-                }
-                self.drop_bytes = excess;
+                let (given_up, left) = self.give_up_oldest(retained, max / 4 * 3);
+                // What is still over the target lies ahead in the queues and the log: the next
+                // events taken are given up too.
+                self.drop_bytes = left;
                 let dropped = self.counters.events_dropped.fetch_add(given_up, Ordering::Relaxed) + given_up;
                 if self.drop_logged.is_some_and(|t| t.elapsed() < ERROR_REPORT_INTERVAL) {
                     return;
@@ -701,6 +679,75 @@ impl Forwarder {
                 tracing::error!(retained_bytes = retained, limit = max, events_dropped = dropped, "change capture: the log holds cdc.retention_bytes_max of unconfirmed changes; giving up the oldest (cdc.overflow = drop): consumers will see a gap in seq");
             }
         }
+    }
+
+    /// Gives up unpublished batches in the order of where they start in the log, oldest
+    /// first, until the log holds at most `target` bytes of unconfirmed changes (a batch
+    /// spans up to `cdc.batch_delay_ms` of writes, so the oldest start, not the count of
+    /// bytes given up, is what frees the log). Returns the events given up and the bytes
+    /// still over `target`.
+    fn give_up_oldest(&mut self, mut retained: u64, target: u64) -> (u64, u64) {
+        #[derive(Clone, Copy)]
+        enum At {
+            Outbox(usize),
+            Building(usize),
+        }
+        let core_of = |shard: u32| self.keyspace.core_of_shard(shard) as usize;
+        let mut pending: Vec<(u64, usize, At)> = (self.outbox.iter().enumerate())
+            .filter_map(|(i, r)| Some((r.origin.log_start?, core_of(r.shard), At::Outbox(i))))
+            .chain(
+                self.building
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(s, b)| Some((b.as_ref()?.origin.log_start?, core_of(s as u32), At::Building(s)))),
+            )
+            .collect();
+        pending.sort_unstable_by_key(|p| p.0);
+        // What pins each core's log once the oldest are gone: published batches (left to
+        // their confirms) and, past every pending batch, what has been taken.
+        let mut floor = self.taken_end.clone();
+        for r in self.unconfirmed.values() {
+            if let Some(start) = r.origin.log_start {
+                let c = core_of(r.shard);
+                floor[c] = floor[c].min(start);
+            }
+        }
+        let mut give_up = vec![false; pending.len()];
+        for i in 0..pending.len() {
+            if retained <= target {
+                break;
+            }
+            let (start, core, _) = pending[i];
+            give_up[i] = true;
+            // The core's log now starts at its next pending batch, or at its floor.
+            let next = pending[i + 1..]
+                .iter()
+                .find(|p| p.1 == core)
+                .map_or(floor[core], |p| p.0.min(floor[core]));
+            retained = retained.saturating_sub(next.saturating_sub(start));
+        }
+        let mut drop_outbox = vec![false; self.outbox.len()];
+        let mut given_up = 0u64;
+        for (p, _) in pending.iter().zip(&give_up).filter(|(_, g)| **g) {
+            match p.2 {
+                At::Outbox(i) => drop_outbox[i] = true,
+                At::Building(s) => {
+                    if let Some(b) = self.building[s].take() {
+                        given_up += u64::from(b.events);
+                    }
+                }
+            }
+        }
+        let mut i = 0;
+        self.outbox.retain(|r| {
+            let keep = !drop_outbox[i];
+            i += 1;
+            if !keep {
+                given_up += u64::from(r.events);
+            }
+            keep
+        });
+        (given_up, retained.saturating_sub(target))
     }
 
     /// Publishes the outbox in order while the confirm window has room.
