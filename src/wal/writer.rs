@@ -312,20 +312,24 @@ async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>) -> std::io::
             }
         }
         if state.rotate.get() && !state.closing.get() {
-            // Everything taken so far is written; close (which syncs) and start the next.
-            writer.close().await?;
-            let bytes = state.segment_bytes.replace(0);
-            state.closed.borrow_mut().push(Closed {
-                path,
-                start: written - bytes,
-                bytes,
-            });
-            if let Some(q) = recorder.borrow_mut().capture.as_mut() {
-                q.release(written);
+            // Everything taken so far is written; close (which syncs) and start the next. A
+            // segment with nothing in it stays open: every record is already in the closed
+            // ones, and its successor would have its name (segments are named by offset).
+            if state.segment_bytes.get() > 0 {
+                writer.close().await?;
+                let bytes = state.segment_bytes.replace(0);
+                state.closed.borrow_mut().push(Closed {
+                    path,
+                    start: written - bytes,
+                    bytes,
+                });
+                if let Some(q) = recorder.borrow_mut().capture.as_mut() {
+                    q.release(written);
+                }
+                path = state.segment_path(written);
+                writer = Segment::create(&path, dsync).await?;
+                unsynced = false;
             }
-            path = state.segment_path(written);
-            writer = Segment::create(&path, dsync).await?;
-            unsynced = false;
             state.rotate.set(false);
             if let Some(w) = state.rotated.borrow_mut().take() {
                 w.wake();
