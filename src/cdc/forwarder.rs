@@ -70,9 +70,8 @@ const ERROR_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 /// Where the events of a batch came from, for the checkpoint and log retention.
 #[derive(Clone, Copy, Default)]
 struct Origin {
-    /// Per-shard seqs of its first and last events.
+    /// Per-shard seq of its first event (the checkpoint stays below it until confirmed).
     first_seq: u64,
-    last_seq: u64,
     /// Holds a change read from a log of an earlier run.
     old: bool,
     /// Offset in this run's log of the first record of this run it holds.
@@ -84,7 +83,6 @@ impl Origin {
         if self.first_seq == 0 {
             self.first_seq = e.fields.seq;
         }
-        self.last_seq = e.fields.seq;
         self.old |= old;
         if e.log_end != 0 && self.log_start.is_none() {
             self.log_start = Some(log_start(e));
