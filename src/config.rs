@@ -25,6 +25,13 @@ pub const DEFAULT_CONNECTIONS_PER_CORE_MAX: usize = 10_000;
 pub const DEFAULT_REQUESTS_IN_FLIGHT_MAX: usize = 1_024;
 pub const DEFAULT_WRITE_BUFFER_BYTES_MAX: usize = 1 << 20;
 pub const DEFAULT_MESH_MESSAGES_MAX: usize = 256;
+/// Keys in one MGET or MSET. A request is decoded whole before it is planned, so this
+/// bounds the work and memory one frame can cost before the core yields (10,000 one-byte
+/// keys decode in well under a millisecond); the key count is read from the frame without
+/// decoding it, so an oversized request is refused for almost nothing.
+pub const DEFAULT_BATCH_KEYS_MAX: usize = 10_000;
+/// A frame must arrive whole within this long of its first byte (30 s: 16 MiB at 560 KB/s).
+pub const DEFAULT_FRAME_READ_TIMEOUT_MS: u64 = 30_000;
 pub const DEFAULT_RING_ENTRIES: u32 = 4_096;
 /// Small on purpose: sockets use the per-core network ring, not glommio's registered
 /// buffers, and RLIMIT_MEMLOCK is often only 8 MiB for the whole process.
@@ -60,6 +67,9 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("limits.requests_in_flight_max", "unanswered requests per connection before the server stops reading from it"),
     ("limits.write_buffer_bytes_max", "encoded replies buffered per connection before they are sent"),
     ("limits.mesh_messages_max", "messages queued from one core to another before the sender waits"),
+    ("limits.batch_keys_max", "keys in one MGET or MSET; more get BATCH_TOO_LARGE (nothing applied)"),
+    ("limits.idle_timeout_ms", "a connection with no request for this long is closed; 0 = never (like Redis' timeout)"),
+    ("limits.frame_read_timeout_ms", "longest from a frame's first byte to its last; a slower frame gets TIMED_OUT and the connection closes; 0 = no limit"),
     ("runtime.ring_entries", "submission queue entries of each core's network io_uring"),
     ("runtime.io_memory_bytes", "glommio registered I/O memory per core (counts against RLIMIT_MEMLOCK)"),
     ("runtime.preempt_timer_us", "longest a busy core runs before it looks at other cores' messages"),
@@ -73,6 +83,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("persistence.enabled", "write every change to a per-core write-ahead log under data_dir/wal and replay it at start"),
     ("persistence.fsync", "always (acknowledge once durable; one disk write per executor round), everysec, or no"),
     ("persistence.snapshot_log_bytes_min", "a core snapshots its shards (and deletes the log they cover) once its log exceeds both this and its last snapshot's size"),
+    ("persistence.log_retry_interval_ms", "after a failed log write (a full disk), how often the core tries again; it refuses writes with STORAGE_UNAVAILABLE until one succeeds"),
     ("cdc.enabled", "publish every change to RabbitMQ"),
     ("cdc.amqp_url", "broker address, amqp://user:password@host:port/vhost"),
     ("cdc.exchange", "durable topic exchange for protobuf batches (routing key <node_id>.<shard>)"),
@@ -116,6 +127,7 @@ pub struct Persistence {
     pub enabled: bool,
     pub fsync: Fsync,
     pub snapshot_log_bytes_min: u64,
+    pub log_retry_interval_ms: u64,
 }
 
 impl Default for Persistence {
@@ -124,6 +136,7 @@ impl Default for Persistence {
             enabled: true,
             fsync: Fsync::Everysec,
             snapshot_log_bytes_min: 64 << 20,
+            log_retry_interval_ms: 1_000,
         }
     }
 }
@@ -211,6 +224,9 @@ pub struct Limits {
     pub requests_in_flight_max: usize,
     pub write_buffer_bytes_max: usize,
     pub mesh_messages_max: usize,
+    pub batch_keys_max: usize,
+    pub idle_timeout_ms: u64,
+    pub frame_read_timeout_ms: u64,
 }
 
 /// Executor and ring settings.
@@ -278,6 +294,9 @@ impl Default for Limits {
             requests_in_flight_max: DEFAULT_REQUESTS_IN_FLIGHT_MAX,
             write_buffer_bytes_max: DEFAULT_WRITE_BUFFER_BYTES_MAX,
             mesh_messages_max: DEFAULT_MESH_MESSAGES_MAX,
+            batch_keys_max: DEFAULT_BATCH_KEYS_MAX,
+            idle_timeout_ms: 0,
+            frame_read_timeout_ms: DEFAULT_FRAME_READ_TIMEOUT_MS,
         }
     }
 }
@@ -384,10 +403,14 @@ impl Config {
             ("limits.requests_in_flight_max", l.requests_in_flight_max),
             ("limits.write_buffer_bytes_max", l.write_buffer_bytes_max),
             ("limits.mesh_messages_max", l.mesh_messages_max),
+            ("limits.batch_keys_max", l.batch_keys_max),
         ] {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
             }
+        }
+        if self.persistence.log_retry_interval_ms == 0 {
+            return fail("persistence.log_retry_interval_ms must be at least 1".into());
         }
         if self.persistence.snapshot_log_bytes_min < 64 << 10 {
             return fail(format!(

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
     );
 
     // SIGUSR1 asks for snapshots. The first SIGTERM/SIGINT starts the drain; past the
-    // timeout the process exits anyway.
+    // timeout the process exits anyway, with status 1.
     let shutdown = server.shutdown_handle();
     let snapshots = server.snapshot_trigger();
     std::thread::spawn(move || {
@@ -88,8 +88,9 @@ fn main() -> ExitCode {
             );
             shutdown.shutdown();
             std::thread::sleep(shutdown_timeout);
-            tracing::warn!("shutdown timeout reached with work in flight; exiting");
-            std::process::exit(0);
+            // Non-zero, so a service manager records that the stop gave up on work.
+            tracing::error!("shutdown_timeout_ms reached with work in flight; exiting with status 1");
+            std::process::exit(1);
         }
     });
     match server.wait(Duration::MAX) {

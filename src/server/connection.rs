@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::pin::pin;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::future::{select, Either};
@@ -25,7 +25,7 @@ use super::uring::set_nodelay;
 use crate::proto::{ErrorCode, Response};
 use crate::wire;
 
-/// Read buffer growth step; a frame larger than this is read with one exact reservation.
+/// Read buffer size, and its smallest growth step (a large frame grows it by doubling).
 const READ_CHUNK_BYTES: usize = 16 << 10;
 /// Buffers grown past this by one large frame or reply go back to the default size after.
 const BUFFER_SHRINK_BYTES: usize = 1 << 20;
@@ -44,6 +44,7 @@ pub async fn serve(core: Rc<Core>, fd: OwnedFd) {
         fd,
         input: BytesMut::with_capacity(READ_CHUNK_BYTES),
         output: Vec::with_capacity(READ_CHUNK_BYTES),
+        frame_started: None,
     };
     match conn.run().await {
         Ok(()) => {}
@@ -58,6 +59,17 @@ struct Connection {
     fd: OwnedFd,
     input: BytesMut,
     output: Vec<u8>,
+    /// When the first byte of the frame being read was seen (None between frames).
+    frame_started: Option<Instant>,
+}
+
+/// What one read brought.
+enum Input {
+    Data,
+    /// The peer closed, or shutdown found the connection idle.
+    Closed,
+    IdleTimeout,
+    FrameTimeout,
 }
 
 impl Connection {
@@ -70,7 +82,10 @@ impl Connection {
             let mut too_large = None;
             while frames.len() < frames_max {
                 match wire::take_frame(&mut self.input, frame_bytes_max) {
-                    Ok(Some(payload)) => frames.push(payload),
+                    Ok(Some(payload)) => {
+                        frames.push(payload);
+                        self.frame_started = None;
+                    }
                     Ok(None) => break,
                     Err(e) => {
                         too_large = Some(e);
@@ -84,14 +99,7 @@ impl Connection {
                 let responses = if draining {
                     dispatch::refuse_all(frames.drain(..))
                 } else {
-                    let responses = dispatch::execute(&self.core, frames.drain(..)).await;
-                    // Acknowledge only what the log holds (waits only with fsync = always;
-                    // every connection of the round shares one fdatasync).
-                    if self.core.wal_durable().await {
-                        responses
-                    } else {
-                        dispatch::fail_all(responses, "the write-ahead log failed; the request may not be durable")
-                    }
+                    dispatch::execute(&self.core, frames.drain(..)).await
                 };
                 self.write(responses).await?;
             }
@@ -104,44 +112,82 @@ impl Connection {
             if batch_full {
                 continue;
             }
-            if self.read(&mut draining).await? == 0 {
-                if !self.input.is_empty() {
-                    tracing::debug!(
-                        core = self.core.index,
-                        bytes = self.input.len(),
-                        "peer closed mid-frame"
-                    );
+            match self.read(&mut draining).await? {
+                Input::Data => {}
+                Input::Closed => {
+                    if !self.input.is_empty() {
+                        tracing::debug!(
+                            core = self.core.index,
+                            bytes = self.input.len(),
+                            "peer closed mid-frame"
+                        );
+                    }
+                    return Ok(());
                 }
-                return Ok(());
+                Input::IdleTimeout => {
+                    Counters::add(&self.core.counters.connections_timed_out, 1);
+                    return Ok(());
+                }
+                Input::FrameTimeout => {
+                    Counters::add(&self.core.counters.connections_timed_out, 1);
+                    let limit = self.core.config.limits.frame_read_timeout_ms;
+                    let why = format!("the frame did not arrive within limits.frame_read_timeout_ms ({limit} ms)");
+                    self.write(vec![dispatch::error(0, ErrorCode::TimedOut, why)]).await?;
+                    return Ok(());
+                }
             }
         }
     }
 
-    /// Reads more input; 0 means the peer closed, or shutdown found the connection idle.
-    async fn read(&mut self, draining: &mut bool) -> io::Result<usize> {
+    /// Reads more input, unless the peer closes, shutdown finds the connection idle, or a
+    /// timeout passes: `limits.idle_timeout_ms` between frames, `limits.frame_read_timeout_ms`
+    /// from a frame's first byte to its last.
+    async fn read(&mut self, draining: &mut bool) -> io::Result<Input> {
         if self.input.is_empty() && self.input.capacity() > BUFFER_SHRINK_BYTES {
             self.input = BytesMut::with_capacity(READ_CHUNK_BYTES);
         }
+        let limits = &self.core.config.limits;
+        let partial = !self.input.is_empty();
+        let timeout = if partial {
+            let since = *self.frame_started.get_or_insert_with(Instant::now);
+            (limits.frame_read_timeout_ms > 0)
+                .then(|| Duration::from_millis(limits.frame_read_timeout_ms).saturating_sub(since.elapsed()))
+        } else {
+            self.frame_started = None;
+            (limits.idle_timeout_ms > 0).then(|| Duration::from_millis(limits.idle_timeout_ms))
+        };
+        // Grow by at most what has arrived (doubling), never by what a header claims: a
+        // peer must send the bytes before the server holds memory for them.
         let missing = wire::bytes_needed(&self.input).saturating_sub(self.input.len());
-        self.input.reserve(missing.max(READ_CHUNK_BYTES));
+        self.input
+            .reserve(missing.min(READ_CHUNK_BYTES.max(self.input.len())).max(1));
         let input = std::mem::take(&mut self.input);
         // The read stays in flight across the shutdown notice, so no byte the kernel already
         // handed over is lost; only an idle drained connection cancels it.
         let mut read = pin!(self.core.ring.recv(self.fd.as_raw_fd(), input));
+        let mut expired = pin!(async move {
+            match timeout {
+                Some(t) => sleep(t).await,
+                None => std::future::pending().await,
+            }
+        });
         let (res, input) = loop {
             if *draining {
                 match select(read.as_mut(), pin!(sleep(DRAIN_IDLE))).await {
                     Either::Left((r, _)) => break r,
-                    Either::Right(_) => return Ok(0),
+                    Either::Right(_) => return Ok(Input::Closed),
                 }
             }
-            match select(read.as_mut(), pin!(self.core.shutting_down())).await {
+            let stop = pin!(self.core.shutting_down());
+            match select(read.as_mut(), select(stop, expired.as_mut())).await {
                 Either::Left((r, _)) => break r,
-                Either::Right(_) => *draining = true,
+                Either::Right((Either::Left(_), _)) => *draining = true,
+                Either::Right((Either::Right(_), _)) if partial => return Ok(Input::FrameTimeout),
+                Either::Right((Either::Right(_), _)) => return Ok(Input::IdleTimeout),
             }
         };
         self.input = input;
-        res
+        Ok(if res? == 0 { Input::Closed } else { Input::Data })
     }
 
     /// Encodes `responses` in order and sends them, in as few sends as the buffer limit allows.

@@ -16,6 +16,7 @@ use glommio::sync::{Gate, Semaphore};
 use glommio::{spawn_local, timer::sleep};
 
 use super::connection;
+use super::dispatch::SLICE_KEYS;
 use super::forward::Outboxes;
 use super::listener::CoreListeners;
 use super::uring::{Ring, RingKind};
@@ -115,6 +116,9 @@ pub struct Counters {
     pub requests: Cell<u64>,
     pub forwarded_out: Cell<u64>,
     pub forwarded_in: Cell<u64>,
+    pub connections_refused: Cell<u64>,
+    pub connections_timed_out: Cell<u64>,
+    pub writes_refused_storage: Cell<u64>,
 }
 
 impl Counters {
@@ -183,6 +187,11 @@ impl Core {
             snapshot_age_ms: self.snapshots.as_ref().map_or(-1, |s| s.age_ms()),
             snapshot_bytes: self.snapshots.as_ref().map_or(0, |s| s.bytes.get()),
             snapshots: self.snapshots.as_ref().map_or(0, |s| s.rounds.get()),
+            log_failed: self.wal.as_ref().is_some_and(|w| w.failed()),
+            log_error: self.wal.as_ref().and_then(|w| w.error()).unwrap_or_default(),
+            writes_refused_storage: c.writes_refused_storage.get(),
+            connections_refused: c.connections_refused.get(),
+            connections_timed_out: c.connections_timed_out.get(),
         }
     }
 
@@ -221,10 +230,38 @@ impl Core {
     }
 
     /// Applies one key operation owned by this core; its changes go to the recorder.
+    ///
+    /// While the log is failing, a write that would change something is refused before it
+    /// touches memory: memory, log and change stream never disagree.
     pub fn apply(&self, hash: u64, cmd: Command, now_ms: u64) -> Outcome {
+        if cmd.writes() && self.log_failed() && self.would_change(hash, &cmd, now_ms) {
+            Counters::add(&self.counters.writes_refused_storage, 1);
+            return Outcome::StorageUnavailable;
+        }
         self.store
             .borrow_mut()
             .apply(hash, cmd, now_ms, &mut *self.recorder.borrow_mut())
+    }
+
+    /// True while this core's log cannot be written (the core is read-only).
+    pub fn log_failed(&self) -> bool {
+        self.wal.as_ref().is_some_and(|w| w.failed())
+    }
+
+    /// Whether a write changes anything: a SET always does; a DEL or EXPIRE only of a key
+    /// that exists (deleting nothing keeps working on a read-only core).
+    fn would_change(&self, hash: u64, cmd: &Command, now_ms: u64) -> bool {
+        match cmd {
+            Command::Del { key } | Command::Expire { key, .. } => {
+                let exists = Command::Exists { key: key.clone() };
+                let outcome = self
+                    .store
+                    .borrow_mut()
+                    .apply(hash, exists, now_ms, &mut *self.recorder.borrow_mut());
+                matches!(outcome, Outcome::Applied(true))
+            }
+            _ => true,
+        }
     }
 
     /// Serves a message from another core, unless it writes while change capture holds
@@ -239,6 +276,32 @@ impl Core {
             return;
         }
         self.handle_mesh(msg);
+    }
+
+    /// Sends another core the outcomes of its commands (`wrote`: which were writes) once
+    /// this core's log covers them (fsync = always), or at once.
+    fn answer(&self, reply: oneshot::Sender<Vec<Outcome>>, outcomes: Vec<Outcome>, wrote: Vec<bool>) {
+        let logged = self.recorder.borrow().appended();
+        // The requester may have gone (connection closed); nothing to do then.
+        match &self.wal {
+            // fsync = always: answer once these writes are on disk, without holding up the
+            // next message from that core.
+            Some(wal) if wal.fsync == crate::config::Fsync::Always => {
+                let wal = wal.clone();
+                spawn_local(async move {
+                    let outcomes = if wal.durable(logged).await {
+                        outcomes
+                    } else {
+                        not_durable(outcomes, &wrote)
+                    };
+                    let _ = reply.send(outcomes);
+                })
+                .detach();
+            }
+            _ => {
+                let _ = reply.send(outcomes);
+            }
+        }
     }
 
     /// True once shutdown has begun.
@@ -257,25 +320,27 @@ impl Core {
         match msg {
             MeshRequest::Commands { ops, reply } => {
                 Counters::add(&self.counters.forwarded_in, ops.len() as u64);
-                let now = now_ms();
-                let outcomes: Vec<Outcome> = ops.into_iter().map(|(hash, cmd)| self.apply(hash, cmd, now)).collect();
-                let logged = self.recorder.borrow().appended();
-                // The requester may have gone (connection closed); nothing to do then.
-                match &self.wal {
-                    // fsync = always: answer once these writes are on disk, without holding
-                    // up the next message from that core.
-                    Some(wal) if wal.fsync == crate::config::Fsync::Always => {
-                        let wal = wal.clone();
-                        spawn_local(async move {
-                            if wal.durable(logged).await {
-                                let _ = reply.send(outcomes);
+                if ops.len() <= SLICE_KEYS {
+                    let now = now_ms();
+                    let wrote: Vec<bool> = ops.iter().map(|(_, c)| c.writes()).collect();
+                    let outcomes = ops.into_iter().map(|(hash, cmd)| self.apply(hash, cmd, now)).collect();
+                    self.answer(reply, outcomes, wrote);
+                } else {
+                    // A large batch is applied in slices, so this core's own connections
+                    // are served between them.
+                    let core = self.clone();
+                    spawn_local(async move {
+                        let wrote: Vec<bool> = ops.iter().map(|(_, c)| c.writes()).collect();
+                        let mut outcomes = Vec::with_capacity(ops.len());
+                        for (i, (hash, cmd)) in ops.into_iter().enumerate() {
+                            if i % SLICE_KEYS == SLICE_KEYS - 1 {
+                                glommio::yield_if_needed().await;
                             }
-                        })
-                        .detach();
-                    }
-                    _ => {
-                        let _ = reply.send(outcomes);
-                    }
+                            outcomes.push(core.apply(hash, cmd, now_ms()));
+                        }
+                        core.answer(reply, outcomes, wrote);
+                    })
+                    .detach();
                 }
             }
             MeshRequest::Stats { reply } => {
@@ -292,27 +357,47 @@ impl Core {
     }
 }
 
+/// The log failed before these outcomes' writes were durable: every write among them that
+/// changed something is reported as refused (it is not acknowledged; the writer logs it
+/// once it can).
+fn not_durable(outcomes: Vec<Outcome>, wrote: &[bool]) -> Vec<Outcome> {
+    outcomes
+        .into_iter()
+        .zip(wrote)
+        .map(|(o, &w)| match o {
+            // A write that changed nothing has no record to wait for.
+            Outcome::Applied(true) if w => Outcome::StorageUnavailable,
+            o => o,
+        })
+        .collect()
+}
+
 /// The life of one core, run inside its executor: join the mesh, take its listeners, serve
 /// until shutdown, then drain connections and leave the mesh.
 pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), String> {
+    let mut report = StartReport {
+        ready: boot.ready.lock().ok().map(|tx| tx.clone()),
+        index: None,
+    };
     let (senders, mut receivers) = match mesh {
-        Some(m) => {
-            let (s, r) = join_mesh(m).await?;
-            (Some(s), Some(r))
-        }
+        // A core that failed to start never joins: start-up then stops the rest this way.
+        Some(m) => match select(std::pin::pin!(join_mesh(m)), boot.shutdown.clone()).await {
+            Either::Left((Ok((s, r)), _)) => (Some(s), Some(r)),
+            Either::Left((Err(e), _)) => {
+                report.send(Err(e.clone()));
+                return Err(e);
+            }
+            Either::Right(_) => return Err("stopped before every core joined the mesh".into()),
+        },
         None => (None, None),
     };
     let index = senders.as_ref().map_or(0, |s| s.peer_id()) as u32;
-    let report = |r: Result<(u32, RingKind), String>| {
-        if let Ok(tx) = boot.ready.lock() {
-            let _ = tx.send(r);
-        }
-    };
+    report.index = Some(index);
     let started = start_core(&boot, index, senders).await;
     let core = match started {
         Ok(core) => core,
         Err(e) => {
-            report(Err(format!("core {index}: {e}")));
+            report.send(Err(format!("core {index}: {e}")));
             return Err(e);
         }
     };
@@ -323,7 +408,7 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
         .into_iter()
         .map(|(_, rx)| spawn_local(serve_peer(core.clone(), rx)))
         .collect();
-    report(Ok((index, core.ring.kind())));
+    report.send(Ok((index, core.ring.kind())));
 
     // Until shutdown: accept loops and connections run in `core.tasks`.
     let _ = boot.shutdown.clone().await;
@@ -345,6 +430,30 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
         }
     }
     Ok(())
+}
+
+/// Tells start-up how a core's start ended, once. Dropped without having told (a panic
+/// unwinding through the start), it reports the failure, so start-up does not wait for a
+/// core that is gone.
+struct StartReport {
+    ready: Option<mpsc::Sender<Result<(u32, RingKind), String>>>,
+    /// Known once the core joined the mesh.
+    index: Option<u32>,
+}
+
+impl StartReport {
+    fn send(&mut self, r: Result<(u32, RingKind), String>) {
+        if let Some(tx) = self.ready.take() {
+            let _ = tx.send(r);
+        }
+    }
+}
+
+impl Drop for StartReport {
+    fn drop(&mut self) {
+        let core = self.index.map_or("a core".to_string(), |i| format!("core {i}"));
+        self.send(Err(format!("{core} stopped while starting (it panicked; see the log)")));
+    }
 }
 
 /// Joins the core mesh. glommio wakes a channel end waiting for its peer to connect only
@@ -414,7 +523,8 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         held: RefCell::new(VecDeque::new()),
         wal: boot.wal_dir.as_ref().map(|dir| {
             let name = format!("{}-core{index}", run_name(boot.started_ms));
-            WalState::new(boot.config.persistence.fsync, dir.clone(), name, capture_sync)
+            let retry = Duration::from_millis(boot.config.persistence.log_retry_interval_ms);
+            WalState::new(boot.config.persistence.fsync, dir.clone(), name, capture_sync, retry)
         }),
         wal_task: RefCell::new(None),
         snapshots: boot.wal_dir.as_ref().map(|_| {
@@ -441,8 +551,9 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         cdc: boot.cdc.clone(),
     });
     if let (Some(wal), Some(snaps)) = (&core.wal, &core.snapshots) {
+        let first = writer::open(wal).await?;
         let (state, c) = (wal.clone(), core.clone());
-        *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.recorder).await }));
+        *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.recorder, first).await }));
         let (wal, snaps, c, signals) = (wal.clone(), snaps.clone(), core.clone(), boot.snapshot_requests.clone());
         *core.snapshot_task.borrow_mut() = Some(spawn_local(async move {
             snapshot::run(snaps, wal, &c.store, &c.recorder, signals).await;
@@ -484,6 +595,7 @@ async fn drain_held(core: Rc<Core>) {
 
 async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
     let max = core.config.limits.connections_per_core_max as u64;
+    let mut refusals = Refusals::default();
     loop {
         let accept = std::pin::pin!(core.ring.accept(listener.as_raw_fd()));
         let stop = std::pin::pin!(core.shutting_down());
@@ -500,11 +612,8 @@ async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
         };
         Counters::add(&core.counters.connections_accepted, 1);
         if core.counters.connections_open.get() >= max {
-            tracing::warn!(
-                core = core.index,
-                limit = max,
-                "connection refused: limits.connections_per_core_max reached"
-            );
+            Counters::add(&core.counters.connections_refused, 1);
+            refusals.note(core.index, max);
             continue; // dropping fd closes it
         }
         match core.tasks.spawn(connection::serve(core.clone(), fd)) {
@@ -514,11 +623,40 @@ async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
     }
 }
 
+/// How often, at most, an accept loop logs the connections it refused.
+const REFUSALS_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs refused connections at most once per [`REFUSALS_LOG_INTERVAL`], with how many
+/// there were: a flood of refusals must not become a flood of log lines.
+#[derive(Default)]
+struct Refusals {
+    since_log: u64,
+    logged_at: Option<std::time::Instant>,
+}
+
+impl Refusals {
+    fn note(&mut self, core: u32, limit: u64) {
+        self.since_log += 1;
+        if self.logged_at.is_some_and(|t| t.elapsed() < REFUSALS_LOG_INTERVAL) {
+            return;
+        }
+        tracing::warn!(
+            core,
+            limit,
+            refused = self.since_log,
+            "connections refused: limits.connections_per_core_max reached (logged at most every 10 s; Stats counts them all)"
+        );
+        self.since_log = 0;
+        self.logged_at = Some(std::time::Instant::now());
+    }
+}
+
 /// Active expiry: remove due keys in bounded steps; when a step hit its bound, go again
 /// right away (after yielding) instead of waiting a full interval.
 async fn sweep(core: Rc<Core>) {
     loop {
-        if !core.writes_ready() {
+        // Removals are writes: none while capture holds writers or the log is failing.
+        if !core.writes_ready() || core.log_failed() {
             sleep(SWEEP_INTERVAL).await;
             continue;
         }

@@ -61,12 +61,19 @@ struct Batch<'a> {
     /// Per target core: the operations to send, and where their outcomes go.
     remote: Vec<Forward>,
     wants_stats: bool,
+    /// Plans (by index) with a write applied on this core: their acknowledgement waits for
+    /// this core's log.
+    local_writes: Vec<usize>,
 }
 
 /// Executes the requests in `frames` (payloads of complete frames) and returns one response
 /// per frame, in the same order.
+///
+/// A write is acknowledged only once the log holds it: when the log fails first, its
+/// response becomes STORAGE_UNAVAILABLE (reads in the same batch are answered normally).
 pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
-    let requests: Vec<_> = frames.map(Request::decode).collect();
+    let batch_keys_max = core.config.limits.batch_keys_max;
+    let requests: Vec<_> = frames.map(|p| decode(p, batch_keys_max)).collect();
     // Change capture may hold writers back; reads, Stats and the rest never wait for it.
     if !core.writes_ready() && requests.iter().any(|r| r.as_ref().is_ok_and(writes)) {
         core.cdc_room().await;
@@ -79,32 +86,152 @@ pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Ve
         outcomes: Vec::new(),
         remote: (0..cores).map(|_| Forward::default()).collect(),
         wants_stats: false,
+        local_writes: Vec::new(),
     };
     for request in requests {
         let plan = match request {
-            Ok(req) => batch.plan(req),
-            Err(e) => Plan::Ready(error(
-                0,
-                ErrorCode::InvalidRequest,
-                format!("request does not decode: {e}"),
-            )),
+            Ok(req) => batch.plan(req).await,
+            Err(refusal) => Plan::Ready(*refusal),
         };
         batch.plans.push(plan);
+        glommio::yield_if_needed().await;
     }
-    batch.finish().await
+    let local_writes = std::mem::take(&mut batch.local_writes);
+    let mut responses = batch.finish().await;
+    // Acknowledge only what the log holds (waits only with fsync = always; every
+    // connection of the round shares one fdatasync). Other cores answer for their own logs.
+    if !local_writes.is_empty() && !core.wal_durable().await {
+        for i in local_writes {
+            let r = &mut responses[i];
+            if changed(r) {
+                *r = error(r.id, ErrorCode::StorageUnavailable, NOT_DURABLE.into());
+            }
+        }
+    }
+    responses
+}
+
+/// Whether a successful write response says it changed something (and so has a record).
+fn changed(r: &Response) -> bool {
+    match &r.result {
+        Some(R::Set(s)) => s.applied,
+        Some(R::Del(d)) => d.existed,
+        Some(R::Expire(e)) => e.applied,
+        Some(R::Mset(_)) => true,
+        _ => false,
+    }
+}
+
+/// Why a write applied just before the log failed is not acknowledged.
+const NOT_DURABLE: &str = "the write-ahead log failed before this write was durable: it is not acknowledged (the node logs it if its log recovers before it stops)";
+
+/// Why a write is refused while the log is failing.
+const STORAGE_UNAVAILABLE: &str = "the write-ahead log cannot be written (see Stats: persistence.degraded, log_error): writes are refused until it can; reads keep working";
+
+/// Keys (or entries) a core handles between two chances to yield; a batch larger than
+/// this is planned, applied and answered in slices so one request cannot stall the core.
+pub const SLICE_KEYS: usize = 256;
+
+/// Decodes one request frame, refusing an MGET or MSET of more than `batch_keys_max` keys
+/// from a count taken without decoding (so an oversized request costs a scan, not its
+/// allocations). The `Err` is the response to send.
+fn decode(payload: Bytes, batch_keys_max: usize) -> Result<Request, Box<Response>> {
+    if batch_keys(&payload, batch_keys_max) > batch_keys_max {
+        let id = request_id(&payload).unwrap_or(0);
+        return Err(Box::new(error(
+            id,
+            ErrorCode::BatchTooLarge,
+            too_many_keys(batch_keys_max),
+        )));
+    }
+    Request::decode(payload).map_err(|e| {
+        Box::new(error(
+            0,
+            ErrorCode::InvalidRequest,
+            format!("request does not decode: {e}"),
+        ))
+    })
+}
+
+fn too_many_keys(max: usize) -> String {
+    format!("more than limits.batch_keys_max ({max}) keys in one request; split it")
+}
+
+/// Request fields (proto/flux.proto) the scan below reads.
+const REQUEST_ID: u32 = 1;
+const REQUEST_MGET: u32 = 16;
+const REQUEST_MSET: u32 = 17;
+
+/// How many keys an encoded Request's MGET or MSET names (the repeated field 1 of either,
+/// over every occurrence, as protobuf merges them), counting no further than `stop_after`
+/// + 1. Malformed input counts what it can: the decoder then reports it.
+pub fn batch_keys(payload: &[u8], stop_after: usize) -> usize {
+    let mut count = 0;
+    let _ = each_field(payload, |field, value| {
+        if let (REQUEST_MGET | REQUEST_MSET, FieldValue::Bytes(body)) = (field, value) {
+            let _ = each_field(body, |inner, _| {
+                if inner == 1 {
+                    count += 1;
+                }
+                count <= stop_after
+            });
+        }
+        count <= stop_after
+    });
+    count
+}
+
+/// The id of an encoded Request, if it can be read.
+fn request_id(payload: &[u8]) -> Option<u64> {
+    let mut id = None;
+    let _ = each_field(payload, |field, value| {
+        if let (REQUEST_ID, FieldValue::Varint(v)) = (field, value) {
+            id = Some(v);
+        }
+        true
+    });
+    id
+}
+
+/// One protobuf field's value, as far as the scan needs it.
+enum FieldValue<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// Walks the top-level fields of an encoded message, calling `visit(field, value)` until it
+/// returns false. `Err` on malformed input (the walk stops there).
+fn each_field<'a>(mut buf: &'a [u8], mut visit: impl FnMut(u32, FieldValue<'a>) -> bool) -> Result<(), ()> {
+    use prost::encoding::decode_varint;
+    while !buf.is_empty() {
+        let key = decode_varint(&mut buf).map_err(|_| ())?;
+        let field = u32::try_from(key >> 3).map_err(|_| ())?;
+        let value = match key & 7 {
+            0 => FieldValue::Varint(decode_varint(&mut buf).map_err(|_| ())?),
+            1 | 5 => {
+                let n = if key & 7 == 1 { 8 } else { 4 };
+                buf = buf.get(n..).ok_or(())?;
+                FieldValue::Fixed
+            }
+            2 => {
+                let len = usize::try_from(decode_varint(&mut buf).map_err(|_| ())?).map_err(|_| ())?;
+                let body = buf.get(..len).ok_or(())?;
+                buf = &buf[len..];
+                FieldValue::Bytes(body)
+            }
+            _ => return Err(()),
+        };
+        if !visit(field, value) {
+            return Ok(());
+        }
+    }
+    Ok(())
 }
 
 /// Whether a request changes keys.
 fn writes(r: &Request) -> bool {
     matches!(r.op, Some(Op::Set(_) | Op::Del(_) | Op::Expire(_) | Op::Mset(_)))
-}
-
-/// Replaces every response with an INTERNAL error (same ids).
-pub fn fail_all(responses: Vec<Response>, why: &str) -> Vec<Response> {
-    responses
-        .into_iter()
-        .map(|r| error(r.id, ErrorCode::Internal, why.to_string()))
-        .collect()
 }
 
 /// One `SHUTTING_DOWN` response per frame, keeping ids where the frame decodes.
@@ -118,7 +245,7 @@ pub fn refuse_all(frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
 }
 
 impl Batch<'_> {
-    fn plan(&mut self, req: Request) -> Plan {
+    async fn plan(&mut self, req: Request) -> Plan {
         let id = req.id;
         let Some(op) = req.op else {
             return Plan::Ready(error(id, ErrorCode::InvalidRequest, "request has no op".into()));
@@ -159,14 +286,22 @@ impl Batch<'_> {
                     },
                 )
             }
+            // Applied in slices: other connections' requests may run between two slices,
+            // so a large MSET is not isolated (it never was across cores).
             Op::Mget(r) => {
-                for key in r.keys {
+                for (i, key) in r.keys.into_iter().enumerate() {
+                    if i % SLICE_KEYS == SLICE_KEYS - 1 {
+                        glommio::yield_if_needed().await;
+                    }
                     self.route(Kind::MGet, Command::Get { key });
                 }
                 Kind::MGet
             }
             Op::Mset(r) => {
-                for e in r.entries {
+                for (i, e) in r.entries.into_iter().enumerate() {
+                    if i % SLICE_KEYS == SLICE_KEYS - 1 {
+                        glommio::yield_if_needed().await;
+                    }
                     let cmd = Command::Set {
                         key: e.key,
                         value: e.value,
@@ -222,6 +357,10 @@ impl Batch<'_> {
                 "limits.value_bytes_max",
             )
         };
+        let batch = |n: usize| match n > limits.batch_keys_max {
+            true => Err(err(ErrorCode::BatchTooLarge, too_many_keys(limits.batch_keys_max))),
+            false => Ok(()),
+        };
         match op {
             Op::Get(r) => key(&r.key),
             Op::Del(r) => key(&r.key),
@@ -237,11 +376,16 @@ impl Batch<'_> {
                 }
                 key(&r.key).and_then(|()| value(&r.value))
             }
-            Op::Mget(r) => r.keys.iter().try_for_each(key),
-            Op::Mset(r) => r
-                .entries
-                .iter()
-                .try_for_each(|e| key(&e.key).and_then(|()| value(&e.value))),
+            Op::Mget(r) => {
+                batch(r.keys.len())?;
+                r.keys.iter().try_for_each(key)
+            }
+            Op::Mset(r) => {
+                batch(r.entries.len())?;
+                r.entries
+                    .iter()
+                    .try_for_each(|e| key(&e.key).and_then(|()| value(&e.value)))
+            }
             Op::Ping(_) | Op::Hello(_) | Op::Stats(_) | Op::Snapshot(_) => Ok(()),
         }
     }
@@ -252,6 +396,11 @@ impl Batch<'_> {
         let hash = Keyspace::hash(cmd.key());
         let owner = ks.core_of_shard(ks.shard_of_hash(hash));
         if owner == self.core.index {
+            // The plan being built is pushed once planned: its index is the count so far.
+            let plan = self.plans.len();
+            if cmd.writes() && self.local_writes.last() != Some(&plan) {
+                self.local_writes.push(plan);
+            }
             let outcome = self.core.apply(hash, cmd, self.now_ms);
             self.outcomes.push(Some(outcome));
         } else {
@@ -293,35 +442,46 @@ impl Batch<'_> {
             None
         };
         let frame_bytes_max = self.core.config.limits.frame_bytes_max;
-        std::mem::take(&mut self.plans)
-            .into_iter()
-            .map(|plan| match plan {
+        let mut responses = Vec::with_capacity(self.plans.len());
+        for plan in std::mem::take(&mut self.plans) {
+            let r = match plan {
                 Plan::Snapshot { id } => match snapshot.clone().expect("gathered above") {
                     Ok(r) => ok(id, R::Snapshot(r)),
                     Err(e) => error(id, ErrorCode::Internal, e),
                 },
                 Plan::Ready(r) => r,
-                Plan::Stats { id } => ok(
-                    id,
-                    R::Stats(proto::StatsResponse {
-                        cores: stats.clone().unwrap_or_default(),
-                        cdc: Some(Box::new(self.core.cdc.snapshot(self.core.config.cdc.enabled))),
-                        persistence: Some(Box::new(self.core.persistence.clone())),
-                    }),
-                ),
+                Plan::Stats { id } => {
+                    let cores = stats.clone().unwrap_or_default();
+                    let persistence = proto::PersistenceStats {
+                        degraded: cores.iter().any(|c| c.log_failed),
+                        ..self.core.persistence.clone()
+                    };
+                    ok(
+                        id,
+                        R::Stats(proto::StatsResponse {
+                            cores,
+                            cdc: Some(Box::new(self.core.cdc.snapshot(self.core.config.cdc.enabled))),
+                            persistence: Some(Box::new(persistence)),
+                        }),
+                    )
+                }
                 Plan::Keys { id, kind, ops } => {
                     let r = respond(id, kind, &mut self.outcomes[ops]);
                     if matches!(kind, Kind::MGet) && wire::frame_len(&r) > frame_bytes_max {
-                        return error(
+                        error(
                             id,
                             ErrorCode::FrameTooLarge,
                             format!("reply would exceed limits.frame_bytes_max ({frame_bytes_max}); split the MGET"),
-                        );
+                        )
+                    } else {
+                        r
                     }
-                    r
                 }
-            })
-            .collect()
+            };
+            responses.push(r);
+            glommio::yield_if_needed().await;
+        }
+        responses
     }
 
     async fn gather_stats(
@@ -398,6 +558,9 @@ fn respond(id: u64, kind: Kind, outcomes: &mut [Option<Outcome>]) -> Response {
             ErrorCode::ShuttingDown,
             "a core owning one of the keys is shutting down".into(),
         );
+    }
+    if outcomes.iter().any(|o| matches!(o, Some(Outcome::StorageUnavailable))) {
+        return error(id, ErrorCode::StorageUnavailable, STORAGE_UNAVAILABLE.into());
     }
     if outcomes.iter().any(|o| matches!(o, Some(Outcome::OutOfMemory))) {
         return error(

@@ -38,10 +38,15 @@ impl CoreListeners {
 /// Binds `cores` SO_REUSEPORT sockets on `addr` and, when `core_port_base` is non-zero,
 /// one exclusive socket per core. Returns them per core with the shared address; they
 /// accept nothing until [`CoreListeners::listen`].
-pub fn bind_all(addr: SocketAddr, cores: usize, core_port_base: u16) -> io::Result<(Vec<CoreListeners>, SocketAddr)> {
-    if addr.port() != 0 {
-        refuse_if_in_use(addr)?;
-    }
+///
+/// The flag says the port was held by an exited process's listeners (call
+/// [`wait_for_orphans`] before listening).
+pub fn bind_all(
+    addr: SocketAddr,
+    cores: usize,
+    core_port_base: u16,
+) -> io::Result<(Vec<CoreListeners>, SocketAddr, bool)> {
+    let orphans = addr.port() != 0 && refuse_if_in_use(addr)?;
     let first = reuseport_listener(addr)?;
     let bound = first
         .local_addr()?
@@ -60,19 +65,126 @@ pub fn bind_all(addr: SocketAddr, cores: usize, core_port_base: u16) -> io::Resu
                 io::Error::other(format!("core_port_base {core_port_base} + core {core} exceeds 65535"))
             })?;
             let own_addr = SocketAddr::new(bound.ip(), port);
-            Some(listener(own_addr, false).map_err(|e| annotate(e, own_addr))?.into())
+            Some(exclusive_listener(own_addr)?.into())
         };
         out.push(CoreListeners { shared: s.into(), own });
     }
-    Ok((out, bound))
+    Ok((out, bound, orphans))
 }
 
 /// SO_REUSEPORT lets any process of the same user join a port silently; bind the address
 /// once without it first, so a second server on a busy port fails instead of sharing it.
-fn refuse_if_in_use(addr: SocketAddr) -> io::Result<()> {
-    let probe = listener(addr, false).map_err(|e| annotate(e, addr))?;
+///
+/// A process killed with live io_uring requests leaves its listeners behind for about a
+/// second, until the kernel has cancelled them: the port looks busy though no process holds
+/// it. Such orphans are told from a live listener by looking for a process that holds one
+/// of the port's listening sockets; with none, the start goes on (and waits for the orphans
+/// to go before it listens, see [`wait_for_orphans`]).
+fn refuse_if_in_use(addr: SocketAddr) -> io::Result<bool> {
+    match probe(addr) {
+        Ok(()) => Ok(false),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => match listening_pids(addr.port()) {
+            Some(pids) if pids.is_empty() => {
+                tracing::warn!(%addr, "port held by the listeners of an exited process; starting anyway");
+                Ok(true)
+            }
+            Some(pids) => Err(io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr}: {e} (held by pid {pids:?})"),
+            )),
+            None => Err(annotate(e, addr)),
+        },
+        Err(e) => Err(annotate(e, addr)),
+    }
+}
+
+/// Binds and listens on `addr` without SO_REUSEPORT, then closes the socket again.
+fn probe(addr: SocketAddr) -> io::Result<()> {
     // A bound socket alone does not claim a port against SO_REUSEPORT sockets.
-    probe.listen(1).map_err(|e| annotate(e, addr))
+    listener(addr, false)?.listen(1)
+}
+
+/// Longest wait for an exited process's listeners to go before listening anyway.
+const ORPHANS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits (bounded) until the orphaned listeners found by [`refuse_if_in_use`] are gone, so
+/// the kernel hands no connection to a listener nobody will accept from. Runs after
+/// recovery, which usually outlasts them.
+pub fn wait_for_orphans(addr: SocketAddr) {
+    let started = std::time::Instant::now();
+    while probe(addr).is_err() {
+        if started.elapsed() > ORPHANS_WAIT {
+            tracing::warn!(%addr, "an exited process's listeners are still there; listening beside them");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Pids of the processes that hold a listening TCP socket on `port` (any address), read
+/// from /proc; `None` when /proc cannot tell.
+fn listening_pids(port: u16) -> Option<Vec<u32>> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (the 10th field)
+            let (Some(local), Some(state), Some(inode)) = (f.get(1), f.get(3), f.get(9)) else {
+                continue;
+            };
+            let local_port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && *state == "0A" {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    let mut pids = Vec::new();
+    for proc_entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = proc_entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_entry.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .any(|link| inodes.iter().any(|i| link.as_os_str() == i.as_str()));
+        if holds {
+            pids.push(pid);
+        }
+    }
+    Some(pids)
+}
+
+/// A socket of its own on `addr` (a core's port); an exited process's orphaned listener
+/// there is waited out (bounded), a live one is an error.
+fn exclusive_listener(addr: SocketAddr) -> io::Result<Socket> {
+    let started = std::time::Instant::now();
+    loop {
+        match listener(addr, false) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) && started.elapsed() < ORPHANS_WAIT => {
+                match listening_pids(addr.port()) {
+                    Some(pids) if pids.is_empty() => std::thread::sleep(std::time::Duration::from_millis(10)),
+                    Some(pids) => {
+                        return Err(io::Error::new(
+                            e.kind(),
+                            format!("cannot listen on {addr}: {e} (held by pid {pids:?})"),
+                        ))
+                    }
+                    None => return Err(annotate(e, addr)),
+                }
+            }
+            Err(e) => return Err(annotate(e, addr)),
+        }
+    }
 }
 
 fn reuseport_listener(addr: SocketAddr) -> io::Result<Socket> {

@@ -20,6 +20,7 @@ mod core;
 mod dispatch;
 mod forward;
 mod listener;
+pub mod lock;
 mod uring;
 
 use std::net::SocketAddr;
@@ -46,6 +47,37 @@ use crate::wal::snapshot::OldLogs;
 
 /// How long start-up waits for every core to report ready.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// After a core failed to start, how long start-up waits for the others to stop so it can
+/// report every cause.
+const FAILED_START_WAIT: Duration = Duration::from_millis(1_500);
+
+/// Travels (cloned, armed) inside the closure glommio runs on each executor thread. When an
+/// executor cannot be built (RLIMIT_MEMLOCK, RLIMIT_NOFILE, io_uring refused), glommio drops
+/// the closure without running it and reports the error only when every thread is joined,
+/// which never happens while the other cores wait for it in the mesh. Dropped armed, this
+/// tells start-up at once.
+struct Unstarted {
+    ready: mpsc::Sender<Result<(u32, RingKind), String>>,
+    armed: bool,
+}
+
+impl Clone for Unstarted {
+    fn clone(&self) -> Self {
+        Unstarted {
+            ready: self.ready.clone(),
+            armed: true,
+        }
+    }
+}
+
+impl Drop for Unstarted {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.ready.send(Err("a core's executor could not be created".into()));
+        }
+    }
+}
 
 /// A running node.
 pub struct Server {
@@ -121,12 +153,14 @@ impl Server {
         let keyspace = Keyspace::new(config.shards, cores).map_err(StartError::Invalid)?;
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| StartError::Invalid(format!("cannot create data_dir {}: {e}", config.data_dir.display())))?;
+        // Held until the cores and the control core are done with the directory.
+        let dir_lock = lock::lock(&config.data_dir).map_err(StartError::Invalid)?;
         let node_id = node_id(&config)?;
         let listen: SocketAddr = config
             .listen
             .parse()
             .map_err(|_| StartError::Invalid(format!("bad listen address {}", config.listen)))?;
-        let (listeners, local_addr) = listener::bind_all(listen, cpus.len(), config.core_port_base)?;
+        let (listeners, local_addr, orphans) = listener::bind_all(listen, cpus.len(), config.core_port_base)?;
         let core_ports: Vec<u16> = match config.core_port_base {
             0 => Vec::new(),
             base => (0..cores as u16).map(|i| base + i).collect(),
@@ -142,6 +176,7 @@ impl Server {
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let ready_tx_early = ready_tx.clone();
         let placement = PoolPlacement::Custom(
             cpus.iter()
                 .map(|&cpu| CpuSet::online().map(|s| s.filter(|l| l.cpu == cpu)))
@@ -259,6 +294,9 @@ impl Server {
         let preempt = Duration::from_micros(config.runtime.preempt_timer_us);
         let mesh_depth = config.limits.mesh_messages_max;
         // Recovery is done: only now may clients connect.
+        if orphans {
+            listener::wait_for_orphans(local_addr);
+        }
         for l in &listeners {
             l.listen()
                 .map_err(|e| StartError::Invalid(format!("cannot listen on {local_addr}: {e}")))?;
@@ -283,11 +321,17 @@ impl Server {
             cdc,
         });
         let mesh = (cores > 1).then(|| MeshBuilder::full(cores as usize, mesh_depth));
+        let unstarted = Unstarted {
+            ready: ready_tx_early,
+            armed: false,
+        };
         let handles = LocalExecutorPoolBuilder::new(placement)
             .name("flux-core")
             .io_memory(io_memory)
             .preempt_timer(preempt)
             .on_all_shards(move || {
+                let mut unstarted = unstarted;
+                unstarted.armed = false;
                 let (boot, mesh) = (boot.clone(), mesh.clone());
                 async move { core::run(boot, mesh).await }
             })
@@ -308,7 +352,7 @@ impl Server {
                 .filter_map(|r| match r {
                     Ok(Ok(())) => None,
                     Ok(Err(e)) => Some(e),
-                    Err(e) => Some(e.to_string()),
+                    Err(e) => Some(format!("cannot run a core's executor: {e}")),
                 })
                 .collect();
             // The cores are gone, so no more changes: let the control core flush and stop.
@@ -316,6 +360,7 @@ impl Server {
             if let Some(control) = control {
                 let _ = control.join();
             }
+            drop(dir_lock);
             let _ = exit_tx.send(if failures.is_empty() {
                 Ok(())
             } else {
@@ -331,7 +376,17 @@ impl Server {
                         ring = kind;
                     }
                 }
-                Ok(Err(e)) => return Err(StartError::Core(e)),
+                Ok(Err(e)) => {
+                    // Stop the cores that did start (those still joining the mesh too), and
+                    // take the pool's account of the failure: an executor that could not be
+                    // built says why only there.
+                    let _ = shutdown_tx.send(());
+                    let cause = match exited.recv_timeout(FAILED_START_WAIT) {
+                        Ok(Err(why)) => why,
+                        _ => e,
+                    };
+                    return Err(StartError::Core(cause));
+                }
                 Err(_) => return Err(StartError::Core("cores did not report ready in time".into())),
             }
         }

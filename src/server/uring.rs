@@ -43,6 +43,11 @@ pub enum RingKind {
     Plain,
 }
 
+/// Most bytes one receive copies: the copy runs on the core's thread (the ring defers its
+/// task work to it), so a peer with a large frame and a full socket buffer gets its bytes
+/// in slices, with other connections served in between.
+const RECV_BYTES_MAX: usize = 1 << 20;
+
 /// A core's network ring. Lives in one executor thread (it is `!Send`).
 pub struct Ring {
     inner: RefCell<Inner>,
@@ -119,12 +124,13 @@ impl Ring {
 
     /// Receives into the spare capacity of `buf` (the caller reserves it); returns the bytes
     /// read, 0 at end of stream.
+    /// Receives into `buf`'s spare capacity, at most [`RECV_BYTES_MAX`] at once.
     pub async fn recv(self: &Rc<Self>, fd: RawFd, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
         let spare = buf.spare_capacity_mut();
         let entry = opcode::Recv::new(
             types::Fd(fd),
             spare.as_mut_ptr().cast(),
-            spare.len().min(u32::MAX as usize) as u32,
+            spare.len().min(RECV_BYTES_MAX) as u32,
         )
         .build();
         let (res, mut buf) = self.submit(entry, buf, false).await;

@@ -98,6 +98,8 @@ pub enum Outcome {
     Ttl(i64),
     /// A write that would grow memory past the limit was refused.
     OutOfMemory,
+    /// A write refused, before it was applied, because the core cannot write its log.
+    StorageUnavailable,
 }
 
 /// A shard's live entries at change `seq`: (key, value, expire_at_ms).

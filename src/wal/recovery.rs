@@ -166,24 +166,36 @@ pub fn recover(
         out.snapshot_bytes += data.len() as u64;
     }
 
-    let mut changes: Vec<(u64, Change)> = Vec::new();
+    // Logs are streamed through a bounded window and applied as they are read: peak memory
+    // is the recovered data plus one window, not the logs. File order (run, core, offset) is
+    // per-shard seq order: within a run a shard lives on one core, whose segments follow its
+    // apply order, and a later run continues the seqs of earlier ones. A record at or below
+    // what its shard already has (covered by a snapshot, or seen) is skipped.
+    let mut applied = covered;
     for path in log_files(wal_dir).map_err(|e| format!("cannot list {}: {e}", wal_dir.display()))? {
-        let data = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let mut reader = LogReader::open(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
         out.files += 1;
-        out.bytes += data.len() as u64;
-        let mut at = 0;
+        out.bytes += reader.len;
         loop {
-            match decode(&data[at..], record_bytes_max) {
-                Read::Record(c, n) => {
-                    let hash = check_shard(keyspace, &c, &path, at)?;
-                    if c.seq > covered[c.shard as usize] {
-                        changes.push((hash, c));
+            let (at, read) = reader
+                .next(record_bytes_max)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            match read {
+                Read::Record(c, _) => {
+                    let hash = check_shard(keyspace, &c, &path, at as usize)?;
+                    let last = &mut applied[c.shard as usize];
+                    if c.seq > *last {
+                        *last = c.seq;
+                        stores[keyspace.core_of_shard(c.shard) as usize].restore(&c, hash);
+                        out.records += 1;
                     }
-                    at += n;
                 }
                 Read::End => break,
                 Read::Bad(why) => {
-                    let tail = is_tail(&data, at);
+                    let rest = reader
+                        .rest()
+                        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                    let tail = is_tail(&rest, 0);
                     if !tail && !repair {
                         return Err(format!(
                             "{}: damaged record at offset {at} ({why}); start with --repair to cut the log there",
@@ -194,28 +206,101 @@ pub fn recover(
                     let f = std::fs::OpenOptions::new()
                         .write(true)
                         .open(&path)
-                        .map_err(|e| e.to_string())?;
-                    f.set_len(at as u64)
+                        .map_err(|e| format!("cannot open {} to cut it: {e}", path.display()))?;
+                    f.set_len(at)
                         .and_then(|()| f.sync_all())
-                        .map_err(|e| e.to_string())?;
-                    out.truncated.push((path.clone(), at as u64, why));
+                        .map_err(|e| format!("cannot cut {}: {e}", path.display()))?;
+                    out.truncated.push((path.clone(), at, why));
                     break;
                 }
             }
         }
         out.log_files.push(path);
     }
-    out.records = changes.len() as u64;
-    // Per shard, in the order the shard applied them (a file per core and run, so one
-    // shard's records may span files after a core-count change).
-    changes.sort_by_key(|(_, c)| (c.shard, c.seq));
-    for (hash, c) in &changes {
-        let core = keyspace.core_of_shard(c.shard) as usize;
-        stores[core].restore(c, *hash);
-    }
     out.keys = stores.iter().map(CoreStore::keys).sum();
     out.millis = started.elapsed().as_millis() as u64;
     Ok(out)
+}
+
+/// Bytes of a log file recovery holds at once (more only for a larger record).
+const WINDOW_BYTES: usize = 4 << 20;
+
+/// Reads a log file's records in order through a window of about [`WINDOW_BYTES`].
+struct LogReader {
+    file: std::fs::File,
+    /// The file's size when opened.
+    len: u64,
+    window: Vec<u8>,
+    /// Bytes of `window` already returned as records.
+    used: usize,
+    /// File offset of `window[0]`.
+    window_at: u64,
+    eof: bool,
+}
+
+impl LogReader {
+    fn open(path: &Path) -> std::io::Result<LogReader> {
+        let file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(LogReader {
+            file,
+            len,
+            window: Vec::new(),
+            used: 0,
+            window_at: 0,
+            eof: false,
+        })
+    }
+
+    /// The next record, the end, or damage, with its file offset.
+    fn next(&mut self, record_bytes_max: usize) -> std::io::Result<(u64, Read)> {
+        loop {
+            let rest = &self.window[self.used..];
+            let need = match rest.get(..4) {
+                // A claimed length above the limit is damage: decode says so from the header.
+                Some(len) => 8 + (u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize).min(record_bytes_max),
+                None => 8,
+            };
+            if rest.len() < need && !self.eof {
+                self.fill(need)?;
+                continue;
+            }
+            let at = self.window_at + self.used as u64;
+            let read = decode(rest, record_bytes_max);
+            if let Read::Record(_, n) = &read {
+                self.used += n;
+            }
+            return Ok((at, read));
+        }
+    }
+
+    /// Drops what was used and reads until the window holds at least `need` bytes (and
+    /// about a window's worth) or the file ends.
+    fn fill(&mut self, need: usize) -> std::io::Result<()> {
+        use std::io::Read as _;
+        self.window.drain(..self.used);
+        self.window_at += self.used as u64;
+        self.used = 0;
+        let want = need.max(WINDOW_BYTES);
+        let mut chunk = [0u8; 64 << 10];
+        while self.window.len() < want {
+            let n = self.file.read(&mut chunk[..(want - self.window.len()).min(64 << 10)])?;
+            if n == 0 {
+                self.eof = true;
+                break;
+            }
+            self.window.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    }
+
+    /// Everything from the current position to the end of the file (only to judge damage).
+    fn rest(&mut self) -> std::io::Result<Vec<u8>> {
+        use std::io::Read as _;
+        let mut rest = self.window[self.used..].to_vec();
+        self.file.read_to_end(&mut rest)?;
+        Ok(rest)
+    }
 }
 
 /// True when nothing valid can follow the damaged record at `at`: it runs past the end of

@@ -39,7 +39,11 @@ pub struct WalState {
     closing: Cell<bool>,
     /// Bytes written since start (Stats).
     pub bytes: Cell<u64>,
+    /// Set while the log cannot be written (the core refuses writes meanwhile), with the
+    /// last error; cleared by the first write that succeeds again.
     failed: Cell<bool>,
+    error: RefCell<Option<String>>,
+    retry_interval: Duration,
     /// Where this core's segments go and how they are named: `<run_ms>-core<i>-<start>.log`
     /// (see `cdc::replay`).
     dir: PathBuf,
@@ -59,7 +63,14 @@ pub struct WalState {
 impl WalState {
     /// `name` is unique to this core and run; segments are `<name>-<start>.log` in `dir`.
     /// `capture_sync` is how often change capture needs the log synced (None: capture off).
-    pub fn new(fsync: Fsync, dir: PathBuf, name: String, capture_sync: Option<Duration>) -> Rc<WalState> {
+    /// `retry_interval` is how often a failed log operation is tried again.
+    pub fn new(
+        fsync: Fsync,
+        dir: PathBuf,
+        name: String,
+        capture_sync: Option<Duration>,
+        retry_interval: Duration,
+    ) -> Rc<WalState> {
         Rc::new(WalState {
             fsync,
             durable: Cell::new(0),
@@ -67,6 +78,8 @@ impl WalState {
             closing: Cell::new(false),
             bytes: Cell::new(0),
             failed: Cell::new(false),
+            error: RefCell::new(None),
+            retry_interval,
             dir,
             name,
             segment_bytes: Cell::new(0),
@@ -81,9 +94,49 @@ impl WalState {
         self.dir.join(segment_name(&self.name, start))
     }
 
-    /// True once a write failed: nothing more reaches the log.
+    /// True while the log cannot be written: the core refuses writes until it can.
     pub fn failed(&self) -> bool {
         self.failed.get()
+    }
+
+    /// The error that made the log fail, while it is failed.
+    pub fn error(&self) -> Option<String> {
+        self.error.borrow().clone()
+    }
+
+    /// A log operation failed: refuse writes from now on, fail whoever waits for
+    /// durability, then wait before the next try. Gives up (returns the error) only when
+    /// the log is closing, since nobody will wait for it any more.
+    async fn failed_attempt(&self, what: &str, e: std::io::Error) -> std::io::Result<()> {
+        if !self.failed.replace(true) {
+            tracing::error!(
+                dir = %self.dir.display(),
+                log = %self.name,
+                error = %e,
+                retry_interval_ms = self.retry_interval.as_millis() as u64,
+                "write-ahead log failed to {what}; the core is read-only (writes get STORAGE_UNAVAILABLE) until the log can be written again"
+            );
+        }
+        *self.error.borrow_mut() = Some(format!("cannot {what}: {e}"));
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+        if let Some(w) = self.rotated.borrow_mut().take() {
+            w.wake();
+        }
+        if self.closing.get() {
+            return Err(e);
+        }
+        glommio::timer::sleep(self.retry_interval).await;
+        Ok(())
+    }
+
+    /// A log operation succeeded: if the log had failed, it is writable again.
+    fn succeeded(&self) {
+        if self.failed.replace(false) {
+            self.error.borrow_mut().take();
+            tracing::info!(dir = %self.dir.display(), log = %self.name, "write-ahead log writable again; the core accepts writes");
+        }
     }
 
     /// Bytes in this core's log files of this run (what a snapshot would let go).
@@ -95,6 +148,9 @@ impl WalState {
     /// call is in the segments returned (all closed segments not yet released), which a
     /// snapshot of every shard taken afterwards covers.
     pub async fn rotate(&self, recorder: &RefCell<Recorder>) -> std::io::Result<Vec<Closed>> {
+        if self.failed.get() {
+            return Err(std::io::Error::other("the write-ahead log is failing"));
+        }
         self.rotate.set(true);
         recorder.borrow_mut().wake_writer();
         std::future::poll_fn(|cx| {
@@ -118,18 +174,19 @@ impl WalState {
     }
 
     /// Resolves once the first `generation` records are durable (only `fsync = always`
-    /// waits; the other policies acknowledge at once). Returns false if the log failed:
-    /// the caller must not acknowledge.
+    /// waits; the other policies acknowledge at once). Returns false if the log is failing
+    /// before they are: the caller must not acknowledge them (the writer still logs them
+    /// once it can).
     pub async fn durable(&self, generation: u64) -> bool {
         if self.fsync != Fsync::Always {
             return !self.failed.get();
         }
         std::future::poll_fn(|cx| {
-            if self.failed.get() {
-                return Poll::Ready(false);
-            }
             if self.durable.get() >= generation {
                 return Poll::Ready(true);
+            }
+            if self.failed.get() {
+                return Poll::Ready(false);
             }
             self.waiters.borrow_mut().push(cx.waker().clone());
             Poll::Pending
@@ -150,18 +207,45 @@ impl WalState {
     }
 }
 
-/// Writes the core's log until closed. `recorder` holds the pending records, and the
-/// change events waiting for them to be synced.
-pub async fn run(state: Rc<WalState>, recorder: &RefCell<Recorder>) {
-    if let Err(e) = write_loop(&state, recorder).await {
-        tracing::error!(dir = %state.dir.display(), log = %state.name, error = %e, "write-ahead log failed; writes are no longer acknowledged as durable");
-        state.failed.set(true);
-        for w in state.waiters.borrow_mut().drain(..) {
-            w.wake();
+/// Retries a log operation (`$op`, an expression giving `io::Result`) until it succeeds:
+/// while it fails the core is read-only. Returns from the enclosing function only when the
+/// log is closing.
+macro_rules! retry {
+    ($state:expr, $what:expr, $op:expr) => {
+        loop {
+            match $op {
+                Ok(v) => {
+                    $state.succeeded();
+                    break v;
+                }
+                Err(e) => $state.failed_attempt($what, e).await?,
+            }
         }
-        if let Some(w) = state.rotated.borrow_mut().take() {
-            w.wake();
-        }
+    };
+}
+
+/// Creates this core's first segment. Called before the core reports ready, so a log that
+/// cannot even be opened (no permission, no space, no O_DIRECT) stops the start, naming
+/// the file and the cause.
+pub async fn open(state: &WalState) -> Result<Segment, String> {
+    let path = state.segment_path(0);
+    Segment::create(&path, state.fsync == Fsync::Always)
+        .await
+        .map_err(|e| format!("cannot open the write-ahead log {}: {e}", path.display()))
+}
+
+/// Writes the core's log until closed, starting in `first` (from [`open`]). `recorder`
+/// holds the pending records, and the change events waiting for them to be synced.
+///
+/// A failed write or sync (a full disk, an I/O error) does not end the log: the core
+/// refuses writes, and the writer keeps the records it could not write and tries again
+/// every `retry_interval`. Records applied before the failure are therefore logged once
+/// the log recovers, in order, never rolled back: memory and disk agree after a restart,
+/// and their change events go out only once they are logged.
+pub async fn run(state: Rc<WalState>, recorder: &RefCell<Recorder>, first: Segment) {
+    if let Err(e) = write_loop(&state, recorder, first).await {
+        let unwritten = recorder.borrow().log.as_ref().map_or(0, |b| b.pending.len());
+        tracing::error!(dir = %state.dir.display(), log = %state.name, error = %e, unwritten, "write-ahead log closed while failing: the records it could not write are lost");
     }
 }
 
@@ -175,7 +259,7 @@ const WRITE_BYTES_MAX: usize = 1 << 20;
 /// whatever lies past the last record on disk is zeros (recovery's end marker) and a sync
 /// costs one small write. (glommio's DmaStreamWriter pads a sync with its whole buffer,
 /// 128 KiB here, and the padding is not zeroed.)
-struct Segment {
+pub struct Segment {
     file: DmaFile,
     /// File offset of `tail`'s first byte (block-aligned); everything before is written.
     tail_at: u64,
@@ -201,15 +285,17 @@ impl Segment {
         })
     }
 
-    async fn append(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        while !data.is_empty() {
-            let take = data.len().min(WRITE_BYTES_MAX);
+    /// Writes `data[*done..]`, advancing `done` past each piece on disk, so a failed call
+    /// can be retried with the same `data` and `done`.
+    async fn append(&mut self, data: &[u8], done: &mut usize) -> std::io::Result<()> {
+        while *done < data.len() {
+            let take = (data.len() - *done).min(WRITE_BYTES_MAX);
             let len = self.tail.len() + take;
             let padded = len.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
             let mut buf = self.file.alloc_dma_buffer(padded);
             let b = buf.as_bytes_mut();
             b[..self.tail.len()].copy_from_slice(&self.tail);
-            b[self.tail.len()..len].copy_from_slice(&data[..take]);
+            b[self.tail.len()..len].copy_from_slice(&data[*done..*done + take]);
             b[len..].fill(0);
             // The unfinished last block is written again, with more, next time.
             let full = len / BLOCK_BYTES * BLOCK_BYTES;
@@ -223,7 +309,7 @@ impl Segment {
             }
             self.tail = next_tail;
             self.tail_at += full as u64;
-            data = &data[take..];
+            *done += take;
         }
         Ok(())
     }
@@ -232,21 +318,27 @@ impl Segment {
         Ok(self.file.fdatasync().await?)
     }
 
-    /// Syncs, cuts the zero padding off, and closes.
-    async fn close(self) -> std::io::Result<()> {
+    /// Syncs and cuts the zero padding off (retried on failure, then [`Segment::close`]).
+    async fn finish(&self) -> std::io::Result<()> {
         self.file.fdatasync().await?;
         self.file.truncate(self.tail_at + self.tail.len() as u64).await?;
-        self.file.close().await?;
         Ok(())
+    }
+
+    /// Closes a finished segment: its records are synced, so a failure here loses nothing.
+    async fn close(self) {
+        if let Err(e) = self.file.close().await {
+            tracing::warn!(error = %e, "closing a finished log segment failed");
+        }
     }
 }
 
-async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>) -> std::io::Result<()> {
+async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>, first: Segment) -> std::io::Result<()> {
     let dsync = state.fsync == Fsync::Always;
     // Offset in this run's log of the next byte written, and of the segment's first.
     let mut written = 0u64;
     let mut path = state.segment_path(written);
-    let mut writer = Segment::create(&path, dsync).await?;
+    let mut writer = first;
     let mut spare = Vec::new();
     let mut last_sync = Instant::now();
     let mut unsynced = false;
@@ -290,7 +382,8 @@ async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>) -> std::io::
         // Every round is written at once, whatever the policy, so a process crash loses
         // at most the last round; the policy only decides when the device must persist it.
         if !data.is_empty() {
-            writer.append(&data).await?;
+            let mut done = 0;
+            retry!(state, "write", writer.append(&data, &mut done).await);
             written += data.len() as u64;
             state.bytes.set(state.bytes.get() + data.len() as u64);
             state.segment_bytes.set(state.segment_bytes.get() + data.len() as u64);
@@ -300,7 +393,7 @@ async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>) -> std::io::
         spare.clear();
         let sync_now = unsynced && sync_every.is_some_and(|every| last_sync.elapsed() >= every);
         if sync_now || (state.closing.get() && unsynced) {
-            writer.sync().await?;
+            retry!(state, "sync", writer.sync().await);
             last_sync = Instant::now();
             unsynced = false;
         }
@@ -312,22 +405,23 @@ async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>) -> std::io::
             }
         }
         if state.rotate.get() && !state.closing.get() {
-            // Everything taken so far is written; close (which syncs) and start the next. A
+            // Everything taken so far is written; finish (which syncs) and start the next. A
             // segment with nothing in it stays open: every record is already in the closed
             // ones, and its successor would have its name (segments are named by offset).
             if state.segment_bytes.get() > 0 {
-                writer.close().await?;
+                retry!(state, "finish a segment", writer.finish().await);
+                let next = state.segment_path(written);
+                let fresh = retry!(state, "create a segment", Segment::create(&next, dsync).await);
+                std::mem::replace(&mut writer, fresh).close().await;
                 let bytes = state.segment_bytes.replace(0);
                 state.closed.borrow_mut().push(Closed {
-                    path,
+                    path: std::mem::replace(&mut path, next),
                     start: written - bytes,
                     bytes,
                 });
                 if let Some(q) = recorder.borrow_mut().capture.as_mut() {
                     q.release(written);
                 }
-                path = state.segment_path(written);
-                writer = Segment::create(&path, dsync).await?;
                 unsynced = false;
             }
             state.rotate.set(false);
@@ -337,7 +431,8 @@ async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>) -> std::io::
         }
         let drained = recorder.borrow().log.as_ref().is_none_or(|b| b.pending.is_empty());
         if state.closing.get() && drained && !unsynced {
-            writer.close().await?;
+            retry!(state, "finish a segment", writer.finish().await);
+            writer.close().await;
             return Ok(());
         }
     }

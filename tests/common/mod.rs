@@ -50,7 +50,8 @@ impl TestServer {
     /// Runs a server expected to refuse to start; returns its exit code and log.
     pub fn fail_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_flux-server"))
-            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .args(listen_unless_given(args))
+            .arg("--data-dir")
             .arg(dir)
             .args(args)
             .output()
@@ -60,7 +61,10 @@ impl TestServer {
 
     fn spawn_in(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Result<TestServer, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flux-server"));
-        cmd.args(["--listen", "127.0.0.1:0", "--data-dir"]).arg(dir).args(args);
+        cmd.args(listen_unless_given(args))
+            .arg("--data-dir")
+            .arg(dir)
+            .args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -110,6 +114,20 @@ impl TestServer {
         Client::connect(self.addr)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A field of /proc/<pid>/status in KiB (VmRSS, VmHWM, VmData).
+    pub fn status_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{field}:")))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in /proc status"))
+    }
+
     pub fn signal(&self, sig: i32) {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.child.id() as i32, sig) };
@@ -149,6 +167,15 @@ impl Drop for TestServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `--listen 127.0.0.1:0` unless `args` choose the address.
+fn listen_unless_given(args: &[&str]) -> &'static [&'static str] {
+    if args.contains(&"--listen") {
+        &[]
+    } else {
+        &["--listen", "127.0.0.1:0"]
     }
 }
 
