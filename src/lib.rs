@@ -28,6 +28,8 @@
 //! - [`wal`]: the per-core write-ahead log and recovery.
 //! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and
 //!   io_uring stay behind this module.
+//! - `fuzz` (hidden): one entry point per parser of untrusted bytes, for `fuzz/` and the
+//!   property tests.
 //! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`.
 
 pub mod cdc;
@@ -35,6 +37,8 @@ pub mod change;
 pub mod client;
 pub mod cluster;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod keyspace;
 pub mod server;
 pub mod shard;

@@ -75,6 +75,81 @@ pub fn frame_len(msg: &impl Message) -> usize {
     HEADER_BYTES + msg.encoded_len()
 }
 
+// A cheap look into an encoded Request, without decoding it: what the server must know
+// about a frame before it lets prost allocate for it.
+
+/// Request fields (proto/flux.proto) the scan below reads.
+const REQUEST_ID: u32 = 1;
+const REQUEST_MGET: u32 = 16;
+const REQUEST_MSET: u32 = 17;
+
+/// How many keys an encoded Request's MGET or MSET names (the repeated field 1 of either,
+/// over every occurrence, as protobuf merges them), counting no further than `stop_after`
+/// + 1. Malformed input counts what it can: the decoder then reports it.
+pub fn batch_keys(payload: &[u8], stop_after: usize) -> usize {
+    let mut count = 0;
+    let _ = each_field(payload, |field, value| {
+        if let (REQUEST_MGET | REQUEST_MSET, FieldValue::Bytes(body)) = (field, value) {
+            let _ = each_field(body, |inner, _| {
+                if inner == 1 {
+                    count += 1;
+                }
+                count <= stop_after
+            });
+        }
+        count <= stop_after
+    });
+    count
+}
+
+/// The id of an encoded Request, if it can be read.
+pub fn request_id(payload: &[u8]) -> Option<u64> {
+    let mut id = None;
+    let _ = each_field(payload, |field, value| {
+        if let (REQUEST_ID, FieldValue::Varint(v)) = (field, value) {
+            id = Some(v);
+        }
+        true
+    });
+    id
+}
+
+/// One protobuf field's value, as far as the scan needs it.
+enum FieldValue<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// Walks the top-level fields of an encoded message, calling `visit(field, value)` until it
+/// returns false. `Err` on malformed input (the walk stops there).
+fn each_field<'a>(mut buf: &'a [u8], mut visit: impl FnMut(u32, FieldValue<'a>) -> bool) -> Result<(), ()> {
+    use prost::encoding::decode_varint;
+    while !buf.is_empty() {
+        let key = decode_varint(&mut buf).map_err(|_| ())?;
+        let field = u32::try_from(key >> 3).map_err(|_| ())?;
+        let value = match key & 7 {
+            0 => FieldValue::Varint(decode_varint(&mut buf).map_err(|_| ())?),
+            1 | 5 => {
+                let n = if key & 7 == 1 { 8 } else { 4 };
+                buf = buf.get(n..).ok_or(())?;
+                FieldValue::Fixed
+            }
+            2 => {
+                let len = usize::try_from(decode_varint(&mut buf).map_err(|_| ())?).map_err(|_| ())?;
+                let body = buf.get(..len).ok_or(())?;
+                buf = &buf[len..];
+                FieldValue::Bytes(body)
+            }
+            _ => return Err(()),
+        };
+        if !visit(field, value) {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,7 +37,7 @@ pub fn load(path: &Path, shards: u32) -> Result<Option<Vec<u64>>, String> {
     })
 }
 
-fn decode(data: &[u8], shards: u32) -> Result<Vec<u64>, String> {
+pub(crate) fn decode(data: &[u8], shards: u32) -> Result<Vec<u64>, String> {
     if data.len() < HEADER_BYTES + 4 || &data[..8] != MAGIC {
         return Err("not a change-capture checkpoint".into());
     }
@@ -107,5 +107,14 @@ mod tests {
         assert_eq!(load(&p, 16), Ok(None));
         store(&p, &[1, 2, 3, 4], 5).unwrap();
         assert_eq!(load(&p, 4), Ok(Some(vec![1, 2, 3, 4])));
+    }
+
+    proptest::proptest! {
+        // Goal: a checkpoint of any seqs and time decodes to the same seqs.
+        #[test]
+        fn any_checkpoint_round_trips(seqs in proptest::collection::vec(proptest::prelude::any::<u64>(), 0..300), at in proptest::prelude::any::<u64>()) {
+            let data = encode(&seqs, at);
+            proptest::prop_assert_eq!(decode(&data, seqs.len() as u32), Ok(seqs));
+        }
     }
 }

@@ -136,8 +136,8 @@ pub const SLICE_KEYS: usize = 256;
 /// from a count taken without decoding (so an oversized request costs a scan, not its
 /// allocations). The `Err` is the response to send.
 fn decode(payload: Bytes, batch_keys_max: usize) -> Result<Request, Box<Response>> {
-    if batch_keys(&payload, batch_keys_max) > batch_keys_max {
-        let id = request_id(&payload).unwrap_or(0);
+    if wire::batch_keys(&payload, batch_keys_max) > batch_keys_max {
+        let id = wire::request_id(&payload).unwrap_or(0);
         return Err(Box::new(error(
             id,
             ErrorCode::BatchTooLarge,
@@ -155,78 +155,6 @@ fn decode(payload: Bytes, batch_keys_max: usize) -> Result<Request, Box<Response
 
 fn too_many_keys(max: usize) -> String {
     format!("more than limits.batch_keys_max ({max}) keys in one request; split it")
-}
-
-/// Request fields (proto/flux.proto) the scan below reads.
-const REQUEST_ID: u32 = 1;
-const REQUEST_MGET: u32 = 16;
-const REQUEST_MSET: u32 = 17;
-
-/// How many keys an encoded Request's MGET or MSET names (the repeated field 1 of either,
-/// over every occurrence, as protobuf merges them), counting no further than `stop_after`
-/// + 1. Malformed input counts what it can: the decoder then reports it.
-pub fn batch_keys(payload: &[u8], stop_after: usize) -> usize {
-    let mut count = 0;
-    let _ = each_field(payload, |field, value| {
-        if let (REQUEST_MGET | REQUEST_MSET, FieldValue::Bytes(body)) = (field, value) {
-            let _ = each_field(body, |inner, _| {
-                if inner == 1 {
-                    count += 1;
-                }
-                count <= stop_after
-            });
-        }
-        count <= stop_after
-    });
-    count
-}
-
-/// The id of an encoded Request, if it can be read.
-fn request_id(payload: &[u8]) -> Option<u64> {
-    let mut id = None;
-    let _ = each_field(payload, |field, value| {
-        if let (REQUEST_ID, FieldValue::Varint(v)) = (field, value) {
-            id = Some(v);
-        }
-        true
-    });
-    id
-}
-
-/// One protobuf field's value, as far as the scan needs it.
-enum FieldValue<'a> {
-    Varint(u64),
-    Bytes(&'a [u8]),
-    Fixed,
-}
-
-/// Walks the top-level fields of an encoded message, calling `visit(field, value)` until it
-/// returns false. `Err` on malformed input (the walk stops there).
-fn each_field<'a>(mut buf: &'a [u8], mut visit: impl FnMut(u32, FieldValue<'a>) -> bool) -> Result<(), ()> {
-    use prost::encoding::decode_varint;
-    while !buf.is_empty() {
-        let key = decode_varint(&mut buf).map_err(|_| ())?;
-        let field = u32::try_from(key >> 3).map_err(|_| ())?;
-        let value = match key & 7 {
-            0 => FieldValue::Varint(decode_varint(&mut buf).map_err(|_| ())?),
-            1 | 5 => {
-                let n = if key & 7 == 1 { 8 } else { 4 };
-                buf = buf.get(n..).ok_or(())?;
-                FieldValue::Fixed
-            }
-            2 => {
-                let len = usize::try_from(decode_varint(&mut buf).map_err(|_| ())?).map_err(|_| ())?;
-                let body = buf.get(..len).ok_or(())?;
-                buf = &buf[len..];
-                FieldValue::Bytes(body)
-            }
-            _ => return Err(()),
-        };
-        if !visit(field, value) {
-            return Ok(());
-        }
-    }
-    Ok(())
 }
 
 /// Whether a request changes keys.
