@@ -3,7 +3,8 @@
 # flux-server with 1 shard core (on SERVER_CPU) with the log off, fsync no / everysec /
 # always; and Redis on the same CPU without persistence, appendfsync everysec and always,
 # measured with the same client (flux-bench --protocol resp). Then recovery time for
-# 1,000,000 keys of 100-byte values next to Redis loading its AOF. Writes
+# 1,000,000 keys of 100-byte values next to Redis loading its AOF, and the peak memory of
+# recovering a log that holds every key three times. Writes
 # bench/results/durability.md.
 source "$(dirname "$0")/lib.sh"
 N=${N:-500000}
@@ -77,6 +78,23 @@ flux_snap_ms=$(recovery_ms)
 flux_snap_keys=$("$BIN/flux-cli" --addr "127.0.0.1:$FLUX_PORT" stats | awk '/^ +0 / {print $7}')
 stop_pid "$FLUX_PID"
 
+# Recovery memory: the same keys written three times (the log holds 3x the data), kill -9,
+# restart; peak RSS while recovering (VmHWM once ready) against RSS once recovered.
+log "recovery memory: $RK keys x 100 B, each written 3 times, kill -9"
+start_flux recmem --cores 1 --cpus "$SERVER_CPU" --persistence-snapshot-log-bytes-min 1073741824
+for _ in 1 2 3; do
+  taskset -c "$CLIENT_CPU" "$BIN/flux-bench" --addr "127.0.0.1:$FLUX_PORT" -c "$C" -n "$RK" --value-bytes 100 --json >/dev/null
+done
+kill -9 "$FLUX_PID"; wait "$FLUX_PID" 2>/dev/null || true
+recmem_log_bytes=$(du -sb "$WORK/recmem/wal" | cut -f1)
+restart_flux recmem --cores 1 --cpus "$SERVER_CPU" --persistence-snapshot-log-bytes-min 1073741824
+recmem_s=$READY_S
+recmem_peak=$(awk '/VmHWM/ {print $2}' "/proc/$FLUX_PID/status")
+sleep 1
+recmem_steady=$(awk '/VmRSS/ {print $2}' "/proc/$FLUX_PID/status")
+recmem_keys=$("$BIN/flux-cli" --addr "127.0.0.1:$FLUX_PORT" stats | awk '/^ +0 / {print $7}')
+stop_pid "$FLUX_PID"
+
 log "recovery: loading $RK keys into Redis (appendonly)"
 # No automatic rewrite while loading: the first restart replays commands only.
 start_redis --appendonly yes --appendfsync everysec --auto-aof-rewrite-percentage 0
@@ -127,5 +145,17 @@ secs() { printf '%.2f' "$1"; }
   echo "| Redis 7 | AOF after BGREWRITEAOF (RDB preamble) | $redis_rdb_bytes | $redis_rdb_keys | $(secs "$redis_rdb_s") | |"
   echo
   echo "- Flux-KV / Redis recovery time: from the log **$(ratio "$flux_log_s" "$redis_aof_s")x**, from snapshots **$(ratio "$flux_snap_s" "$redis_rdb_s")x** (lower is faster)"
+  echo
+  echo "## Recovery memory"
+  echo
+  echo "$RK keys of 100-byte values, each written 3 times (flux-bench \`-c $C -n $RK --value-bytes 100\` three"
+  echo "times), then kill -9 and a restart; the log is replayed (no snapshot). Peak RSS is VmHWM once the"
+  echo "node answers (recovery runs before the port opens), steady RSS is VmRSS a second later."
+  echo
+  echo "| log bytes | keys after restart | time to ready (s) | peak RSS (MiB) | steady RSS (MiB) | peak / steady |"
+  echo "|---|---|---|---|---|---|"
+  echo "| $recmem_log_bytes | $recmem_keys | $(secs "$recmem_s") | $((recmem_peak / 1024)) | $((recmem_steady / 1024)) | **$(ratio "$recmem_peak" "$recmem_steady")x** |"
+  echo
+  echo "Target: peak at most 1.3x steady."
 } >"$RESULTS/durability.md"
 cat "$RESULTS/durability.md"

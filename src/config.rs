@@ -67,7 +67,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("limits.requests_in_flight_max", "unanswered requests per connection before the server stops reading from it"),
     ("limits.write_buffer_bytes_max", "encoded replies buffered per connection before they are sent"),
     ("limits.mesh_messages_max", "messages queued from one core to another before the sender waits"),
-    ("limits.batch_keys_max", "keys in one MGET or MSET; more get BATCH_TOO_LARGE (nothing applied)"),
+    ("limits.batch_keys_max", "keys in one MGET or MSET; more get BATCH_TOO_LARGE (nothing applied). Batches are applied in slices, but one request is decoded and encoded whole: raising this raises the longest stall one request can cause"),
     ("limits.idle_timeout_ms", "a connection with no request for this long is closed; 0 = never (like Redis' timeout)"),
     ("limits.frame_read_timeout_ms", "longest from a frame's first byte to its last; a slower frame gets TIMED_OUT and the connection closes; 0 = no limit"),
     ("runtime.ring_entries", "submission queue entries of each core's network io_uring"),

@@ -99,8 +99,9 @@ pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Ve
     let local_writes = std::mem::take(&mut batch.local_writes);
     let mut responses = batch.finish().await;
     // Acknowledge only what the log holds (waits only with fsync = always; every
-    // connection of the round shares one fdatasync). Other cores answer for their own logs.
-    if !local_writes.is_empty() && !core.wal_durable().await {
+    // connection of the round shares one fdatasync). Reads wait too, so no reply shows a
+    // change before it is durable. Other cores answer for their own logs.
+    if !core.wal_durable().await {
         for i in local_writes {
             let r = &mut responses[i];
             if changed(r) {

@@ -83,18 +83,27 @@ pub fn bind_all(
 fn refuse_if_in_use(addr: SocketAddr) -> io::Result<bool> {
     match probe(addr) {
         Ok(()) => Ok(false),
-        Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) => match listening_pids(addr.port()) {
-            Some(pids) if pids.is_empty() => {
-                tracing::warn!(%addr, "port held by the listeners of an exited process; starting anyway");
-                Ok(true)
-            }
-            Some(pids) => Err(io::Error::new(
-                e.kind(),
-                format!("cannot listen on {addr}: {e} (held by pid {pids:?})"),
-            )),
-            None => Err(annotate(e, addr)),
-        },
-        Err(e) => Err(annotate(e, addr)),
+        Err(e) => {
+            only_orphans(addr, e)?;
+            tracing::warn!(%addr, "port held by the listeners of an exited process; starting anyway");
+            Ok(true)
+        }
+    }
+}
+
+/// For a bind or listen on `addr` that failed with `e`: `Ok` when the port is busy only
+/// with listeners no live process holds, else the error to report (naming the holders).
+fn only_orphans(addr: SocketAddr, e: io::Error) -> io::Result<()> {
+    if e.raw_os_error() != Some(libc::EADDRINUSE) {
+        return Err(annotate(e, addr));
+    }
+    match listening_pids(addr.port()) {
+        Some(pids) if pids.is_empty() => Ok(()),
+        Some(pids) => Err(io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr}: {e} (held by pid {pids:?})"),
+        )),
+        None => Err(annotate(e, addr)),
     }
 }
 
@@ -170,17 +179,9 @@ fn exclusive_listener(addr: SocketAddr) -> io::Result<Socket> {
     loop {
         match listener(addr, false) {
             Ok(s) => return Ok(s),
-            Err(e) if e.raw_os_error() == Some(libc::EADDRINUSE) && started.elapsed() < ORPHANS_WAIT => {
-                match listening_pids(addr.port()) {
-                    Some(pids) if pids.is_empty() => std::thread::sleep(std::time::Duration::from_millis(10)),
-                    Some(pids) => {
-                        return Err(io::Error::new(
-                            e.kind(),
-                            format!("cannot listen on {addr}: {e} (held by pid {pids:?})"),
-                        ))
-                    }
-                    None => return Err(annotate(e, addr)),
-                }
+            Err(e) if started.elapsed() < ORPHANS_WAIT => {
+                only_orphans(addr, e)?;
+                std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(e) => return Err(annotate(e, addr)),
         }
