@@ -73,4 +73,3 @@ fn huge_batches_do_not_stall_the_core() {
     let peak_mib = server.status_kib("VmHWM") >> 10;
     assert!(peak_mib < 200, "peak RSS {peak_mib} MiB");
 }
-
