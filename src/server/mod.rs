@@ -320,7 +320,18 @@ impl Server {
             started_ms,
             cdc,
         });
-        let mesh = (cores > 1).then(|| MeshBuilder::full(cores as usize, mesh_depth));
+        // glommio's MeshBuilder keeps its peer list in an `Rc` yet is `Send`: clones made or
+        // dropped on several executor threads at once race on the reference count, and a
+        // lost increment frees the list while cores still read it (heap corruption, about
+        // one start in ten under AddressSanitizer). So every clone is made here, on one
+        // thread, before the executors exist; each core takes one and only drops it (racing
+        // decrements can only leak the list, never free it early).
+        let meshes: Arc<Mutex<Vec<core::MeshBuilderFull>>> = Arc::new(Mutex::new(if cores > 1 {
+            let mesh = MeshBuilder::full(cores as usize, mesh_depth);
+            (0..cores).map(|_| mesh.clone()).collect()
+        } else {
+            Vec::new()
+        }));
         let unstarted = Unstarted {
             ready: ready_tx_early,
             armed: false,
@@ -332,7 +343,8 @@ impl Server {
             .on_all_shards(move || {
                 let mut unstarted = unstarted;
                 unstarted.armed = false;
-                let (boot, mesh) = (boot.clone(), mesh.clone());
+                let boot = boot.clone();
+                let mesh = meshes.lock().ok().and_then(|mut m| m.pop());
                 async move { core::run(boot, mesh).await }
             })
             .map_err(|e| StartError::Core(e.to_string()))?;
