@@ -16,6 +16,10 @@ use flux_kv::wire;
 use prost::Message;
 
 pub const TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a start may take before the harness gives up. Generous: with the suite's tests
+/// running in parallel (full disks on loop devices, fsync-heavy loads) one fsync of a new
+/// node id on the shared root filesystem was seen to take many seconds.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub struct TestServer {
     child: Child,
@@ -85,7 +89,7 @@ impl TestServer {
                 sink.lock().unwrap().push(line);
             }
         });
-        let ready = match rx.recv_timeout(TIMEOUT) {
+        let ready = match rx.recv_timeout(START_TIMEOUT) {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
