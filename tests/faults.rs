@@ -194,6 +194,56 @@ fn full_disk_makes_the_node_read_only_until_space_returns() {
     }
 }
 
+/// Bytes free for files on the filesystem holding `path`.
+fn available_bytes(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["-B1", "--output=avail"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+// Goal: a snapshot that runs out of space removes its unfinished file, so the space it took
+// is the node's again, and the node keeps (or goes back to) accepting writes.
+#[test]
+fn failed_snapshot_gives_its_space_back() {
+    let Some(fs) = SmallFs::new(40, false) else { return };
+    let data = fs.path().join("data");
+    let server = TestServer::start_in(&data, &["--cores", "1", "--persistence-log-retry-interval-ms", "100"]);
+    let mut c = server.connect();
+    let value = vec![b's'; 1024];
+    for start in (0..10_000u64).step_by(500) {
+        let ops = (start..start + 500)
+            .map(|i| set_op(format!("k{i}").as_bytes(), &value))
+            .collect();
+        assert!(pipeline(&mut c, ops).iter().all(|r| code(r).is_none()));
+    }
+    // Leave less room than a snapshot of the 10 MB of data needs.
+    let room = available_bytes(&fs.path()).saturating_sub(4 << 20);
+    std::fs::write(fs.path().join("ballast"), vec![0u8; room as usize]).unwrap();
+    let r = c.call(Op::Snapshot(proto::SnapshotRequest {}));
+    assert!(r.error.is_some(), "a snapshot on a full disk fails: {r:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(data.join("snapshots"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "unfinished snapshots left: {leftovers:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || code(&c.call(set_op(b"after", b"v")))
+            .is_none()),
+        "writes work once the failed snapshot's space is back"
+    );
+    assert_eq!(c.get(b"k9999"), Some(value));
+}
+
 // Goal: a log that cannot be opened at start (here: a read-only filesystem under the log
 // directory) stops the start before the node reports ready, naming the file and the cause.
 #[test]

@@ -408,7 +408,8 @@ async fn round(
     Ok(report)
 }
 
-/// Writes one shard's snapshot next to the old one, then renames it into place.
+/// Writes one shard's snapshot next to the old one, then renames it into place. A failed
+/// write (a full disk) removes its temporary file: it would hold space the node needs.
 async fn write_shard(
     dir: &Path,
     header: &Header,
@@ -416,7 +417,24 @@ async fn write_shard(
 ) -> std::io::Result<u64> {
     let path = dir.join(file_name(header.shard));
     let tmp = path.with_extension("snap.tmp");
-    let file = DmaFile::create(&tmp).await?;
+    let written = write_tmp(&tmp, header, entries).await;
+    match written {
+        Ok(total) => {
+            glommio::io::rename(&tmp, &path).await?;
+            Ok(total)
+        }
+        Err(e) => {
+            if let Err(rm) = std::fs::remove_file(&tmp) {
+                tracing::warn!(file = %tmp.display(), error = %rm, "cannot remove an unfinished snapshot");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Writes and syncs a shard's snapshot to `tmp`; returns its bytes.
+async fn write_tmp(tmp: &Path, header: &Header, entries: &[(bytes::Bytes, bytes::Bytes, u64)]) -> std::io::Result<u64> {
+    let file = DmaFile::create(tmp).await?;
     let mut w = DmaStreamWriterBuilder::new(file)
         .with_buffer_size(WRITER_BUFFER_BYTES)
         .build();
@@ -443,7 +461,6 @@ async fn write_shard(
     total += buf.len() as u64;
     // close() syncs the data before it returns.
     w.close().await?;
-    glommio::io::rename(&tmp, &path).await?;
     Ok(total)
 }
 
