@@ -375,6 +375,7 @@ fn not_durable(outcomes: Vec<Outcome>, wrote: &[bool]) -> Vec<Outcome> {
 /// The life of one core, run inside its executor: join the mesh, take its listeners, serve
 /// until shutdown, then drain connections and leave the mesh.
 pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), String> {
+    tracing::debug!(mesh = mesh.is_some(), "core executor running");
     let mut report = StartReport {
         ready: boot.ready.lock().ok().map(|tx| tx.clone()),
         index: None,
@@ -393,6 +394,7 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
     };
     let index = senders.as_ref().map_or(0, |s| s.peer_id()) as u32;
     report.index = Some(index);
+    tracing::debug!(core = index, "joined the core mesh");
     let started = start_core(&boot, index, senders).await;
     let core = match started {
         Ok(core) => core,
@@ -459,7 +461,10 @@ impl Drop for StartReport {
 /// Joins the core mesh. glommio wakes a channel end waiting for its peer to connect only
 /// when its own executor happens to wake up; if that executor is parked, the join never
 /// completes (about 1 start in 40 hung here). A short ticker keeps the executor waking
-/// until the mesh is joined.
+/// until the mesh is joined, and the join itself is polled again on every tick: under
+/// load (an AddressSanitizer build beside other work) a core still missed the wake-up of
+/// the join's first step, the notice that every core has registered, in about one start
+/// in ten, and waited for ever.
 async fn join_mesh(
     mesh: MeshBuilderFull,
 ) -> Result<
@@ -478,7 +483,23 @@ async fn join_mesh(
             }
         }
     });
-    let joined = mesh.join().await.map_err(|e| format!("cannot join the core mesh: {e}"));
+    let mut join = std::pin::pin!(mesh.join());
+    let started = std::time::Instant::now();
+    let mut ticks = 0u64;
+    let joined = loop {
+        match select(join.as_mut(), std::pin::pin!(sleep(MESH_JOIN_TICK))).await {
+            Either::Left((joined, _)) => break joined.map_err(|e| format!("cannot join the core mesh: {e}")),
+            Either::Right(_) => {
+                ticks += 1;
+                if ticks % 1000 == 0 {
+                    tracing::warn!(
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "still joining the core mesh"
+                    );
+                }
+            }
+        }
+    };
     joining.set(false);
     ticker.await;
     joined
@@ -551,7 +572,9 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         cdc: boot.cdc.clone(),
     });
     if let (Some(wal), Some(snaps)) = (&core.wal, &core.snapshots) {
+        tracing::debug!(core = index, "opening the write-ahead log");
         let first = writer::open(wal).await?;
+        tracing::debug!(core = index, "write-ahead log open");
         let (state, c) = (wal.clone(), core.clone());
         *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.recorder, first).await }));
         let (wal, snaps, c, signals) = (wal.clone(), snaps.clone(), core.clone(), boot.snapshot_requests.clone());
