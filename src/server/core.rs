@@ -491,7 +491,7 @@ async fn join_mesh(
             Either::Left((joined, _)) => break joined.map_err(|e| format!("cannot join the core mesh: {e}")),
             Either::Right(_) => {
                 ticks += 1;
-                if ticks % 1000 == 0 {
+                if ticks.is_multiple_of(1000) {
                     tracing::warn!(
                         waited_ms = started.elapsed().as_millis() as u64,
                         "still joining the core mesh"
