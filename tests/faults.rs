@@ -391,10 +391,16 @@ fn slow_and_idle_connections_are_closed() {
         c.send(&req);
         c.recv().is_some()
     }));
+    // Every idle connection the core took is closed while the test still holds it open.
+    assert!(
+        eventually(Duration::from_secs(5), || server.stats()[0].connections_open <= 2),
+        "{:?}",
+        server.stats()[0]
+    );
     drop(hogs);
     let stats = &server.stats()[0];
     assert!(stats.connections_refused >= 1, "{stats:?}");
-    assert!(stats.connections_timed_out >= 20, "{stats:?}");
+    assert!(stats.connections_timed_out >= 19, "{stats:?}");
     let lines = server.log_text().matches("connections refused").count();
     assert!(lines <= 2, "{lines} log lines for refused connections");
 }
@@ -427,7 +433,15 @@ fn restart_at_once_after_kill_9() {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
-    let args = ["--cores", "2", "--listen", listen.as_str()];
+    // fsync = always: a write acknowledged just before the kill is on disk.
+    let args = [
+        "--cores",
+        "2",
+        "--listen",
+        listen.as_str(),
+        "--persistence-fsync",
+        "always",
+    ];
     for round in 0..3 {
         let mut server = TestServer::start_in(dir.path(), &args);
         assert_eq!(server.addr.port(), port);

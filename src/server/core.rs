@@ -84,7 +84,6 @@ pub struct Boot {
     pub listeners: Mutex<Vec<Option<CoreListeners>>>,
     /// Resolves (or is cancelled) when the node must stop.
     pub shutdown: Shared<oneshot::Receiver<()>>,
-    pub ready: Mutex<mpsc::Sender<Result<(u32, RingKind), String>>>,
     /// Each core's store (recovered from the log), taken by core index.
     pub stores: Mutex<Vec<Option<CoreStore>>>,
     /// Each core's change-capture queue, when capture is on, taken by core index.
@@ -374,12 +373,8 @@ fn not_durable(outcomes: Vec<Outcome>, wrote: &[bool]) -> Vec<Outcome> {
 
 /// The life of one core, run inside its executor: join the mesh, take its listeners, serve
 /// until shutdown, then drain connections and leave the mesh.
-pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), String> {
+pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>, mut report: StartReport) -> Result<(), String> {
     tracing::debug!(mesh = mesh.is_some(), "core executor running");
-    let mut report = StartReport {
-        ready: boot.ready.lock().ok().map(|tx| tx.clone()),
-        index: None,
-    };
     let (senders, mut receivers) = match mesh {
         // A core that failed to start never joins: start-up then stops the rest this way.
         Some(m) => match select(std::pin::pin!(join_mesh(m)), boot.shutdown.clone()).await {
@@ -388,7 +383,11 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
                 report.send(Err(e.clone()));
                 return Err(e);
             }
-            Either::Right(_) => return Err("stopped before every core joined the mesh".into()),
+            Either::Right(_) => {
+                let e = "stopped before every core joined the mesh".to_string();
+                report.send(Err(e.clone()));
+                return Err(e);
+            }
         },
         None => (None, None),
     };
@@ -434,16 +433,30 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>) -> Result<(), S
     Ok(())
 }
 
-/// Tells start-up how a core's start ended, once. Dropped without having told (a panic
-/// unwinding through the start), it reports the failure, so start-up does not wait for a
-/// core that is gone.
-struct StartReport {
+/// Tells start-up how a core's start ended, once. It travels inside the closure glommio
+/// runs on each executor thread (glommio clones that closure once per thread; each clone is
+/// armed, the original is not). Dropped armed without having told, it reports a failure, so
+/// start-up never waits for a core that is gone:
+/// - when an executor cannot be built (RLIMIT_NOFILE or RLIMIT_MEMLOCK too low, io_uring
+///   refused), glommio drops the closure without running it and says why only once every
+///   thread is joined, which never happens while the other cores wait in the mesh;
+/// - when a panic unwinds through a core's start.
+pub struct StartReport {
     ready: Option<mpsc::Sender<Result<(u32, RingKind), String>>>,
+    armed: bool,
     /// Known once the core joined the mesh.
     index: Option<u32>,
 }
 
 impl StartReport {
+    pub fn new(ready: mpsc::Sender<Result<(u32, RingKind), String>>) -> StartReport {
+        StartReport {
+            ready: Some(ready),
+            armed: false,
+            index: None,
+        }
+    }
+
     fn send(&mut self, r: Result<(u32, RingKind), String>) {
         if let Some(tx) = self.ready.take() {
             let _ = tx.send(r);
@@ -451,10 +464,26 @@ impl StartReport {
     }
 }
 
+impl Clone for StartReport {
+    fn clone(&self) -> Self {
+        StartReport {
+            ready: self.ready.clone(),
+            armed: true,
+            index: None,
+        }
+    }
+}
+
 impl Drop for StartReport {
     fn drop(&mut self) {
-        let core = self.index.map_or("a core".to_string(), |i| format!("core {i}"));
-        self.send(Err(format!("{core} stopped while starting (it panicked; see the log)")));
+        if !self.armed {
+            return;
+        }
+        let why = match self.index {
+            Some(i) => format!("core {i} stopped while starting (it panicked; see the log)"),
+            None => "a core's executor could not be created, or it stopped while starting".to_string(),
+        };
+        self.send(Err(why));
     }
 }
 

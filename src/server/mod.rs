@@ -52,33 +52,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// report every cause.
 const FAILED_START_WAIT: Duration = Duration::from_millis(1_500);
 
-/// Travels (cloned, armed) inside the closure glommio runs on each executor thread. When an
-/// executor cannot be built (RLIMIT_MEMLOCK, RLIMIT_NOFILE, io_uring refused), glommio drops
-/// the closure without running it and reports the error only when every thread is joined,
-/// which never happens while the other cores wait for it in the mesh. Dropped armed, this
-/// tells start-up at once.
-struct Unstarted {
-    ready: mpsc::Sender<Result<(u32, RingKind), String>>,
-    armed: bool,
-}
-
-impl Clone for Unstarted {
-    fn clone(&self) -> Self {
-        Unstarted {
-            ready: self.ready.clone(),
-            armed: true,
-        }
-    }
-}
-
-impl Drop for Unstarted {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = self.ready.send(Err("a core's executor could not be created".into()));
-        }
-    }
-}
-
 /// A running node.
 pub struct Server {
     local_addr: SocketAddr,
@@ -176,7 +149,6 @@ impl Server {
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
-        let ready_tx_early = ready_tx.clone();
         let placement = PoolPlacement::Custom(
             cpus.iter()
                 .map(|&cpu| CpuSet::online().map(|s| s.filter(|l| l.cpu == cpu)))
@@ -307,7 +279,6 @@ impl Server {
             hello,
             listeners: Mutex::new(listeners.into_iter().map(Some).collect()),
             shutdown: shutdown_rx.shared(),
-            ready: Mutex::new(ready_tx),
             stores: Mutex::new(stores.into_iter().map(Some).collect()),
             captures: Mutex::new(captures),
             links,
@@ -332,20 +303,15 @@ impl Server {
         } else {
             Vec::new()
         }));
-        let unstarted = Unstarted {
-            ready: ready_tx_early,
-            armed: false,
-        };
+        let report = core::StartReport::new(ready_tx);
         let handles = LocalExecutorPoolBuilder::new(placement)
             .name("flux-core")
             .io_memory(io_memory)
             .preempt_timer(preempt)
             .on_all_shards(move || {
-                let mut unstarted = unstarted;
-                unstarted.armed = false;
                 let boot = boot.clone();
                 let mesh = meshes.lock().ok().and_then(|mut m| m.pop());
-                async move { core::run(boot, mesh).await }
+                async move { core::run(boot, mesh, report).await }
             })
             .map_err(|e| StartError::Core(e.to_string()))?;
 

@@ -169,6 +169,10 @@ impl TestServer {
 
 impl Drop for TestServer {
     fn drop(&mut self) {
+        // A failing test shows what the server said.
+        if std::thread::panicking() {
+            eprintln!("--- flux-server log ({}) ---\n{}", self.dir.display(), self.log_text());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
