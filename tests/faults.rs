@@ -161,6 +161,12 @@ fn full_disk_makes_the_node_read_only_until_space_returns() {
             server.log_text().contains("write-ahead log failed"),
             "{fsync}: the log says so"
         );
+        let cli = Command::new(env!("CARGO_BIN_EXE_flux-cli"))
+            .args(["--addr", &server.addr.to_string(), "stats"])
+            .output()
+            .unwrap();
+        let cli = String::from_utf8_lossy(&cli.stdout);
+        assert!(cli.contains("DEGRADED: core"), "{fsync}: flux-cli stats says so: {cli}");
 
         // Space returns: read-write again without a restart.
         std::fs::remove_file(&ballast).unwrap();

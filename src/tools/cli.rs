@@ -368,10 +368,26 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
                         p.snapshot_bytes_loaded,
                     )
                     .map_err(io)?;
+                    for c in stats.cores.iter().filter(|c| c.log_failed) {
+                        writeln!(
+                            out,
+                            "DEGRADED: core {} cannot write its log ({}); its writes are refused with STORAGE_UNAVAILABLE until it can",
+                            c.core, c.log_error
+                        )
+                        .map_err(io)?;
+                    }
                 } else {
                     writeln!(out, "persistence: off").map_err(io)?;
                 }
             }
+            writeln!(
+                out,
+                "connections: refused at the limit {}, closed by timeouts {}; writes refused for storage {}",
+                stats.cores.iter().map(|c| c.connections_refused).sum::<u64>(),
+                stats.cores.iter().map(|c| c.connections_timed_out).sum::<u64>(),
+                stats.cores.iter().map(|c| c.writes_refused_storage).sum::<u64>(),
+            )
+            .map_err(io)?;
             match stats.cdc {
                 Some(c) if c.enabled => writeln!(
                     out,
