@@ -156,11 +156,11 @@ impl Connection {
             self.frame_started = None;
             (limits.idle_timeout_ms > 0).then(|| Duration::from_millis(limits.idle_timeout_ms))
         };
-        // Grow by at most what has arrived (doubling), never by what a header claims: a
-        // peer must send the bytes before the server holds memory for them.
+        // Room for at least a chunk (many small pipelined frames per read), and for a large
+        // frame growth by at most what has arrived (doubling), never by what a header
+        // claims: a peer must send the bytes before the server holds memory for them.
         let missing = wire::bytes_needed(&self.input).saturating_sub(self.input.len());
-        self.input
-            .reserve(missing.min(READ_CHUNK_BYTES.max(self.input.len())).max(1));
+        self.input.reserve(READ_CHUNK_BYTES.max(missing.min(self.input.len())));
         let input = std::mem::take(&mut self.input);
         // The read stays in flight across the shutdown notice, so no byte the kernel already
         // handed over is lost; only an idle drained connection cancels it.
