@@ -23,11 +23,8 @@ def varint(n):
 
 
 def mget_frame(rid, keys):
-    body = bytearray()
-    for i in range(keys):
-        key = bytes([i & 0x7F, (i >> 7) & 0x7F, (i >> 14) & 0x7F][: 1 if i < 128 else 3])
-        body += b"\x0a" + bytes([len(key)]) + key
-    req = b"\x08" + varint(rid) + b"\x82\x01" + varint(len(body)) + bytes(body)
+    body = bytes(b for i in range(keys) for b in (0x0A, 1, i % 251))
+    req = b"\x08" + varint(rid) + b"\x82\x01" + varint(len(body)) + body
     return struct.pack(">I", len(req)) + req
 
 
