@@ -426,17 +426,12 @@ fn second_instance_on_one_data_dir_is_refused() {
     assert_eq!(c.get(b"k"), Some(b"v".to_vec()));
 }
 
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 // Goal (restart right after a crash): kill -9 with clients connected, then restart at once
 // on the same port: it starts (the dead instance's lingering listeners do not count as a
 // live one), while a port a live process listens on is still refused, naming its pid.
 #[test]
 fn restart_at_once_after_kill_9() {
-    let port = free_port();
+    let port = common::fixed_port();
     let listen = format!("127.0.0.1:{port}");
     let dir = tempfile::tempdir().unwrap();
     // fsync = always: a write acknowledged just before the kill is on disk.

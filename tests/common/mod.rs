@@ -363,16 +363,40 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Two consecutive free ports (probed by binding them), for `--core-port-base`.
-pub fn free_port_pair() -> u16 {
-    for _ in 0..100 {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = a.local_addr().unwrap().port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
+/// `count` consecutive free ports below the kernel's ephemeral range (probed by binding
+/// them), so that no `port 0` bind elsewhere in the suite can take one while a test stops
+/// and restarts a server on it.
+fn free_ports_below_ephemeral(count: u16) -> u16 {
+    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let low = 10_000u16.min(ephemeral_low / 2);
+    let span = ephemeral_low.saturating_sub(low).saturating_sub(count).max(1);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let seed = (std::process::id() as u64) << 32 ^ nanos;
+    for attempt in 0..1000u64 {
+        let base = low + ((seed.wrapping_mul(2654435761).wrapping_add(attempt * 7919)) % span as u64) as u16;
+        let held: Vec<_> = (0..count)
+            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if held.len() == count as usize {
+            return base;
         }
     }
-    panic!("no free port pair");
+    panic!("no {count} free ports below the ephemeral range");
+}
+
+/// A free port for a server that a test restarts on the same port.
+pub fn fixed_port() -> u16 {
+    free_ports_below_ephemeral(1)
+}
+
+/// Two consecutive free ports, for `--core-port-base`.
+pub fn free_port_pair() -> u16 {
+    free_ports_below_ephemeral(2)
 }
 
 /// A small multi-threaded tokio runtime for tests that use the async client.
