@@ -16,7 +16,7 @@ use glommio::sync::{Gate, Semaphore};
 use glommio::{spawn_local, timer::sleep};
 
 use super::connection;
-use super::dispatch::SLICE_KEYS;
+use super::dispatch::{slice_point, SLICE_KEYS};
 use super::forward::Outboxes;
 use super::listener::CoreListeners;
 use super::uring::{Ring, RingKind};
@@ -332,9 +332,7 @@ impl Core {
                         let wrote: Vec<bool> = ops.iter().map(|(_, c)| c.writes()).collect();
                         let mut outcomes = Vec::with_capacity(ops.len());
                         for (i, (hash, cmd)) in ops.into_iter().enumerate() {
-                            if i % SLICE_KEYS == SLICE_KEYS - 1 {
-                                glommio::yield_if_needed().await;
-                            }
+                            slice_point(i).await;
                             outcomes.push(core.apply(hash, cmd, now_ms()));
                         }
                         core.answer(reply, outcomes, wrote);

@@ -281,16 +281,9 @@ impl LogReader {
         self.window.drain(..self.used);
         self.window_at += self.used as u64;
         self.used = 0;
-        let want = need.max(WINDOW_BYTES);
-        let mut chunk = [0u8; 64 << 10];
-        while self.window.len() < want {
-            let n = self.file.read(&mut chunk[..(want - self.window.len()).min(64 << 10)])?;
-            if n == 0 {
-                self.eof = true;
-                break;
-            }
-            self.window.extend_from_slice(&chunk[..n]);
-        }
+        let missing = need.max(WINDOW_BYTES).saturating_sub(self.window.len());
+        let got = (&self.file).take(missing as u64).read_to_end(&mut self.window)?;
+        self.eof = got < missing;
         Ok(())
     }
 
