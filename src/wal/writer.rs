@@ -39,9 +39,8 @@ pub struct WalState {
     closing: Cell<bool>,
     /// Bytes written since start (Stats).
     pub bytes: Cell<u64>,
-    /// Set while the log cannot be written (the core refuses writes meanwhile), with the
-    /// last error; cleared by the first write that succeeds again.
-    failed: Cell<bool>,
+    /// The last error while the log cannot be written (the core refuses writes meanwhile);
+    /// cleared by the first write that succeeds again.
     error: RefCell<Option<String>>,
     retry_interval: Duration,
     /// Where this core's segments go and how they are named: `<run_ms>-core<i>-<start>.log`
@@ -77,7 +76,6 @@ impl WalState {
             waiters: RefCell::new(Vec::new()),
             closing: Cell::new(false),
             bytes: Cell::new(0),
-            failed: Cell::new(false),
             error: RefCell::new(None),
             retry_interval,
             dir,
@@ -96,7 +94,7 @@ impl WalState {
 
     /// True while the log cannot be written: the core refuses writes until it can.
     pub fn failed(&self) -> bool {
-        self.failed.get()
+        self.error.borrow().is_some()
     }
 
     /// The error that made the log fail, while it is failed.
@@ -108,7 +106,7 @@ impl WalState {
     /// durability, then wait before the next try. Gives up (returns the error) only when
     /// the log is closing, since nobody will wait for it any more.
     async fn failed_attempt(&self, what: &str, e: std::io::Error) -> std::io::Result<()> {
-        if !self.failed.replace(true) {
+        if !self.failed() {
             tracing::error!(
                 dir = %self.dir.display(),
                 log = %self.name,
@@ -133,8 +131,7 @@ impl WalState {
 
     /// A log operation succeeded: if the log had failed, it is writable again.
     fn succeeded(&self) {
-        if self.failed.replace(false) {
-            self.error.borrow_mut().take();
+        if self.error.borrow_mut().take().is_some() {
             tracing::info!(dir = %self.dir.display(), log = %self.name, "write-ahead log writable again; the core accepts writes");
         }
     }
@@ -148,13 +145,13 @@ impl WalState {
     /// call is in the segments returned (all closed segments not yet released), which a
     /// snapshot of every shard taken afterwards covers.
     pub async fn rotate(&self, recorder: &RefCell<Recorder>) -> std::io::Result<Vec<Closed>> {
-        if self.failed.get() {
+        if self.failed() {
             return Err(std::io::Error::other("the write-ahead log is failing"));
         }
         self.rotate.set(true);
         recorder.borrow_mut().wake_writer();
         std::future::poll_fn(|cx| {
-            if self.failed.get() || self.closing.get() {
+            if self.failed() || self.closing.get() {
                 return Poll::Ready(Err(std::io::Error::other("the write-ahead log is closed or failed")));
             }
             if !self.rotate.get() {
@@ -179,13 +176,13 @@ impl WalState {
     /// once it can).
     pub async fn durable(&self, generation: u64) -> bool {
         if self.fsync != Fsync::Always {
-            return !self.failed.get();
+            return !self.failed();
         }
         std::future::poll_fn(|cx| {
             if self.durable.get() >= generation {
                 return Poll::Ready(true);
             }
-            if self.failed.get() {
+            if self.failed() {
                 return Poll::Ready(false);
             }
             self.waiters.borrow_mut().push(cx.waker().clone());
