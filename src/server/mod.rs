@@ -359,10 +359,13 @@ impl Server {
                     // take the pool's account of the failure: an executor that could not be
                     // built says why only there.
                     let _ = shutdown_tx.send(());
-                    let cause = match exited.recv_timeout(FAILED_START_WAIT) {
+                    let mut cause = match exited.recv_timeout(FAILED_START_WAIT) {
                         Ok(Err(why)) => why,
                         _ => e,
                     };
+                    if let Some(hint) = descriptor_limit_hint(cores) {
+                        cause = format!("{cause}; {hint}");
+                    }
                     return Err(StartError::Core(cause));
                 }
                 Err(_) => return Err(StartError::Core("cores did not report ready in time".into())),
@@ -426,6 +429,32 @@ impl Server {
             Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err("core join thread vanished".into())),
         }
     }
+}
+
+/// Descriptors a core needs to start (glommio's rings and eventfds, the network ring, its
+/// listeners, the log; a 2-core node started with 24 here), and the process's own.
+const CORE_START_DESCRIPTORS: u64 = 8;
+const PROCESS_DESCRIPTORS: u64 = 16;
+
+/// After a core failed to start: names a file-descriptor limit too low to start `cores`
+/// cores. Some such failures reach us only as a glommio panic whose message blames the
+/// kernel's age (its io_uring probe needs a descriptor), so the cause is said here.
+fn descriptor_limit_hint(cores: u32) -> Option<String> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    let need = PROCESS_DESCRIPTORS + CORE_START_DESCRIPTORS * u64::from(cores);
+    (limit.rlim_cur < need).then(|| {
+        format!(
+            "likely cause: Too many open files (RLIMIT_NOFILE is {}; {cores} cores need about {need} descriptors to start, plus one per connection)",
+            limit.rlim_cur
+        )
+    })
 }
 
 /// Loads (or, on the first start with change capture, creates) the change-capture
