@@ -40,8 +40,8 @@ pub const SWEEP_KEYS_MAX: usize = 2_000;
 /// queues every millisecond and measures retention every 20.
 const CDC_ROOM_POLL: Duration = Duration::from_millis(1);
 
-/// How often an executor wakes while it waits for the other cores to join the mesh.
-const MESH_JOIN_TICK: Duration = Duration::from_millis(1);
+/// How often an executor wakes while it starts (joining the mesh, opening its log).
+const START_TICK: Duration = Duration::from_millis(1);
 
 /// Back-off after an accept error such as EMFILE, so a full descriptor table does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(10);
@@ -485,13 +485,8 @@ impl Drop for StartReport {
     }
 }
 
-/// Joins the core mesh. glommio wakes a channel end waiting for its peer to connect only
-/// when its own executor happens to wake up; if that executor is parked, the join never
-/// completes (about 1 start in 40 hung here). A short ticker keeps the executor waking
-/// until the mesh is joined, and the join itself is polled again on every tick: under
-/// load (an AddressSanitizer build beside other work) a core still missed the wake-up of
-/// the join's first step, the notice that every core has registered, in about one start
-/// in ten, and waited for ever.
+/// Joins the core mesh (see [`nudged`]: glommio wakes a channel end waiting for its peer
+/// only when its own executor happens to wake up, and about 1 start in 40 hung here).
 async fn join_mesh(
     mesh: MeshBuilderFull,
 ) -> Result<
@@ -501,35 +496,30 @@ async fn join_mesh(
     ),
     String,
 > {
-    let joining = Rc::new(Cell::new(true));
-    let ticker = spawn_local({
-        let joining = joining.clone();
-        async move {
-            while joining.get() {
-                sleep(MESH_JOIN_TICK).await;
-            }
-        }
-    });
-    let mut join = std::pin::pin!(mesh.join());
+    nudged("joining the core mesh", mesh.join())
+        .await
+        .map_err(|e| format!("cannot join the core mesh: {e}"))
+}
+
+/// Awaits a start-up step while a short timer keeps the executor waking, polling the step
+/// again on each tick, and warns about every second it takes. On an executor with nothing
+/// else to do yet, glommio can miss the wake-up a step waits for: the mesh join (the
+/// notice that every core has registered) and a core's first log open were both seen
+/// waiting for ever, in up to one start in ten under load. A pending timer gives the
+/// executor another chance to notice.
+async fn nudged<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    let mut fut = std::pin::pin!(fut);
     let started = std::time::Instant::now();
     let mut ticks = 0u64;
-    let joined = loop {
-        match select(join.as_mut(), std::pin::pin!(sleep(MESH_JOIN_TICK))).await {
-            Either::Left((joined, _)) => break joined.map_err(|e| format!("cannot join the core mesh: {e}")),
-            Either::Right(_) => {
-                ticks += 1;
-                if ticks.is_multiple_of(1000) {
-                    tracing::warn!(
-                        waited_ms = started.elapsed().as_millis() as u64,
-                        "still joining the core mesh"
-                    );
-                }
-            }
+    loop {
+        if let Either::Left((out, _)) = select(fut.as_mut(), std::pin::pin!(sleep(START_TICK))).await {
+            return out;
         }
-    };
-    joining.set(false);
-    ticker.await;
-    joined
+        ticks += 1;
+        if ticks.is_multiple_of(1000) {
+            tracing::warn!(waited_ms = started.elapsed().as_millis() as u64, "still {what}");
+        }
+    }
 }
 
 /// Takes core `index`'s item out of a table the main thread filled before the executors.
@@ -600,7 +590,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
     });
     if let (Some(wal), Some(snaps)) = (&core.wal, &core.snapshots) {
         tracing::debug!(core = index, "opening the write-ahead log");
-        let first = writer::open(wal).await?;
+        let first = nudged("opening the write-ahead log", writer::open(wal)).await?;
         tracing::debug!(core = index, "write-ahead log open");
         let (state, c) = (wal.clone(), core.clone());
         *core.wal_task.borrow_mut() = Some(spawn_local(async move { writer::run(state, &c.recorder, first).await }));
