@@ -135,6 +135,23 @@ fn full_disk_makes_the_node_read_only_until_space_returns() {
             acked.len()
         );
 
+        // Each core notices a full disk on its own next write: write on (keys spread over
+        // both cores) until every core's log has failed.
+        let started = Instant::now();
+        while !server.stats().iter().all(|s| s.log_failed) {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{fsync}: a core never noticed"
+            );
+            let r = c.call(set_op(format!("k{next}").as_bytes(), &value));
+            match code(&r) {
+                None => acked.push(next),
+                Some(ErrorCode::StorageUnavailable) => {}
+                other => panic!("{fsync}: unexpected reply to a write on a full disk: {other:?}"),
+            }
+            next += 1;
+        }
+
         // Read-only, not down: writes are refused, reads and the rest work.
         let later = c.call(set_op(b"after-full", b"v"));
         assert_eq!(code(&later), Some(ErrorCode::StorageUnavailable), "{later:?}");
