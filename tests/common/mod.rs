@@ -63,7 +63,20 @@ impl TestServer {
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 
+    /// Starts the server; a start that hangs in glommio (a core still joining the mesh, or
+    /// still opening its log, a second after start; see the faults note on issue 11) is
+    /// killed and tried once more, as a service manager would restart it, with a warning.
     fn spawn_in(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Result<TestServer, String> {
+        match Self::spawn_once(dir, args, env) {
+            Err(Start::Hung(log)) => {
+                eprintln!("warning: flux-server start hung in glommio; starting again. Its log:\n{log}");
+                Self::spawn_once(dir, args, env).map_err(Start::into_log)
+            }
+            other => other.map_err(Start::into_log),
+        }
+    }
+
+    fn spawn_once(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Result<TestServer, Start> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_flux-server"));
         cmd.args(listen_unless_given(args))
             .arg("--data-dir")
@@ -83,18 +96,23 @@ impl TestServer {
         let sink = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("flux-server ready") {
+                if line.contains("flux-server ready") || HUNG_START.iter().any(|h| line.contains(h)) {
                     let _ = tx.send(line.clone());
                 }
                 sink.lock().unwrap().push(line);
             }
         });
         let ready = match rx.recv_timeout(START_TIMEOUT) {
-            Ok(line) => line,
-            Err(_) => {
+            Ok(line) if line.contains("flux-server ready") => line,
+            other => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(log.lock().unwrap().join("\n"));
+                let text = log.lock().unwrap().join("\n");
+                return Err(if other.is_ok() {
+                    Start::Hung(text)
+                } else {
+                    Start::Failed(text)
+                });
             }
         };
         let addr = field(&ready, "listen").parse().expect("listen address in ready line");
@@ -175,6 +193,23 @@ impl Drop for TestServer {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Log lines of a start that glommio left hanging (an executor asleep with work pending).
+const HUNG_START: &[&str] = &["still joining the core mesh", "still opening the write-ahead log"];
+
+/// Why a start did not give a ready server; both carry the server's log.
+enum Start {
+    Hung(String),
+    Failed(String),
+}
+
+impl Start {
+    fn into_log(self) -> String {
+        match self {
+            Start::Hung(log) | Start::Failed(log) => log,
+        }
     }
 }
 
