@@ -70,6 +70,12 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("limits.batch_keys_max", "keys in one MGET or MSET; more get BATCH_TOO_LARGE (nothing applied). Batches are applied in slices, but one request is decoded and encoded whole: raising this raises the longest stall one request can cause"),
     ("limits.idle_timeout_ms", "a connection with no request for this long is closed; 0 = never (like Redis' timeout)"),
     ("limits.frame_read_timeout_ms", "longest from a frame's first byte to its last; a slower frame gets TIMED_OUT and the connection closes; 0 = no limit"),
+    ("protected_mode", "with no users file (auth off) and a listen address that is not loopback, serve only loopback peers and tell the others why (as Redis does); false turns this off"),
+    ("auth.users_file", "TOML file of users (name, role, token hash, key prefixes); when set, every request but HELLO and PING needs an Auth first. Reloaded on SIGHUP"),
+    ("auth.failures_max", "failed Auth requests after which the server closes the connection"),
+    ("tls.cert_file", "PEM certificate chain for the client port; when set, the port speaks TLS only. Reloaded on SIGHUP"),
+    ("tls.key_file", "PEM private key of tls.cert_file"),
+    ("tls.client_ca_file", "PEM CA certificates; when set, clients must present a certificate it signed (mutual TLS); one whose common name is a user's cert_common_name is authenticated as that user"),
     ("runtime.ring_entries", "submission queue entries of each core's network io_uring"),
     ("runtime.io_memory_bytes", "glommio registered I/O memory per core (counts against RLIMIT_MEMLOCK)"),
     ("runtime.preempt_timer_us", "longest a busy core runs before it looks at other cores' messages"),
@@ -80,12 +86,21 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cluster.prefix", "etcd key prefix; the node registers at <prefix>/nodes/<node_id>"),
     ("cluster.advertise_addr", "address clients use to reach this node; empty = FLUX_POD_IP, else the listen address unless it is a wildcard, else the first non-loopback interface address"),
     ("cluster.lease_ttl_ms", "registration lease; a node that stops renewing it leaves the cluster after this long"),
+    ("cluster.etcd_tls_ca_file", "PEM CA that signed etcd's certificate; set it (and use https:// endpoints) to reach etcd over TLS"),
+    ("cluster.etcd_tls_cert_file", "PEM client certificate for etcd (its --client-cert-auth)"),
+    ("cluster.etcd_tls_key_file", "PEM private key of cluster.etcd_tls_cert_file"),
+    ("cluster.etcd_user", "etcd user name when etcd has authentication on; empty = none"),
+    ("cluster.etcd_password_file", "file holding the etcd user's password (e.g. a systemd credential: %d/etcd-password)"),
     ("persistence.enabled", "write every change to a per-core write-ahead log under data_dir/wal and replay it at start"),
     ("persistence.fsync", "always (acknowledge once durable; one disk write per executor round), everysec, or no"),
     ("persistence.snapshot_log_bytes_min", "a core snapshots its shards (and deletes the log they cover) once its log exceeds both this and its last snapshot's size"),
     ("persistence.log_retry_interval_ms", "after a failed log write (a full disk), how often the core tries again; it refuses writes with STORAGE_UNAVAILABLE until one succeeds"),
     ("cdc.enabled", "publish every change to RabbitMQ"),
-    ("cdc.amqp_url", "broker address, amqp://user:password@host:port/vhost"),
+    ("cdc.amqp_url", "broker address, amqp://user:password@host:port/vhost, or amqps:// for TLS"),
+    ("cdc.amqp_url_file", "file holding cdc.amqp_url, so the password stays out of the config and the process list (e.g. a systemd credential: %d/amqp-url)"),
+    ("cdc.tls_ca_file", "PEM CA that signed the broker's certificate (amqps://); empty = the public web PKI roots"),
+    ("cdc.tls_cert_file", "PEM client certificate for the broker (amqps:// with client authentication)"),
+    ("cdc.tls_key_file", "PEM private key of cdc.tls_cert_file"),
     ("cdc.exchange", "durable topic exchange for protobuf batches (routing key <node_id>.<shard>)"),
     ("cdc.format", "protobuf (ChangeBatch per shard, topic exchange) or json (the old service's messages, fanout exchange flux_kv_events)"),
     ("cdc.batch_events_max", "events in one published batch"),
@@ -113,11 +128,61 @@ pub struct Config {
     pub shutdown_timeout_ms: u64,
     pub control_cpu: i64,
     pub control_nice: i32,
+    pub protected_mode: bool,
     pub limits: Limits,
     pub runtime: Runtime,
     pub cluster: Cluster,
     pub persistence: Persistence,
     pub cdc: Cdc,
+    pub auth: Auth,
+    pub tls: Tls,
+}
+
+/// Client authentication: who may connect and what each user may do (src/auth.rs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Auth {
+    /// Empty = auth off.
+    pub users_file: String,
+    pub failures_max: u32,
+}
+
+impl Default for Auth {
+    fn default() -> Self {
+        Self {
+            users_file: String::new(),
+            failures_max: 3,
+        }
+    }
+}
+
+impl Auth {
+    pub fn enabled(&self) -> bool {
+        !self.users_file.is_empty()
+    }
+}
+
+/// TLS on the client port (src/tls.rs). Empty `cert_file` = plaintext.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    pub cert_file: String,
+    pub key_file: String,
+    pub client_ca_file: String,
+}
+
+impl Tls {
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
+}
+
+/// Reads a secret from a file (a systemd credential, a mounted secret): the whole file,
+/// without surrounding whitespace.
+pub fn read_secret(setting: &str, path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{setting}: cannot read {path}: {e}"))
 }
 
 /// The write-ahead log.
@@ -159,6 +224,10 @@ pub enum Fsync {
 pub struct Cdc {
     pub enabled: bool,
     pub amqp_url: String,
+    pub amqp_url_file: String,
+    pub tls_ca_file: String,
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
     pub exchange: String,
     pub format: CdcFormat,
     pub batch_events_max: usize,
@@ -197,6 +266,10 @@ impl Default for Cdc {
         Self {
             enabled: false,
             amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            amqp_url_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
             exchange: "flux.cdc".into(),
             format: CdcFormat::Protobuf,
             batch_events_max: 1_024,
@@ -247,6 +320,11 @@ pub struct Cluster {
     pub prefix: String,
     pub advertise_addr: String,
     pub lease_ttl_ms: u64,
+    pub etcd_tls_ca_file: String,
+    pub etcd_tls_cert_file: String,
+    pub etcd_tls_key_file: String,
+    pub etcd_user: String,
+    pub etcd_password_file: String,
 }
 
 impl Default for Cluster {
@@ -257,6 +335,11 @@ impl Default for Cluster {
             prefix: "/flux".into(),
             advertise_addr: String::new(),
             lease_ttl_ms: 10_000,
+            etcd_tls_ca_file: String::new(),
+            etcd_tls_cert_file: String::new(),
+            etcd_tls_key_file: String::new(),
+            etcd_user: String::new(),
+            etcd_password_file: String::new(),
         }
     }
 }
@@ -275,10 +358,13 @@ impl Default for Config {
             limits: Limits::default(),
             control_cpu: -1,
             control_nice: DEFAULT_CONTROL_NICE,
+            protected_mode: true,
             runtime: Runtime::default(),
             cluster: Cluster::default(),
             persistence: Persistence::default(),
             cdc: Cdc::default(),
+            auth: Auth::default(),
+            tls: Tls::default(),
         }
     }
 }
@@ -446,8 +532,29 @@ impl Config {
                 c.retention_bytes_max
             ));
         }
-        if c.enabled && !c.amqp_url.starts_with("amqp://") {
-            return fail(format!("cdc.amqp_url: {:?} is not an amqp:// URL", c.amqp_url));
+        if c.enabled && c.amqp_url_file.is_empty() {
+            check_amqp_url(&c.amqp_url).map_err(ConfigError::Invalid)?;
+        }
+        if self.auth.failures_max == 0 {
+            return fail("auth.failures_max must be at least 1".into());
+        }
+        for (what, cert, key) in [
+            ("tls", &self.tls.cert_file, &self.tls.key_file),
+            ("cdc.tls", &c.tls_cert_file, &c.tls_key_file),
+            (
+                "cluster.etcd_tls",
+                &self.cluster.etcd_tls_cert_file,
+                &self.cluster.etcd_tls_key_file,
+            ),
+        ] {
+            if cert.is_empty() != key.is_empty() {
+                return fail(format!(
+                    "{what}: a certificate file needs its key file, and the other way round"
+                ));
+            }
+        }
+        if !self.tls.client_ca_file.is_empty() && !self.tls.enabled() {
+            return fail("tls.client_ca_file needs tls.cert_file (client certificates are part of TLS)".into());
         }
         if !(50..=1_000_000).contains(&self.runtime.preempt_timer_us) {
             return fail(format!(
@@ -464,9 +571,60 @@ impl Config {
         Ok(())
     }
 
-    /// The effective config as TOML (what `--print-config` shows).
+    /// The effective config as TOML (what `--print-config` shows), secrets masked: the
+    /// output ends up in terminals, tickets and logs.
     pub fn to_toml(&self) -> String {
-        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut shown = self.clone();
+        shown.cdc.amqp_url = mask_password(&shown.cdc.amqp_url);
+        toml::to_string(&shown).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+impl Cdc {
+    /// The broker URL: from `amqp_url_file` when set (read now, so a rotated secret is
+    /// picked up at the next connection), else `amqp_url`.
+    pub fn url(&self) -> Result<String, String> {
+        let url = if self.amqp_url_file.is_empty() {
+            self.amqp_url.clone()
+        } else {
+            read_secret("cdc.amqp_url_file", &self.amqp_url_file)?
+        };
+        check_amqp_url(&url)?;
+        Ok(url)
+    }
+}
+
+fn check_amqp_url(url: &str) -> Result<(), String> {
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "cdc.amqp_url: {:?} is not an amqp:// or amqps:// URL",
+            mask_password(url)
+        ))
+    }
+}
+
+/// The user of `scheme://user[:secret]@host/..`, if the URL names one.
+pub fn url_user(url: &str) -> Option<String> {
+    let rest = url.split_once("://")?.1;
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let userinfo = authority.rsplit_once('@')?.0;
+    Some(userinfo.split(':').next().unwrap_or(userinfo).to_string())
+}
+
+/// `scheme://user:secret@host/..` -> `scheme://user:****@host/..`; anything else unchanged.
+pub fn mask_password(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let authority_end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let Some(at) = url[start..authority_end].rfind('@').map(|i| start + i) else {
+        return url.to_string();
+    };
+    match url[start..at].find(':') {
+        Some(colon) => format!("{}****{}", &url[..start + colon + 1], &url[at..]),
+        None => url.to_string(),
     }
 }
 
@@ -681,6 +839,17 @@ mod tests {
         let e = load(&["--listen", "nowhere"], &[]).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
         assert!(load(&["--no-such-flag", "1"], &[]).is_err());
+    }
+
+    // Goal: --print-config never shows the broker password, and masking leaves the rest.
+    #[test]
+    fn printed_config_masks_secrets() {
+        let c = load(&["--cdc-amqp-url", "amqps://flux:s3cret@mq.example:5671/%2f"], &[]).unwrap();
+        let text = c.to_toml();
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("amqps://flux:****@mq.example:5671/%2f"), "{text}");
+        assert_eq!(mask_password("amqp://host:5672/v"), "amqp://host:5672/v");
+        assert_eq!(mask_password("amqp://u@host/v"), "amqp://u@host/v");
     }
 
     // Goal: the printed config reads back as the same config.

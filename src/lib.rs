@@ -21,6 +21,8 @@
 //! - [`wire`]: the frame codec shared by server and clients; [`proto`]: the generated messages.
 //! - [`keyspace`]: key -> shard -> core, the routing rule the protocol documents.
 //! - [`shard`]: one shard's map, expiry and memory accounting; a core's set of shards.
+//! - [`auth`]: users, roles, tokens: who may connect and what each user may do.
+//! - [`tls`]: PEM loading and rustls configurations for every TLS connection, in and out.
 //! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
 //! - [`cdc`]: change capture: per-core lock-free queues, the control core's forwarder, the
 //!   checkpoint; the write-ahead log is its spool.
@@ -32,6 +34,7 @@
 //!   property tests.
 //! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`.
 
+pub mod auth;
 pub mod cdc;
 pub mod change;
 pub mod client;
@@ -42,6 +45,7 @@ pub mod fuzz;
 pub mod keyspace;
 pub mod server;
 pub mod shard;
+pub mod tls;
 pub mod tools;
 pub mod wal;
 pub mod wire;

@@ -1,12 +1,12 @@
 //! flux-server: parse the configuration, start the node, stop it gracefully on SIGTERM or
-//! SIGINT, snapshot on SIGUSR1.
+//! SIGINT, snapshot on SIGUSR1, reload the users file and TLS certificates on SIGHUP.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use flux_kv::config::{Config, ConfigError};
 use flux_kv::server::{RingKind, Server};
-use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
 fn main() -> ExitCode {
@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         .init();
 
     // Registered before the cores start, so an early signal still means a clean stop.
-    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGUSR1]) {
+    let mut signals = match Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP]) {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot install signal handlers");
@@ -69,17 +69,26 @@ fn main() -> ExitCode {
         "flux-server ready"
     );
 
-    // SIGUSR1 asks for snapshots. The first SIGTERM/SIGINT starts the drain; past the
-    // timeout the process exits anyway, with status 1.
+    // SIGUSR1 asks for snapshots, SIGHUP reloads users and certificates (on this thread,
+    // never on a shard core). The first SIGTERM/SIGINT starts the drain; past the timeout
+    // the process exits anyway, with status 1.
     let shutdown = server.shutdown_handle();
     let snapshots = server.snapshot_trigger();
+    let access = server.access_control();
     std::thread::spawn(move || {
-        let mut stop = signals.forever().filter(|s| {
-            if *s == SIGUSR1 {
+        let mut stop = signals.forever().filter(|s| match *s {
+            SIGUSR1 => {
                 tracing::info!("SIGUSR1: snapshotting every shard");
                 snapshots.request();
+                false
             }
-            *s != SIGUSR1
+            SIGHUP => {
+                if let Err(e) = access.reload() {
+                    tracing::error!("SIGHUP: reload failed, the previous users and certificates stay in use: {e}");
+                }
+                false
+            }
+            _ => true,
         });
         if stop.next().is_some() {
             tracing::info!(

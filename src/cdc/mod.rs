@@ -59,12 +59,26 @@ pub struct CoreLink {
 }
 
 use amqprs::connection::OpenConnectionArguments;
+use amqprs::tls::TlsAdaptor;
 
 /// Connection arguments from an `amqp://user:password@host:port/vhost` URL. The vhost is
 /// percent-decoded as the AMQP URI spec says (`%2f` is `/`, the default vhost), which
 /// amqprs' own parser leaves encoded.
-pub fn amqp_args(url: &str) -> Result<OpenConnectionArguments, String> {
-    let mut args: OpenConnectionArguments = url.try_into().map_err(|e| format!("bad AMQP URL {url:?}: {e}"))?;
+///
+/// An `amqps://` URL gets TLS with `tls`' CA (the public web PKI roots when empty) and,
+/// when given, its client certificate; the broker's certificate must name the URL's host.
+pub fn amqp_args(url: &str, tls: &crate::tls::ClientFiles) -> Result<OpenConnectionArguments, String> {
+    let shown = crate::config::mask_password(url);
+    let mut args: OpenConnectionArguments = url.try_into().map_err(|e| format!("bad AMQP URL {shown:?}: {e}"))?;
+    if url.starts_with("amqps://") {
+        let config = tls.client_config("broker TLS")?;
+        let host = args.get_host().to_string();
+        args.tls_adaptor(TlsAdaptor::new(tokio_rustls::TlsConnector::from(config), host));
+    } else if !tls.is_empty() {
+        return Err(format!(
+            "TLS files are set for the broker but {shown:?} is not an amqps:// URL"
+        ));
+    }
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let vhost = rest.split_once('/').map_or("", |(_, v)| v);
     let vhost = vhost.split(['?', '#']).next().unwrap_or("");
@@ -152,13 +166,25 @@ mod tests {
     // Goal: the default URL's %2f vhost means "/", and other vhosts pass through decoded.
     #[test]
     fn vhost_is_percent_decoded() {
-        let a = amqp_args("amqp://guest:guest@127.0.0.1:5672/%2f").unwrap();
+        let a = amqp_args("amqp://guest:guest@127.0.0.1:5672/%2f", &Default::default()).unwrap();
         assert_eq!(a.get_virtual_host(), "/");
-        assert_eq!(amqp_args("amqp://u:p@h:1/").unwrap().get_virtual_host(), "/");
         assert_eq!(
-            amqp_args("amqp://u:p@h:1/prod%2Deu").unwrap().get_virtual_host(),
+            amqp_args("amqp://u:p@h:1/", &Default::default())
+                .unwrap()
+                .get_virtual_host(),
+            "/"
+        );
+        assert_eq!(
+            amqp_args("amqp://u:p@h:1/prod%2Deu", &Default::default())
+                .unwrap()
+                .get_virtual_host(),
             "prod-eu"
         );
-        assert_eq!(amqp_args("amqp://u:p@h:1/plain").unwrap().get_virtual_host(), "plain");
+        assert_eq!(
+            amqp_args("amqp://u:p@h:1/plain", &Default::default())
+                .unwrap()
+                .get_virtual_host(),
+            "plain"
+        );
     }
 }

@@ -17,7 +17,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use etcd_client::{ConnectOptions, EventType, GetOptions, WatchOptions};
+use etcd_client::{EventType, GetOptions, WatchOptions};
 
 use super::{Client, ClientConfig, Error, SetOptions};
 use crate::cluster::{rendezvous, NodeInfo};
@@ -55,6 +55,7 @@ impl Drop for WatchTask {
 /// Where the members are read from.
 struct Source {
     endpoints: Vec<String>,
+    access: crate::cluster::EtcdAccess,
     dir: String,
     timeout: Duration,
     request_timeout: Duration,
@@ -64,9 +65,10 @@ impl Source {
     /// Connects and reads every member; returns the revision the read saw.
     async fn list(&self) -> Result<(etcd_client::Client, HashMap<String, NodeInfo>, i64), Error> {
         let etcd = |e: etcd_client::Error| Error::Cluster(e.to_string());
-        let options = ConnectOptions::new()
-            .with_connect_timeout(self.timeout)
-            .with_timeout(self.request_timeout);
+        let options = self
+            .access
+            .options(self.timeout, self.request_timeout)
+            .map_err(Error::Cluster)?;
         let mut client = tokio::time::timeout(
             self.timeout,
             etcd_client::Client::connect(&self.endpoints, Some(options)),
@@ -139,6 +141,10 @@ impl Cluster {
     pub async fn connect(endpoints: &[String], prefix: &str, config: ClientConfig) -> Result<Cluster, Error> {
         let source = Source {
             endpoints: endpoints.to_vec(),
+            access: crate::cluster::EtcdAccess {
+                tls: config.etcd_tls.clone(),
+                user: None,
+            },
             dir: format!("{}/nodes/", prefix.trim_end_matches('/')),
             timeout: config.connect_timeout,
             request_timeout: config.request_timeout,

@@ -13,11 +13,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 
+use super::transport::{self, Security, Stream};
 use super::Error;
 use crate::proto::{request::Op, Request, Response};
 use crate::wire;
@@ -40,13 +39,10 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Connection, Error> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| Error::Timeout(format!("connecting to {addr}")))?
-            .map_err(|e| Error::Connect(addr, e))?;
-        stream.set_nodelay(true).map_err(Error::Io)?;
-        let (read, write) = stream.into_split();
+    /// Connects (with TLS and Auth as `security` says) and starts the reader and writer.
+    pub async fn connect(addr: SocketAddr, security: &Security, timeout: Duration) -> Result<Connection, Error> {
+        let stream = transport::open(addr, security, timeout).await?;
+        let (read, write) = tokio::io::split(stream);
         let (queue, rx) = mpsc::channel(QUEUE_REQUESTS_MAX);
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
@@ -84,7 +80,7 @@ impl Connection {
 }
 
 async fn write_loop(
-    mut write: OwnedWriteHalf,
+    mut write: WriteHalf<Stream>,
     mut rx: mpsc::Receiver<(Request, oneshot::Sender<Result<Response, Error>>)>,
     pending: Pending,
     alive: Arc<AtomicBool>,
@@ -115,7 +111,7 @@ async fn write_loop(
     fail_all(&pending, "connection closed while writing");
 }
 
-async fn read_loop(mut read: OwnedReadHalf, pending: Pending, alive: Arc<AtomicBool>) {
+async fn read_loop(mut read: ReadHalf<Stream>, pending: Pending, alive: Arc<AtomicBool>) {
     let mut input = BytesMut::with_capacity(16 << 10);
     let reason = loop {
         match wire::take_frame(&mut input, REPLY_FRAME_BYTES_MAX) {
@@ -132,6 +128,10 @@ async fn read_loop(mut read: OwnedReadHalf, pending: Pending, alive: Arc<AtomicB
                 continue;
             }
             Ok(None) => {}
+            // A TLS alert record (content type 21, version 3.x) where a frame should be.
+            Err(_) if input.starts_with(&[0x15, 0x03]) => {
+                break "the node answered with a TLS alert: it speaks TLS only (use --tls / --tls-ca)".into()
+            }
             Err(e) => break e.to_string(),
         }
         input.reserve(wire::bytes_needed(&input).saturating_sub(input.len()).max(16 << 10));

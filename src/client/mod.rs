@@ -29,6 +29,7 @@
 
 mod cluster;
 mod connection;
+mod transport;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -39,8 +40,11 @@ use bytes::Bytes;
 
 pub use self::cluster::Cluster;
 pub use self::connection::Connection;
+pub use self::transport::{open, Security, Stream};
+pub use crate::auth::Credentials;
 use crate::keyspace::{Keyspace, KEY_HASH_NAME};
 use crate::proto::{self, request::Op, response::Result as R, CoreStats, ErrorCode, HelloResponse, Response};
+pub use crate::tls::ClientFiles;
 
 /// Client settings. Every wait has a bound.
 #[derive(Clone, Debug)]
@@ -51,6 +55,10 @@ pub struct ClientConfig {
     pub connections_per_endpoint: usize,
     /// Use per-core ports when the node offers them.
     pub shard_aware: bool,
+    /// TLS and credentials for every connection to a node.
+    pub security: Security,
+    /// TLS to etcd (the cluster client's membership), which has its own CA and certificate.
+    pub etcd_tls: ClientFiles,
 }
 
 impl Default for ClientConfig {
@@ -60,6 +68,8 @@ impl Default for ClientConfig {
             request_timeout: Duration::from_secs(10),
             connections_per_endpoint: 2,
             shard_aware: true,
+            security: Security::default(),
+            etcd_tls: ClientFiles::default(),
         }
     }
 }
@@ -79,6 +89,9 @@ pub enum Error {
     Closed,
     #[error("i/o error: {0}")]
     Io(std::io::Error),
+    /// TLS could not be set up (certificate files, handshake, the server's certificate).
+    #[error("tls: {0}")]
+    Tls(String),
     /// The server refused the request; `code` is the protocol's error code.
     #[error("server error {code:?}: {message}")]
     Server { code: ErrorCode, message: String },
@@ -150,14 +163,14 @@ impl Endpoint {
         }
     }
 
-    async fn connection(&self, timeout: Duration) -> Result<Arc<Connection>, Error> {
+    async fn connection(&self, config: &ClientConfig) -> Result<Arc<Connection>, Error> {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len();
         if let Some(c) = self.slots[i].lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             if c.is_alive() {
                 return Ok(c.clone());
             }
         }
-        let fresh = Arc::new(Connection::connect(self.addr, timeout).await?);
+        let fresh = Arc::new(Connection::connect(self.addr, &config.security, config.connect_timeout).await?);
         *self.slots[i].lock().unwrap_or_else(|p| p.into_inner()) = Some(fresh.clone());
         Ok(fresh)
     }
@@ -175,7 +188,13 @@ pub struct Client {
 
 impl Client {
     /// Connects to `addr` (host:port), says Hello and prepares routing.
-    pub async fn connect(addr: &str, config: ClientConfig) -> Result<Client, Error> {
+    /// With TLS, the node's certificate must name the host part of `addr` (unless
+    /// `config.security.server_name` says otherwise).
+    pub async fn connect(addr: &str, mut config: ClientConfig) -> Result<Client, Error> {
+        if config.security.tls.is_some() && config.security.server_name.is_none() {
+            let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+            config.security.server_name = Some(host.trim_matches(['[', ']']).to_string());
+        }
         let resolved = addr
             .to_socket_addrs()
             .map_err(|_| Error::Resolve(addr.to_string()))?
@@ -186,7 +205,7 @@ impl Client {
 
     pub async fn connect_addr(addr: SocketAddr, config: ClientConfig) -> Result<Client, Error> {
         let shared = Endpoint::new(addr, config.connections_per_endpoint);
-        let conn = shared.connection(config.connect_timeout).await?;
+        let conn = shared.connection(&config).await?;
         let hello = match ok(conn
             .call(Op::Hello(proto::HelloRequest {}), config.request_timeout)
             .await?)?
@@ -237,7 +256,7 @@ impl Client {
             Some(c) if !self.cores.is_empty() => &self.cores[c as usize],
             _ => &self.shared,
         };
-        let conn = endpoint.connection(self.config.connect_timeout).await?;
+        let conn = endpoint.connection(&self.config).await?;
         ok(conn.call(op, self.config.request_timeout).await?)
     }
 

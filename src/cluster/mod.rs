@@ -7,7 +7,12 @@
 
 pub mod registration;
 
+use std::time::Duration;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 use serde::{Deserialize, Serialize};
+
+use crate::tls::ClientFiles;
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// What a node publishes about itself at `<prefix>/nodes/<node_id>` (JSON).
@@ -22,6 +27,61 @@ pub struct NodeInfo {
     pub shards: u32,
     pub version: String,
     pub started_at_ms: u64,
+}
+
+/// How to reach etcd: TLS (with `https://` endpoints) and an optional user, for the node's
+/// registration and the cluster client alike.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdAccess {
+    pub tls: ClientFiles,
+    /// (user, password) when etcd has authentication on.
+    pub user: Option<(String, String)>,
+}
+
+impl EtcdAccess {
+    /// From the node's `cluster.*` settings; reads the password file now.
+    pub fn from_config(c: &crate::config::Cluster) -> Result<EtcdAccess, String> {
+        let user = if c.etcd_user.is_empty() {
+            None
+        } else {
+            let password = if c.etcd_password_file.is_empty() {
+                String::new()
+            } else {
+                crate::config::read_secret("cluster.etcd_password_file", &c.etcd_password_file)?
+            };
+            Some((c.etcd_user.clone(), password))
+        };
+        Ok(EtcdAccess {
+            tls: ClientFiles::new(&c.etcd_tls_ca_file, &c.etcd_tls_cert_file, &c.etcd_tls_key_file),
+            user,
+        })
+    }
+
+    /// etcd-client options with these settings and the given timeouts. Certificate files
+    /// are read here, so a renewed certificate is used from the next connection on.
+    pub fn options(&self, connect: Duration, request: Duration) -> Result<ConnectOptions, String> {
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(connect)
+            .with_timeout(request);
+        if !self.tls.is_empty() {
+            let read = |what: &str, path: &str| std::fs::read(path).map_err(|e| format!("etcd TLS {what} {path}: {e}"));
+            let mut tls = TlsOptions::new();
+            if !self.tls.ca_file.is_empty() {
+                tls = tls.ca_certificate(Certificate::from_pem(read("CA", &self.tls.ca_file)?));
+            }
+            if !self.tls.cert_file.is_empty() {
+                tls = tls.identity(Identity::from_pem(
+                    read("certificate", &self.tls.cert_file)?,
+                    read("key", &self.tls.key_file)?,
+                ));
+            }
+            options = options.with_tls(tls);
+        }
+        if let Some((user, password)) = &self.user {
+            options = options.with_user(user.clone(), password.clone());
+        }
+        Ok(options)
+    }
 }
 
 /// The key under which `node_id` registers.

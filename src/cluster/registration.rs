@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::sync::mpsc;
 
 use super::{node_key, NodeInfo};
@@ -26,6 +26,7 @@ pub type LeaveRequest = std::sync::mpsc::Sender<()>;
 
 pub struct Registration {
     endpoints: Vec<String>,
+    access: super::EtcdAccess,
     key: String,
     info: NodeInfo,
     ttl_s: i64,
@@ -48,6 +49,7 @@ enum End {
 impl Registration {
     pub fn new(
         endpoints: Vec<String>,
+        access: super::EtcdAccess,
         prefix: &str,
         info: NodeInfo,
         lease_ttl_ms: u64,
@@ -59,6 +61,7 @@ impl Registration {
         (
             Registration {
                 endpoints,
+                access,
                 key,
                 info,
                 ttl_s,
@@ -101,9 +104,7 @@ impl Registration {
 
     /// One registration: lease, create the key, keep alive until something ends it.
     async fn session(&mut self, stop: &AtomicBool) -> Result<End, String> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(CALL_TIMEOUT)
-            .with_timeout(CALL_TIMEOUT);
+        let options = self.access.options(CALL_TIMEOUT, CALL_TIMEOUT)?;
         let mut client = bounded(Client::connect(&self.endpoints, Some(options))).await?;
         let lease = bounded(client.lease_grant(self.ttl_s, None)).await?.id();
         let value = serde_json::to_string(&self.info).map_err(|e| e.to_string())?;

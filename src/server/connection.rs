@@ -8,9 +8,15 @@
 //!
 //! Shutdown: frames already read are answered normally; data read after shutdown began gets
 //! SHUTTING_DOWN replies; the connection closes once it has been idle for `DRAIN_IDLE`.
+//!
+//! On a TLS port the connection first completes the handshake (within
+//! `limits.frame_read_timeout_ms`), then runs the same loop over rustls: received bytes are
+//! decrypted into the same input buffer the plaintext path reads into, and each batch of
+//! replies is encrypted into one buffer and sent with one write. Everything else (framing,
+//! dispatch, limits) cannot tell the two apart.
 
-use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::{self, BufRead, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::pin::pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -18,10 +24,12 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::future::{select, Either};
 use glommio::timer::sleep;
+use rustls::ServerConnection;
 
+use super::access::{self, Session};
 use super::core::{Core, Counters};
 use super::dispatch;
-use super::uring::set_nodelay;
+use super::uring::{set_nodelay, Ring};
 use crate::proto::{ErrorCode, Response};
 use crate::wire;
 
@@ -39,12 +47,40 @@ pub async fn serve(core: Rc<Core>, fd: OwnedFd) {
     }
     let open = &core.counters.connections_open;
     Counters::add(open, 1);
+    let access = core.access.load();
+    // The peer's address: for protected mode and for logging failed logins.
+    let peer = (core.protected || access.users.is_some())
+        .then(|| socket2::SockRef::from(&fd).peer_addr().ok().and_then(|a| a.as_socket()))
+        .flatten();
+    let tls = match &access.tls {
+        Some(config) => match ServerConnection::new(config.clone()) {
+            Ok(mut c) => {
+                // Replies are already bounded by limits.write_buffer_bytes_max per send.
+                c.set_buffer_limit(None);
+                Some(Box::new(Tls {
+                    conn: c,
+                    cipher_in: BytesMut::with_capacity(TLS_RECV_BYTES),
+                    cipher_out: Vec::new(),
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(core = core.index, error = %e, "cannot start a TLS session");
+                open.set(open.get() - 1);
+                return;
+            }
+        },
+        None => None,
+    };
+    let session = Session::new(access.users.is_some(), peer);
+    drop(access);
     let mut conn = Connection {
         core: core.clone(),
         fd,
         input: BytesMut::with_capacity(READ_CHUNK_BYTES),
         output: Vec::with_capacity(READ_CHUNK_BYTES),
         frame_started: None,
+        session,
+        tls,
     };
     match conn.run().await {
         Ok(()) => {}
@@ -61,6 +97,22 @@ struct Connection {
     output: Vec<u8>,
     /// When the first byte of the frame being read was seen (None between frames).
     frame_started: Option<Instant>,
+    session: Session,
+    /// The TLS session, on a TLS port.
+    tls: Option<Box<Tls>>,
+}
+
+/// Ciphertext read per receive on a TLS connection: one TLS record at most is 16 KiB plus
+/// its overhead, and rustls holds at most 16 KiB of decrypted data at a time.
+const TLS_RECV_BYTES: usize = 17 << 10;
+
+/// A connection's TLS state: rustls (sans-IO) fed from, and flushed to, the core's ring.
+struct Tls {
+    conn: ServerConnection,
+    /// Received ciphertext on its way into rustls.
+    cipher_in: BytesMut,
+    /// Encrypted records on their way out.
+    cipher_out: Vec<u8>,
 }
 
 /// What one read brought.
@@ -74,6 +126,24 @@ enum Input {
 
 impl Connection {
     async fn run(&mut self) -> io::Result<()> {
+        if self.tls.is_some() && !self.handshake().await? {
+            return Ok(());
+        }
+        if self.core.protected && !self.session.peer.is_some_and(|p| access::is_loopback(p.ip())) {
+            Counters::add(&self.core.counters.connections_refused_protected, 1);
+            if let Some(refused) = self.core.protected_log.borrow_mut().note() {
+                tracing::warn!(
+                    core = self.core.index,
+                    peer = ?self.session.peer,
+                    refused,
+                    "protected mode refused a non-loopback client (logged at most every 10 s per core)"
+                );
+            }
+            let why = access::PROTECTED_MODE.to_string();
+            self.write(vec![dispatch::error(0, ErrorCode::PermissionDenied, why)])
+                .await?;
+            return self.close().await;
+        }
         let limits = &self.core.config.limits;
         let (frames_max, frame_bytes_max) = (limits.requests_in_flight_max, limits.frame_bytes_max);
         let mut frames: Vec<Bytes> = Vec::with_capacity(frames_max.min(1024));
@@ -99,9 +169,13 @@ impl Connection {
                 let responses = if draining {
                     dispatch::refuse_all(frames.drain(..))
                 } else {
-                    dispatch::execute(&self.core, frames.drain(..)).await
+                    dispatch::execute(&self.core, &mut self.session, frames.drain(..)).await
                 };
                 self.write(responses).await?;
+                if self.session.close {
+                    // auth.failures_max failed Auth requests: the replies say why.
+                    return self.close().await;
+                }
             }
             if let Some(e) = too_large {
                 // The stream cannot be resynchronised without reading the whole frame.
@@ -164,7 +238,12 @@ impl Connection {
         let input = std::mem::take(&mut self.input);
         // The read stays in flight across the shutdown notice, so no byte the kernel already
         // handed over is lost; only an idle drained connection cancels it.
-        let mut read = pin!(self.core.ring.recv(self.fd.as_raw_fd(), input));
+        let mut read = pin!(receive(
+            &self.core.ring,
+            self.fd.as_raw_fd(),
+            self.tls.as_deref_mut(),
+            input
+        ));
         let mut expired = pin!(async move {
             match timeout {
                 Some(t) => sleep(t).await,
@@ -206,6 +285,15 @@ impl Connection {
         if self.output.is_empty() {
             return Ok(());
         }
+        if let Some(tls) = self.tls.as_deref_mut() {
+            // Encrypt the batch into records (rustls splits at 16 KiB) and send them at once.
+            tls.conn.writer().write_all(&self.output)?;
+            self.output.clear();
+            if self.output.capacity() > BUFFER_SHRINK_BYTES {
+                self.output = Vec::with_capacity(READ_CHUNK_BYTES);
+            }
+            return tls.send(&self.core.ring, self.fd.as_raw_fd()).await;
+        }
         let out = std::mem::take(&mut self.output);
         let (res, mut out) = self.core.ring.send_all(self.fd.as_raw_fd(), out).await;
         out.clear();
@@ -214,5 +302,194 @@ impl Connection {
         }
         self.output = out;
         res
+    }
+
+    /// Closes on the server's initiative: on TLS, with a close_notify first, so the peer
+    /// reads a clean end rather than a truncation.
+    async fn close(&mut self) -> io::Result<()> {
+        if let Some(tls) = self.tls.as_deref_mut() {
+            tls.conn.send_close_notify();
+            tls.send(&self.core.ring, self.fd.as_raw_fd()).await?;
+        }
+        Ok(())
+    }
+
+    /// Completes the TLS handshake within `limits.frame_read_timeout_ms`. Returns false
+    /// when the connection should just close (timed out, shutting down, peer gone); a peer
+    /// that does not speak TLS gets an alert and an error.
+    async fn handshake(&mut self) -> io::Result<bool> {
+        let limit = self.core.config.limits.frame_read_timeout_ms;
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return Ok(true);
+        };
+        let ring = &self.core.ring;
+        let fd = self.fd.as_raw_fd();
+        let outcome = {
+            let work = pin!(tls.handshake(ring, fd));
+            let stop = pin!(self.core.shutting_down());
+            let expired = pin!(async move {
+                match limit {
+                    0 => std::future::pending().await,
+                    ms => sleep(Duration::from_millis(ms)).await,
+                }
+            });
+            match select(work, select(stop, expired)).await {
+                Either::Left((res, _)) => res,
+                Either::Right((Either::Left(_), _)) => Ok(false),
+                Either::Right((Either::Right(_), _)) => {
+                    Counters::add(&self.core.counters.connections_timed_out, 1);
+                    Ok(false)
+                }
+            }
+        };
+        if !outcome? {
+            return Ok(false);
+        }
+        // A verified client certificate whose common name is a user's authenticates the
+        // connection as that user.
+        let tls = self.tls.as_deref().expect("checked above");
+        if self.session.grant.is_none() {
+            let cn = tls
+                .conn
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(crate::tls::common_name);
+            if let Some(cn) = cn {
+                let access = self.core.access.load();
+                self.session.grant = access.users.as_ref().and_then(|u| u.by_common_name(&cn));
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Receives into `input`: straight from the socket, or decrypted through TLS.
+async fn receive(
+    ring: &Rc<Ring>,
+    fd: RawFd,
+    tls: Option<&mut Tls>,
+    mut input: BytesMut,
+) -> (io::Result<usize>, BytesMut) {
+    match tls {
+        None => ring.recv(fd, input).await,
+        Some(tls) => {
+            let res = tls.recv(ring, fd, &mut input).await;
+            (res, input)
+        }
+    }
+}
+
+impl Tls {
+    /// Runs the handshake to its end. Ok(false): the peer closed first.
+    async fn handshake(&mut self, ring: &Rc<Ring>, fd: RawFd) -> io::Result<bool> {
+        while self.conn.is_handshaking() {
+            if self.conn.wants_write() {
+                self.send(ring, fd).await?;
+                continue;
+            }
+            if self.receive_records(ring, fd, None).await? == 0 {
+                return Ok(false);
+            }
+        }
+        // TLS 1.3 session tickets follow the handshake.
+        self.send(ring, fd).await?;
+        Ok(true)
+    }
+
+    /// Reads decrypted bytes into `input` (growing it as needed); Ok(0) at the end of the
+    /// stream.
+    async fn recv(&mut self, ring: &Rc<Ring>, fd: RawFd, input: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            if let Some(n) = drain_plaintext(&mut self.conn, input)? {
+                return Ok(n);
+            }
+            let before = input.len();
+            if self.receive_records(ring, fd, Some(input)).await? == 0 {
+                return Ok(0);
+            }
+            if input.len() > before {
+                return Ok(input.len() - before);
+            }
+        }
+    }
+
+    /// One receive of ciphertext, fed through rustls; decrypted bytes go to `input` as
+    /// they come (rustls holds at most 16 KiB of them). Returns the ciphertext bytes read,
+    /// 0 at end of stream. A peer that does not speak TLS (or breaks it) gets an alert.
+    async fn receive_records(
+        &mut self,
+        ring: &Rc<Ring>,
+        fd: RawFd,
+        mut input: Option<&mut BytesMut>,
+    ) -> io::Result<usize> {
+        let mut cipher = std::mem::take(&mut self.cipher_in);
+        cipher.clear();
+        cipher.reserve(TLS_RECV_BYTES);
+        let (res, cipher) = ring.recv(fd, cipher).await;
+        let n = res?;
+        let mut rest = &cipher[..];
+        let mut failed = None;
+        while !rest.is_empty() {
+            match self.conn.read_tls(&mut rest) {
+                Ok(0) => break, // close_notify seen: nothing after it counts
+                Ok(_) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            if let Err(e) = self.conn.process_new_packets() {
+                failed = Some(io::Error::new(io::ErrorKind::InvalidData, e));
+                break;
+            }
+            if let Some(input) = input.as_deref_mut() {
+                drain_plaintext(&mut self.conn, input)?;
+            }
+        }
+        self.cipher_in = cipher;
+        if let Some(e) = failed {
+            // process_new_packets queued an alert for the peer: send it, then close.
+            let _ = self.send(ring, fd).await;
+            return Err(e);
+        }
+        if self.conn.wants_write() && !self.conn.is_handshaking() {
+            self.send(ring, fd).await?;
+        }
+        Ok(n)
+    }
+
+    /// Sends every record rustls has queued, with one write.
+    async fn send(&mut self, ring: &Rc<Ring>, fd: RawFd) -> io::Result<()> {
+        let mut out = std::mem::take(&mut self.cipher_out);
+        while self.conn.wants_write() {
+            self.conn.write_tls(&mut out)?;
+        }
+        let (res, mut out) = ring.send_all(fd, out).await;
+        out.clear();
+        if out.capacity() > BUFFER_SHRINK_BYTES {
+            out = Vec::new();
+        }
+        self.cipher_out = out;
+        res
+    }
+}
+
+/// Moves decrypted bytes from rustls into `input`: Some(n) when n > 0 bytes moved, Some(0)
+/// after the peer's close_notify, None when nothing is there yet.
+fn drain_plaintext(conn: &mut ServerConnection, input: &mut BytesMut) -> io::Result<Option<usize>> {
+    let mut moved = 0;
+    let mut reader = conn.reader();
+    loop {
+        match reader.fill_buf() {
+            Ok([]) => return Ok(Some(moved)),
+            Ok(chunk) => {
+                let n = chunk.len();
+                input.extend_from_slice(chunk);
+                reader.consume(n);
+                moved += n;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((moved > 0).then_some(moved)),
+            Err(e) => return Err(e),
+        }
     }
 }

@@ -15,6 +15,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::sync::{Gate, Semaphore};
 use glommio::{spawn_local, timer::sleep};
 
+use super::access::{AccessControl, Throttle};
 use super::connection;
 use super::dispatch::{slice_point, SLICE_KEYS};
 use super::forward::Outboxes;
@@ -105,6 +106,8 @@ pub struct Boot {
     /// What recovery did at start (for Stats).
     pub persistence: crate::proto::PersistenceStats,
     pub cdc: Arc<CdcCounters>,
+    /// Users and TLS configuration, swapped whole on SIGHUP.
+    pub access: AccessControl,
 }
 
 /// Counters behind `CoreStats`.
@@ -118,6 +121,9 @@ pub struct Counters {
     pub connections_refused: Cell<u64>,
     pub connections_timed_out: Cell<u64>,
     pub writes_refused_storage: Cell<u64>,
+    pub auth_failures: Cell<u64>,
+    pub requests_denied: Cell<u64>,
+    pub connections_refused_protected: Cell<u64>,
 }
 
 impl Counters {
@@ -157,6 +163,12 @@ pub struct Core {
     /// Snapshots of this core's shards (with persistence on), and the task writing them.
     pub snapshots: Option<Rc<Snapshots>>,
     pub snapshot_task: RefCell<Option<glommio::Task<()>>>,
+    /// Users and TLS configuration of the moment (loaded at each accept and Auth).
+    pub access: AccessControl,
+    /// Protected mode applies: only loopback peers are served (see `access::protected`).
+    pub protected: bool,
+    pub auth_failures_log: RefCell<Throttle>,
+    pub protected_log: RefCell<Throttle>,
 }
 
 impl Core {
@@ -191,6 +203,9 @@ impl Core {
             writes_refused_storage: c.writes_refused_storage.get(),
             connections_refused: c.connections_refused.get(),
             connections_timed_out: c.connections_timed_out.get(),
+            auth_failures: c.auth_failures.get(),
+            requests_denied: c.requests_denied.get(),
+            connections_refused_protected: c.connections_refused_protected.get(),
         }
     }
 
@@ -587,6 +602,10 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         shutdown: Rc::new(Semaphore::new(0)),
         tasks: Gate::new(),
         cdc: boot.cdc.clone(),
+        access: boot.access.clone(),
+        protected: super::access::protected(&boot.config),
+        auth_failures_log: RefCell::default(),
+        protected_log: RefCell::default(),
     });
     if let (Some(wal), Some(snaps)) = (&core.wal, &core.snapshots) {
         tracing::debug!(core = index, "opening the write-ahead log");
@@ -635,7 +654,7 @@ async fn drain_held(core: Rc<Core>) {
 
 async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
     let max = core.config.limits.connections_per_core_max as u64;
-    let mut refusals = Refusals::default();
+    let mut refusals = Throttle::default();
     loop {
         let accept = std::pin::pin!(core.ring.accept(listener.as_raw_fd()));
         let stop = std::pin::pin!(core.shutting_down());
@@ -653,41 +672,20 @@ async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
         Counters::add(&core.counters.connections_accepted, 1);
         if core.counters.connections_open.get() >= max {
             Counters::add(&core.counters.connections_refused, 1);
-            refusals.note(core.index, max);
+            if let Some(refused) = refusals.note() {
+                tracing::warn!(
+                    core = core.index,
+                    limit = max,
+                    refused,
+                    "connections refused: limits.connections_per_core_max reached (logged at most every 10 s; Stats counts them all)"
+                );
+            }
             continue; // dropping fd closes it
         }
         match core.tasks.spawn(connection::serve(core.clone(), fd)) {
             Ok(task) => task.detach(),
             Err(_) => return, // the gate closed: shutting down
         };
-    }
-}
-
-/// How often, at most, an accept loop logs the connections it refused.
-const REFUSALS_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Logs refused connections at most once per [`REFUSALS_LOG_INTERVAL`], with how many
-/// there were: a flood of refusals must not become a flood of log lines.
-#[derive(Default)]
-struct Refusals {
-    since_log: u64,
-    logged_at: Option<std::time::Instant>,
-}
-
-impl Refusals {
-    fn note(&mut self, core: u32, limit: u64) {
-        self.since_log += 1;
-        if self.logged_at.is_some_and(|t| t.elapsed() < REFUSALS_LOG_INTERVAL) {
-            return;
-        }
-        tracing::warn!(
-            core,
-            limit,
-            refused = self.since_log,
-            "connections refused: limits.connections_per_core_max reached (logged at most every 10 s; Stats counts them all)"
-        );
-        self.since_log = 0;
-        self.logged_at = Some(std::time::Instant::now());
     }
 }
 

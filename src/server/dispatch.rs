@@ -15,7 +15,8 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use prost::Message;
 
-use super::core::{Core, MeshRequest};
+use super::access::Session;
+use super::core::{Core, Counters, MeshRequest};
 use super::forward;
 use crate::change::now_ms;
 use crate::keyspace::Keyspace;
@@ -64,6 +65,9 @@ struct Batch<'a> {
     /// Plans (by index) with a write applied on this core: their acknowledgement waits for
     /// this core's log.
     local_writes: Vec<usize>,
+    /// The connection's authentication: checked before each request is planned, changed by
+    /// Auth requests (so a pipelined Auth applies to the requests after it).
+    session: &'a mut Session,
 }
 
 /// Executes the requests in `frames` (payloads of complete frames) and returns one response
@@ -71,7 +75,7 @@ struct Batch<'a> {
 ///
 /// A write is acknowledged only once the log holds it: when the log fails first, its
 /// response becomes STORAGE_UNAVAILABLE (reads in the same batch are answered normally).
-pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
+pub async fn execute(core: &Rc<Core>, session: &mut Session, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
     let batch_keys_max = core.config.limits.batch_keys_max;
     let requests: Vec<_> = frames.map(|p| decode(p, batch_keys_max)).collect();
     // Change capture may hold writers back; reads, Stats and the rest never wait for it.
@@ -87,6 +91,7 @@ pub async fn execute(core: &Rc<Core>, frames: impl Iterator<Item = Bytes>) -> Ve
         remote: (0..cores).map(|_| Forward::default()).collect(),
         wants_stats: false,
         local_writes: Vec::new(),
+        session,
     };
     for request in requests {
         let plan = match request {
@@ -128,6 +133,10 @@ const NOT_DURABLE: &str = "the write-ahead log failed before this write was dura
 
 /// Why a write is refused while the log is failing.
 const STORAGE_UNAVAILABLE: &str = "the write-ahead log cannot be written (see Stats: persistence.degraded, log_error): writes are refused until it can; reads keep working";
+
+/// Largest user name plus token an Auth request may carry (tokens are 64 characters): the
+/// token is hashed on the shard core, so its size is bounded well below a key's.
+const AUTH_BYTES_MAX: usize = 1024;
 
 /// Keys (or entries) a core handles between two chances to yield; a batch larger than
 /// this is planned, applied and answered in slices so one request cannot stall the core.
@@ -189,6 +198,14 @@ impl Batch<'_> {
         let Some(op) = req.op else {
             return Plan::Ready(error(id, ErrorCode::InvalidRequest, "request has no op".into()));
         };
+        if let Err(e) = self.session.authorize(&op) {
+            Counters::add(&self.core.counters.requests_denied, 1);
+            return Plan::Ready(Response {
+                id,
+                error: Some(e),
+                result: None,
+            });
+        }
         if let Err(e) = self.check(&op) {
             return Plan::Ready(Response {
                 id,
@@ -249,6 +266,7 @@ impl Batch<'_> {
             }
             Op::Ping(r) => return Plan::Ready(ok(id, R::Ping(proto::PingResponse { payload: r.payload }))),
             Op::Hello(_) => return Plan::Ready(ok(id, R::Hello(self.core.hello.clone()))),
+            Op::Auth(r) => return Plan::Ready(self.authenticate(id, r)),
             Op::Stats(_) => {
                 self.wants_stats = true;
                 return Plan::Stats { id };
@@ -313,8 +331,57 @@ impl Batch<'_> {
                 .entries
                 .iter()
                 .try_for_each(|e| key(&e.key).and_then(|()| value(&e.value))),
+            Op::Auth(r) => within(
+                r.user.len() + r.token.len(),
+                AUTH_BYTES_MAX,
+                ErrorCode::InvalidRequest,
+                "user and token",
+                "the Auth limit",
+            ),
             Op::Ping(_) | Op::Hello(_) | Op::Stats(_) | Op::Snapshot(_) => Ok(()),
         }
+    }
+
+    /// Checks an Auth request against the users table of the moment. With auth off every
+    /// connection may do everything already, so any Auth succeeds (clients can be given
+    /// tokens before a node starts requiring them).
+    fn authenticate(&mut self, id: u64, r: proto::AuthRequest) -> Response {
+        let access = self.core.access.load();
+        let Some(users) = &access.users else {
+            let role = crate::auth::Role::Admin.as_str().to_string();
+            return ok(id, R::Auth(proto::AuthResponse { user: r.user, role }));
+        };
+        if let Some(grant) = users.verify(&r.user, &r.token) {
+            let reply = proto::AuthResponse {
+                user: grant.user.clone(),
+                role: grant.role.as_str().to_string(),
+            };
+            self.session.grant = Some(grant);
+            return ok(id, R::Auth(reply));
+        }
+        let session = &mut *self.session;
+        session.failures += 1;
+        let max = self.core.config.auth.failures_max;
+        session.close = session.failures >= max;
+        Counters::add(&self.core.counters.auth_failures, 1);
+        if let Some(failures) = self.core.auth_failures_log.borrow_mut().note() {
+            tracing::warn!(
+                core = self.core.index,
+                peer = ?session.peer,
+                user = %r.user.chars().take(64).collect::<String>(),
+                failures,
+                "authentication failed (logged at most every 10 s per core; Stats counts every one)"
+            );
+        }
+        error(
+            id,
+            ErrorCode::Unauthenticated,
+            if session.close {
+                format!("unknown user or wrong token; {max} failures (auth.failures_max): closing the connection")
+            } else {
+                "unknown user or wrong token".into()
+            },
+        )
     }
 
     /// Applies `cmd` now if this core owns its key, else queues it for the owner core.

@@ -14,6 +14,7 @@
 //! Socket I/O lives in `uring.rs` only; the rest of the server never sees which I/O path
 //! is used.
 
+mod access;
 mod connection;
 mod control;
 mod core;
@@ -34,6 +35,7 @@ use futures::FutureExt;
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
+pub use self::access::AccessControl;
 pub use self::uring::RingKind;
 use crate::cdc::forwarder::{Forwarder, LogSpool};
 use crate::cdc::{capture, checkpoint, CdcCounters, CoreLink};
@@ -61,6 +63,7 @@ pub struct Server {
     ring: RingKind,
     shutdown: ShutdownHandle,
     snapshots: SnapshotTrigger,
+    access: AccessControl,
     exited: mpsc::Receiver<Result<(), String>>,
 }
 
@@ -145,7 +148,22 @@ impl Server {
             shards: config.shards,
             core_ports: core_ports.iter().map(|p| u32::from(*p)).collect(),
             key_hash: KEY_HASH_NAME.into(),
+            auth_required: config.auth.enabled(),
         };
+        // Users, certificates and secrets are read before the port opens: a mistake stops
+        // the start instead of showing up at the first client or broker connection.
+        let access = AccessControl::new(&config).map_err(StartError::Invalid)?;
+        if config.cdc.enabled {
+            let c = &config.cdc;
+            let tls = crate::tls::ClientFiles::new(&c.tls_ca_file, &c.tls_cert_file, &c.tls_key_file);
+            crate::cdc::amqp_args(&c.url().map_err(StartError::Invalid)?, &tls).map_err(StartError::Invalid)?;
+        }
+        if access::protected(&config) {
+            tracing::warn!(
+                listen = %config.listen,
+                "protected mode: no users file and a non-loopback listen address, so only loopback clients are served (set auth.users_file, or --protected-mode false)"
+            );
+        }
 
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -259,7 +277,8 @@ impl Server {
             };
             let endpoints = config.cluster.etcd_endpoints.clone();
             let ttl = config.cluster.lease_ttl_ms;
-            let (r, leave) = Registration::new(endpoints, &config.cluster.prefix, info, ttl, serving);
+            let access = crate::cluster::EtcdAccess::from_config(&config.cluster).map_err(StartError::Invalid)?;
+            let (r, leave) = Registration::new(endpoints, access, &config.cluster.prefix, info, ttl, serving);
             (Some(r), Some(leave))
         };
         let io_memory = config.runtime.io_memory_bytes;
@@ -290,6 +309,7 @@ impl Server {
             persistence,
             started_ms,
             cdc,
+            access: access.clone(),
         });
         // glommio's MeshBuilder keeps its peer list in an `Rc` yet is `Send`: clones made or
         // dropped on several executor threads at once race on the reference count, and a
@@ -384,6 +404,7 @@ impl Server {
                 leave,
             },
             snapshots: SnapshotTrigger(snapshot_requests),
+            access,
             exited,
         })
     }
@@ -414,6 +435,12 @@ impl Server {
     /// A handle that begins a graceful shutdown.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         self.shutdown.clone()
+    }
+
+    /// A handle that reloads the users file and the TLS certificates (SIGHUP) from any
+    /// thread: new connections and Auth requests see them; open connections keep theirs.
+    pub fn access_control(&self) -> AccessControl {
+        self.access.clone()
     }
 
     /// A handle that asks every core for a snapshot round.

@@ -18,9 +18,8 @@ use hdrhistogram::Histogram;
 use prost::Message;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
-use crate::client::{Client, ClientConfig};
+use crate::client::{Client, ClientConfig, Stream};
 use crate::keyspace::Keyspace;
 use crate::proto::{self, request::Op, CoreStats, Request, Response};
 use crate::wire;
@@ -80,6 +79,10 @@ pub struct Args {
     /// Wire protocol: flux (protobuf frames) or resp (Redis, for side-by-side runs).
     #[arg(long, value_enum, default_value_t = Protocol::Flux)]
     pub protocol: Protocol,
+    /// TLS (`--tls`, `--tls-ca`, ...) and `--token-file`: every connection is opened as a
+    /// secured client would (handshake and Auth are outside the measured time).
+    #[command(flatten)]
+    pub security: super::SecurityArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -167,6 +170,8 @@ impl Routing {
 /// What every connection needs to build its requests.
 struct Plan {
     args: Args,
+    /// TLS and credentials for every connection.
+    client: ClientConfig,
     routing: Option<Routing>,
     issued: AtomicU64,
     completed: AtomicU64,
@@ -211,8 +216,10 @@ impl Plan {
 }
 
 async fn run(args: Args) -> Result<u64, String> {
+    let mut client_config = ClientConfig::default();
+    args.security.apply(&mut client_config)?;
     let routing = if !args.etcd.is_empty() {
-        let cluster = crate::client::Cluster::connect(&args.etcd, &args.prefix, ClientConfig::default())
+        let cluster = crate::client::Cluster::connect(&args.etcd, &args.prefix, client_config.clone())
             .await
             .map_err(|e| e.to_string())?;
         let nodes = cluster.nodes();
@@ -233,7 +240,7 @@ async fn run(args: Args) -> Result<u64, String> {
             args.addr,
             ClientConfig {
                 shard_aware: true,
-                ..Default::default()
+                ..client_config.clone()
             },
         )
         .await
@@ -251,7 +258,7 @@ async fn run(args: Args) -> Result<u64, String> {
     } else {
         None
     };
-    let before = stats(&args).await;
+    let before = stats(&args, &client_config).await;
     let plan = Arc::new(Plan {
         values: match args.value_bytes {
             // Distinct, incompressible values, so servers that compress (Redis RDB) are
@@ -266,6 +273,7 @@ async fn run(args: Args) -> Result<u64, String> {
         },
         deadline: args.duration.map(|d| Instant::now() + d),
         args,
+        client: client_config,
         routing,
         issued: AtomicU64::new(0),
         completed: AtomicU64::new(0),
@@ -292,7 +300,7 @@ async fn run(args: Args) -> Result<u64, String> {
     if let Some(p) = progress {
         p.finish_and_clear();
     }
-    let after = stats(&plan.args).await;
+    let after = stats(&plan.args, &plan.client).await;
     report(&plan, &hist, wall, cpu, before.as_deref(), after.as_deref());
     Ok(plan.errors.load(Ordering::Relaxed))
 }
@@ -306,8 +314,10 @@ async fn worker(plan: Arc<Plan>, conn: usize) -> Result<Histogram<u64>, String> 
     };
     let mut streams = Vec::with_capacity(addrs.len());
     for a in &addrs {
-        let s = TcpStream::connect(a).await.map_err(|e| format!("connect {a}: {e}"))?;
-        s.set_nodelay(true).map_err(|e| e.to_string())?;
+        let c = &plan.client;
+        let s = crate::client::open(*a, &c.security, c.connect_timeout)
+            .await
+            .map_err(|e| format!("connect {a}: {e}"))?;
         streams.push(s);
     }
     let mut out: Vec<Vec<u8>> = vec![Vec::new(); streams.len()];
@@ -402,7 +412,7 @@ fn encode(protocol: Protocol, id: u64, is_set: bool, key: Bytes, value: Bytes, o
 }
 
 /// Reads one reply; Ok(false) for an error reply.
-async fn next_reply(protocol: Protocol, s: &mut TcpStream, input: &mut BytesMut) -> Result<bool, String> {
+async fn next_reply(protocol: Protocol, s: &mut Stream, input: &mut BytesMut) -> Result<bool, String> {
     loop {
         let parsed = match protocol {
             Protocol::Flux => match wire::take_frame(input, REPLY_FRAME_BYTES_MAX) {
@@ -455,7 +465,7 @@ fn take_resp(input: &mut BytesMut) -> Result<Option<bool>, String> {
     }
 }
 
-async fn stats(args: &Args) -> Option<Vec<CoreStats>> {
+async fn stats(args: &Args, config: &ClientConfig) -> Option<Vec<CoreStats>> {
     // Per-core figures are per node; with --etcd there are several nodes: left out.
     if args.protocol != Protocol::Flux || !args.etcd.is_empty() {
         return None;
@@ -464,7 +474,7 @@ async fn stats(args: &Args) -> Option<Vec<CoreStats>> {
         args.addr,
         ClientConfig {
             shard_aware: false,
-            ..Default::default()
+            ..config.clone()
         },
     )
     .await

@@ -50,6 +50,20 @@ pub struct Args {
     /// Exit when no message arrived for this long (10s, 500ms).
     #[arg(long, value_parser = super::parse_duration)]
     pub idle_timeout: Option<Duration>,
+    /// File holding the broker password, which replaces the one in --amqp-url (so the
+    /// secret is not on the command line or in the process list).
+    #[arg(long)]
+    pub token_file: Option<String>,
+    /// PEM CA certificate the broker's certificate must chain to (amqps:// URLs); default:
+    /// the public web PKI roots.
+    #[arg(long)]
+    pub tls_ca: Option<String>,
+    /// PEM client certificate for the broker (amqps:// with client authentication).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<String>,
     /// Remember what each identity carried and report a duplicate whose content differs (an
     /// identity that names two changes). Costs memory per event: for checks, not for tails
     /// that run for ever.
@@ -141,7 +155,14 @@ pub fn main() -> ExitCode {
 
 /// Returns Ok(true) when no gap (and, verifying, no conflict) was seen.
 async fn run(args: Args) -> Result<bool, String> {
-    let conn_args = crate::cdc::amqp_args(&args.amqp_url)?;
+    let s = |o: &Option<String>| o.clone().unwrap_or_default();
+    let tls = crate::tls::ClientFiles::new(&s(&args.tls_ca), &s(&args.tls_cert), &s(&args.tls_key));
+    let mut conn_args = crate::cdc::amqp_args(&args.amqp_url, &tls)?;
+    if let Some(file) = &args.token_file {
+        let password = crate::config::read_secret("--token-file", file)?;
+        let user = crate::config::url_user(&args.amqp_url).unwrap_or_else(|| "guest".into());
+        conn_args.credentials(amqprs::security::SecurityCredentials::new_plain(&user, &password));
+    }
     let conn = Connection::open(&conn_args).await.map_err(|e| e.to_string())?;
     conn.register_callback(DefaultConnectionCallback)
         .await

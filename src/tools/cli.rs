@@ -36,6 +36,8 @@ pub struct Args {
     /// etcd key prefix the nodes register under (with --etcd).
     #[arg(long, default_value = "/flux")]
     pub prefix: String,
+    #[command(flatten)]
+    pub security: super::SecurityArgs,
     #[command(subcommand)]
     pub command: Option<Cmd>,
 }
@@ -91,6 +93,46 @@ pub enum Cmd {
     Snapshot,
     /// The cluster's members (needs --etcd).
     Nodes,
+    /// Make a token for a user (no node needed).
+    Token {
+        #[command(subcommand)]
+        action: TokenCmd,
+    },
+}
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum TokenCmd {
+    /// Print a new random token (256 bits) once, and the users-file entry that holds its
+    /// hash. Store the token in a file for --token-file; the node never sees it stored.
+    New {
+        #[arg(long)]
+        user: String,
+        /// read, write or admin.
+        #[arg(long, value_parser = ["read", "write", "admin"])]
+        role: String,
+        /// Limit the user to keys with this prefix (repeat for several).
+        #[arg(long = "key-prefix")]
+        key_prefixes: Vec<String>,
+    },
+}
+
+/// `token new`: the credentials line and the users-file entry.
+fn new_token(user: &str, role: &str, key_prefixes: &[String], out: &mut impl Write) -> Result<(), String> {
+    let role = crate::auth::Role::parse(role).ok_or("role is read, write or admin")?;
+    let t = crate::auth::new_token(user, role, key_prefixes)?;
+    let io = |e: std::io::Error| e.to_string();
+    writeln!(
+        out,
+        "# Token for {user} (shown only now): put this line alone in a file for --token-file"
+    )
+    .map_err(io)?;
+    writeln!(out, "{}", t.credentials).map_err(io)?;
+    writeln!(
+        out,
+        "# Append to the node's users file (auth.users_file), then send the node SIGHUP:"
+    )
+    .map_err(io)?;
+    write!(out, "{}", t.entry).map_err(io)
 }
 
 impl Cmd {
@@ -118,11 +160,31 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> ExitCode {
-    let config = ClientConfig {
+    if let Some(Cmd::Token {
+        action: TokenCmd::New {
+            user,
+            role,
+            key_prefixes,
+        },
+    }) = &args.command
+    {
+        return match new_token(user, role, key_prefixes, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("(error) {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut config = ClientConfig {
         connect_timeout: args.timeout,
         request_timeout: args.timeout,
         ..Default::default()
     };
+    if let Err(e) = args.security.apply(&mut config) {
+        eprintln!("(error) {e}");
+        return ExitCode::FAILURE;
+    }
     if !args.etcd.is_empty() {
         return match run_cluster(&args, config).await {
             Ok(()) => ExitCode::SUCCESS,
@@ -388,6 +450,14 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
                 stats.cores.iter().map(|c| c.writes_refused_storage).sum::<u64>(),
             )
             .map_err(io)?;
+            writeln!(
+                out,
+                "access: failed Auth {}, requests denied {}, refused by protected mode {}",
+                stats.cores.iter().map(|c| c.auth_failures).sum::<u64>(),
+                stats.cores.iter().map(|c| c.requests_denied).sum::<u64>(),
+                stats.cores.iter().map(|c| c.connections_refused_protected).sum::<u64>(),
+            )
+            .map_err(io)?;
             match stats.cdc {
                 Some(c) if c.enabled => writeln!(
                     out,
@@ -422,6 +492,14 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
             .map_err(io)
         }
         Cmd::Nodes => Err("nodes needs --etcd".into()),
+        Cmd::Token {
+            action:
+                TokenCmd::New {
+                    user,
+                    role,
+                    key_prefixes,
+                },
+        } => new_token(&user, &role, &key_prefixes, out),
     }
 }
 
@@ -466,5 +544,6 @@ fn write_hello(out: &mut impl Write, h: &HelloResponse) -> std::io::Result<()> {
     writeln!(out, "cores:      {}", h.cores)?;
     writeln!(out, "shards:     {}", h.shards)?;
     writeln!(out, "core_ports: {:?}", h.core_ports)?;
-    writeln!(out, "key_hash:   {}", h.key_hash)
+    writeln!(out, "key_hash:   {}", h.key_hash)?;
+    writeln!(out, "auth:       {}", if h.auth_required { "required" } else { "off" })
 }

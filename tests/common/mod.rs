@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cdc;
+pub mod pki;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -176,6 +177,22 @@ impl TestServer {
         self.stats_response().cores
     }
 
+    /// Per-core Stats on a node with auth on, as the user of `token_file` (`user:secret`).
+    pub fn stats_as(&self, token_file: &std::path::Path) -> Vec<proto::CoreStats> {
+        let text = std::fs::read_to_string(token_file).unwrap();
+        let (user, token) = text.trim().split_once(':').unwrap();
+        let mut c = self.connect();
+        let auth = c.call(Op::Auth(proto::AuthRequest {
+            user: user.into(),
+            token: Bytes::copy_from_slice(token.as_bytes()),
+        }));
+        assert!(auth.error.is_none(), "{auth:?}");
+        match c.call(Op::Stats(proto::StatsRequest {})).result {
+            Some(R::Stats(s)) => s.cores,
+            other => panic!("stats: {other:?}"),
+        }
+    }
+
     /// The whole Stats response (cores and change capture).
     pub fn stats_response(&self) -> proto::StatsResponse {
         match self.connect().call(Op::Stats(proto::StatsRequest {})).result {
@@ -197,7 +214,12 @@ impl Drop for TestServer {
 }
 
 /// Log lines of a start that glommio left hanging (an executor asleep with work pending).
-const HUNG_START: &[&str] = &["still joining the core mesh", "still opening the write-ahead log"];
+const HUNG_START: &[&str] = &[
+    "still joining the core mesh",
+    "still opening the write-ahead log",
+    // An executor that never ran its first task says nothing until start-up gives up.
+    "cores did not report ready in time",
+];
 
 /// Why a start did not give a ready server; both carry the server's log.
 enum Start {
