@@ -859,7 +859,10 @@ mod tests {
         let c = load(&["--cores", "2", "--cpus", "0,1", "--cluster-node-id", "n1"], &[]).unwrap();
         let mut back: Config = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back.cdc.amqp_url, mask_password(&c.cdc.amqp_url));
-        assert_ne!(back.cdc.amqp_url, c.cdc.amqp_url, "the default URL's password is masked");
+        assert_ne!(
+            back.cdc.amqp_url, c.cdc.amqp_url,
+            "the default URL's password is masked"
+        );
         back.cdc.amqp_url = c.cdc.amqp_url.clone();
         assert_eq!(back, c);
     }
