@@ -77,13 +77,17 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// Everything: what a connection gets when auth is off.
+    /// Everything: what a connection gets when auth is off (one shared grant, so a new
+    /// connection costs no allocation for it).
     pub fn unrestricted() -> Arc<Grant> {
-        Arc::new(Grant {
-            user: String::new(),
-            role: Role::Admin,
-            key_prefixes: Vec::new(),
-        })
+        static UNRESTRICTED: std::sync::LazyLock<Arc<Grant>> = std::sync::LazyLock::new(|| {
+            Arc::new(Grant {
+                user: String::new(),
+                role: Role::Admin,
+                key_prefixes: Vec::new(),
+            })
+        });
+        UNRESTRICTED.clone()
     }
 
     pub fn allows(&self, needed: Role) -> bool {
