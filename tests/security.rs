@@ -558,9 +558,39 @@ fn protected_mode_refuses_non_loopback_peers() {
     );
 }
 
+/// A helper process (stunnel, etcd), ready once its port accepts connections; killed on drop.
+struct Background(Child);
+
+impl Background {
+    fn start(mut cmd: Command, port: u16, what: &str) -> Background {
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what} must be installed: {e}"));
+        let process = Background(child);
+        assert!(
+            eventually(Duration::from_secs(10), || std::net::TcpStream::connect((
+                "127.0.0.1",
+                port
+            ))
+            .is_ok()),
+            "{what} did not start"
+        );
+        process
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// stunnel (Debian stunnel4) terminating TLS in front of the local RabbitMQ.
 struct Stunnel {
-    child: Child,
+    _process: Background,
     port: u16,
 }
 
@@ -577,28 +607,12 @@ impl Stunnel {
             ),
         )
         .unwrap();
-        let child = Command::new("stunnel")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("stunnel (Debian stunnel4) must be installed");
-        assert!(
-            eventually(Duration::from_secs(10), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok()),
-            "stunnel did not start"
-        );
-        Stunnel { child, port }
-    }
-}
-
-impl Drop for Stunnel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut cmd = Command::new("stunnel");
+        cmd.arg(&conf);
+        Stunnel {
+            _process: Background::start(cmd, port, "stunnel (Debian stunnel4)"),
+            port,
+        }
     }
 }
 
@@ -672,7 +686,7 @@ fn change_capture_over_amqps_with_the_url_from_a_file() {
 
 /// An etcd that serves only TLS and requires client certificates from `ca`.
 struct TlsEtcd {
-    child: Child,
+    _process: Background,
     port: u16,
     _dir: tempfile::TempDir,
 }
@@ -680,37 +694,23 @@ struct TlsEtcd {
 impl TlsEtcd {
     fn start(ca: &Ca, server: &common::pki::Pair) -> TlsEtcd {
         let dir = tempfile::tempdir().unwrap();
-        let (port, peer) = (common::fixed_port(), common::fixed_port());
+        let port = common::free_port_pair();
+        let peer = port + 1;
         let client = format!("https://127.0.0.1:{port}");
         let peer = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .arg("--data-dir")
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("default={peer}")])
             .args(["--cert-file", server.cert(), "--key-file", server.key()])
-            .args(["--client-cert-auth", "--trusted-ca-file", ca.cert()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("etcd (Debian package etcd-server) must be installed");
-        assert!(
-            eventually(Duration::from_secs(10), || std::net::TcpStream::connect((
-                "127.0.0.1",
-                port
-            ))
-            .is_ok()),
-            "etcd did not start"
-        );
-        TlsEtcd { child, port, _dir: dir }
-    }
-}
-
-impl Drop for TlsEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            .args(["--client-cert-auth", "--trusted-ca-file", ca.cert()]);
+        TlsEtcd {
+            _process: Background::start(cmd, port, "etcd (Debian etcd-server)"),
+            port,
+            _dir: dir,
+        }
     }
 }
 
