@@ -292,6 +292,18 @@ fn tls_files() -> Tls {
     Tls { dir, ca, server }
 }
 
+/// A server whose port speaks TLS with `t`'s certificate.
+fn start_tls(t: &Tls, args: &[&str]) -> TestServer {
+    let tls = ["--tls-cert-file", t.server.cert(), "--tls-key-file", t.server.key()];
+    TestServer::start(&[args, &tls[..]].concat())
+}
+
+/// Whether the Python client's only line says the connection was refused (during the
+/// handshake, or at the first read: TLS 1.3 reports a refused client certificate there).
+fn refused(out: &[String]) -> bool {
+    out.len() == 1 && (out[0].starts_with("tls-error") || out[0] == "closed")
+}
+
 fn tls_client(ca: &str, credentials: Option<Credentials>) -> ClientConfig {
     ClientConfig {
         security: Security {
@@ -308,14 +320,7 @@ fn tls_client(ca: &str, credentials: Option<Credentials>) -> ClientConfig {
 #[test]
 fn tls_port_serves_tls_and_refuses_plaintext() {
     let t = tls_files();
-    let s = TestServer::start(&[
-        "--cores",
-        "2",
-        "--tls-cert-file",
-        t.server.cert(),
-        "--tls-key-file",
-        t.server.key(),
-    ]);
+    let s = start_tls(&t, &["--cores", "2"]);
     let a = addr(&s);
     assert_eq!(
         probe(&a, &["--tls-ca", t.ca.cert()], &["ping", "set:k:v", "get:k", "hello"]),
@@ -356,18 +361,17 @@ fn mutual_tls_refuses_missing_foreign_and_expired_client_certificates() {
     let mut entries = std::fs::read_to_string(users.path()).unwrap();
     entries.push_str("[[users]]\nname = \"service\"\nrole = \"write\"\ncert_common_name = \"app-service\"\n");
     std::fs::write(users.path(), entries).unwrap();
-    let s = TestServer::start(&[
-        "--cores",
-        "1",
-        "--tls-cert-file",
-        t.server.cert(),
-        "--tls-key-file",
-        t.server.key(),
-        "--tls-client-ca-file",
-        t.ca.cert(),
-        "--auth-users-file",
-        users.path(),
-    ]);
+    let s = start_tls(
+        &t,
+        &[
+            "--cores",
+            "1",
+            "--tls-client-ca-file",
+            t.ca.cert(),
+            "--auth-users-file",
+            users.path(),
+        ],
+    );
     let a = addr(&s);
     let ca = t.ca.cert();
     assert_eq!(
@@ -385,16 +389,10 @@ fn mutual_tls_refuses_missing_foreign_and_expired_client_certificates() {
             &["--tls-ca", ca, "--cert", cert.cert(), "--key", cert.key()],
             &["ping"],
         );
-        assert!(
-            out.len() == 1 && (out[0].starts_with("tls-error") || out[0] == "closed"),
-            "{what}: {out:?}"
-        );
+        assert!(refused(&out), "{what}: {out:?}");
     }
     let out = probe(&a, &["--tls-ca", ca], &["ping"]);
-    assert!(
-        out.len() == 1 && (out[0].starts_with("tls-error") || out[0] == "closed"),
-        "no client certificate: {out:?}"
-    );
+    assert!(refused(&out), "no client certificate: {out:?}");
     let out = probe(
         &a,
         &["--tls-ca", other.cert(), "--cert", good.cert(), "--key", good.key()],
@@ -410,14 +408,7 @@ fn mutual_tls_refuses_missing_foreign_and_expired_client_certificates() {
 #[test]
 fn certificate_reload_keeps_open_connections() {
     let t = tls_files();
-    let s = TestServer::start(&[
-        "--cores",
-        "2",
-        "--tls-cert-file",
-        t.server.cert(),
-        "--tls-key-file",
-        t.server.key(),
-    ]);
+    let s = start_tls(&t, &["--cores", "2"]);
     let a = addr(&s);
     let rt = common::rt();
     let open = rt
