@@ -131,7 +131,8 @@ def main():
             # TLS 1.3 reports a refused client certificate on the first read after the handshake.
             print("tls-error", getattr(e, "reason", None) or e)
             return 3
-        except (ConnectionResetError, BrokenPipeError):
+        except OSError:
+            # Reset, broken pipe, abort: the server closed the connection.
             resp = None
         if resp is None:
             print("closed")
