@@ -57,7 +57,8 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("shards", "shards per node, a power of two; stored with the data"),
     ("core_port_base", "when non-zero, core i also listens alone on this port + i (announced in Hello.core_ports)"),
     ("data_dir", "directory for the node id, the write-ahead logs, snapshots and the change-capture checkpoint"),
-    ("log_level", "tracing filter: error, warn, info, debug, trace, or a directive list"),
+    ("log_level", "tracing filter: error, warn, info, debug, trace, or a directive list (target=level,...); one that does not parse stops the start"),
+    ("log_format", "text, or json (one JSON object per line); under systemd, text lines carry journald priorities"),
     ("shutdown_timeout_ms", "on SIGTERM/SIGINT, the longest wait for in-flight work before exiting"),
     ("limits.frame_bytes_max", "largest request frame; larger ones get FRAME_TOO_LARGE and the connection closes"),
     ("limits.key_bytes_max", "largest key; larger ones get KEY_TOO_LARGE"),
@@ -125,6 +126,7 @@ pub struct Config {
     pub core_port_base: u16,
     pub data_dir: PathBuf,
     pub log_level: String,
+    pub log_format: LogFormat,
     pub shutdown_timeout_ms: u64,
     pub control_cpu: i64,
     pub control_nice: i32,
@@ -216,6 +218,14 @@ pub enum Fsync {
     Everysec,
     /// At once; the kernel writes the log back when it likes.
     No,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Change data capture: every write forwarded to RabbitMQ by the control core.
@@ -354,6 +364,7 @@ impl Default for Config {
             core_port_base: 0,
             data_dir: DEFAULT_DATA_DIR.into(),
             log_level: "info".into(),
+            log_format: LogFormat::Text,
             shutdown_timeout_ms: DEFAULT_SHUTDOWN_TIMEOUT_MS,
             limits: Limits::default(),
             control_cpu: -1,
@@ -466,6 +477,7 @@ impl Config {
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return fail(format!("listen: {:?} is not an IP:port address", self.listen));
         }
+        crate::logging::filter(&self.log_level).map_err(ConfigError::Invalid)?;
         if self.shards == 0 || !self.shards.is_power_of_two() {
             return fail(format!("shards: {} is not a power of two", self.shards));
         }
@@ -838,6 +850,13 @@ mod tests {
         assert!(e.contains("FLUX_LIMITS_FRAME_BYTES_MAX"), "{e}");
         let e = load(&["--listen", "nowhere"], &[]).unwrap_err().to_string();
         assert!(e.contains("listen"), "{e}");
+        for bad in ["verbose", "info,warning", "flux_kv=loud"] {
+            let e = load(&["--log-level", bad], &[]).unwrap_err().to_string();
+            assert!(e.contains("log_level"), "{bad}: {e}");
+        }
+        assert!(load(&["--log-level", "warn,flux_kv::cdc=debug"], &[]).is_ok());
+        let e = load(&["--log-format", "xml"], &[]).unwrap_err().to_string();
+        assert!(e.contains("xml"), "{e}");
         assert!(load(&["--no-such-flag", "1"], &[]).is_err());
     }
 

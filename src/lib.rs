@@ -43,6 +43,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod keyspace;
+pub mod logging;
 pub mod server;
 pub mod shard;
 pub mod tls;

@@ -23,18 +23,10 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    // glommio logs a failed iopoll probe as an error on devices without polled I/O and then
-    // simply does not use it; silenced unless log_level names glommio::reactor itself.
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("glommio::reactor=off,{}", config.log_level))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        // A closed stderr (a log pipe gone) must not panic the thread that logs: the signal
-        // thread would die before starting the shutdown.
-        .log_internal_errors(false)
-        .init();
+    if let Err(e) = flux_kv::logging::init(&config.log_level, config.log_format) {
+        eprintln!("flux-server: {e}");
+        return ExitCode::from(2);
+    }
 
     // Registered before the cores start, so an early signal still means a clean stop.
     let mut signals = match Signals::new([SIGTERM, SIGINT, SIGUSR1, SIGHUP]) {
