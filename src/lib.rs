@@ -22,6 +22,8 @@
 //! - [`keyspace`]: key -> shard -> core, the routing rule the protocol documents.
 //! - [`shard`]: one shard's map, expiry and memory accounting; a core's set of shards.
 //! - [`auth`]: users, roles, tokens: who may connect and what each user may do.
+//! - [`logging`]: text or JSON log lines, journald priorities under systemd.
+//! - [`systemd`]: readiness, status, stopping and watchdog notifications (sd_notify).
 //! - [`tls`]: PEM loading and rustls configurations for every TLS connection, in and out.
 //! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
 //! - [`cdc`]: change capture: per-core lock-free queues, the control core's forwarder, the
@@ -46,6 +48,7 @@ pub mod keyspace;
 pub mod logging;
 pub mod server;
 pub mod shard;
+pub mod systemd;
 pub mod tls;
 pub mod tools;
 pub mod wal;

@@ -36,3 +36,22 @@ fn unit_file_verifies() {
     let ours: Vec<&str> = err.lines().filter(|l| l.contains("flux-server.service")).collect();
     assert!(out.status.success() && ours.is_empty(), "{err}");
 }
+
+// Goal: the unit's sandbox keeps systemd's exposure score at or under 2.0 (printed, so a
+// change that loosens it shows in the test log).
+#[test]
+fn unit_exposure_is_at_most_two() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/flux-server.service");
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", path])
+        .output()
+        .expect("systemd-analyze");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let exposure: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for flux-server.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure figure:\n{text}\n{}", String::from_utf8_lossy(&out.stderr)));
+    println!("systemd-analyze security exposure: {exposure}");
+    assert!(exposure <= 2.0, "exposure {exposure}:\n{text}");
+}

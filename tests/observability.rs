@@ -4,7 +4,9 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use common::TestServer;
 
 /// Runs flux-server with `args` and `stderr`, reads its stderr lines until one contains
 /// "flux-server ready" (or the deadline), then stops it. Returns every line read.
@@ -113,4 +115,189 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: both are new descriptors nobody else owns.
     unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// A datagram socket standing in for systemd's NOTIFY_SOCKET: every notification with the
+/// time it arrived.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    received: std::sync::Arc<std::sync::Mutex<Vec<(Instant, String)>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl NotifySocket {
+    /// `on_message` runs on the receiving thread for each message, before it is stored.
+    fn bind(on_message: impl Fn(&str) + Send + 'static) -> NotifySocket {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = socket.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                on_message(&text);
+                sink.lock().unwrap().push((Instant::now(), text));
+            }
+        });
+        NotifySocket {
+            path,
+            received,
+            _dir: dir,
+        }
+    }
+
+    fn path(&self) -> &str {
+        self.path.to_str().unwrap()
+    }
+
+    fn messages(&self) -> Vec<(Instant, String)> {
+        self.received.lock().unwrap().clone()
+    }
+
+    fn contains(&self, what: &str) -> bool {
+        self.messages().iter().any(|(_, m)| m.contains(what))
+    }
+}
+
+// Goal: under systemd's Type=notify, READY=1 arrives only once the port answers, even
+// with 1,000,000 keys to recover, and STATUS lines with recovery progress (and more start
+// time) come before it; SIGTERM sends STOPPING=1.
+#[test]
+fn ready_comes_after_recovery_and_the_port() {
+    use flux_kv::proto::{self, request::Op};
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::fixed_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--cores", "2", "--listen", listen.as_str()];
+    {
+        let s = TestServer::start_in(dir.path(), &args);
+        let mut c = s.connect();
+        const BATCH: usize = 1000;
+        const IN_FLIGHT: usize = 32;
+        let mut sent = 0;
+        for round in 0..(1_000_000 / BATCH / IN_FLIGHT + 1) {
+            let mut ids = Vec::new();
+            for b in 0..IN_FLIGHT {
+                let first = (round * IN_FLIGHT + b) * BATCH;
+                if first >= 1_000_000 {
+                    break;
+                }
+                let entries = (first..first + BATCH)
+                    .map(|i| proto::KeyValue {
+                        key: format!("key:{i}").into_bytes().into(),
+                        value: b"0123456789".to_vec().into(),
+                    })
+                    .collect();
+                let req = c.request(Op::Mset(proto::MSetRequest { entries }));
+                c.send(&req);
+                ids.push(req.id);
+                sent += BATCH;
+            }
+            for id in ids {
+                let r = c.recv().expect("reply");
+                assert!(r.id == id && r.error.is_none(), "{r:?}");
+            }
+        }
+        assert_eq!(sent, 1_000_000);
+        let keys: u64 = s.stats().iter().map(|c| c.keys).sum();
+        assert_eq!(keys, 1_000_000);
+    } // killed here: the next start replays the log
+
+    let answered_at_ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = answered_at_ready.clone();
+    let notify = NotifySocket::bind(move |m| {
+        if m.contains("READY=1") {
+            // What a client would see the moment systemd calls the node started.
+            if let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                stream.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+                let mut c = common::Client::from_stream(stream);
+                let pong = c.call(Op::Ping(proto::PingRequest::default()));
+                flag.store(pong.error.is_none(), std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let s = TestServer::start_in_env(dir.path(), &args, &[("NOTIFY_SOCKET", notify.path())]);
+    assert!(
+        common::eventually(common::TIMEOUT, || notify.contains("READY=1")),
+        "no READY=1: {:?}",
+        notify.messages()
+    );
+    assert!(
+        answered_at_ready.load(std::sync::atomic::Ordering::SeqCst),
+        "the port answered a PING when READY=1 arrived"
+    );
+    let messages = notify.messages();
+    let ready = messages.iter().position(|(_, m)| m.contains("READY=1")).unwrap();
+    let progress: Vec<&String> = messages[..ready]
+        .iter()
+        .map(|(_, m)| m)
+        .filter(|m| m.contains("STATUS=recovering") && m.contains("EXTEND_TIMEOUT_USEC="))
+        .collect();
+    assert!(progress.len() >= 2, "recovery progress before READY: {messages:?}");
+    assert!(
+        progress.last().unwrap().contains("keys restored so far") && !progress.last().unwrap().contains(": 0 keys"),
+        "{progress:?}"
+    );
+    let keys: u64 = s.stats().iter().map(|c| c.keys).sum();
+    assert_eq!(keys, 1_000_000);
+
+    s.signal(libc::SIGTERM);
+    assert!(
+        common::eventually(common::TIMEOUT, || notify.contains("STOPPING=1")),
+        "{:?}",
+        notify.messages()
+    );
+}
+
+// Goal: with WatchdogSec set (WATCHDOG_USEC), WATCHDOG=1 arrives at half the interval while
+// every core answers, and stops once one shard core is stuck in a loop (the test-only
+// FLUX_TEST_HOLD_CORE switch), so systemd would restart the node.
+#[test]
+fn watchdog_pings_stop_when_a_core_is_held() {
+    let notify = NotifySocket::bind(|_| {});
+    let hold_after_ms = 3_000;
+    let hold = format!("1:{hold_after_ms}");
+    let s = TestServer::start_env(
+        &["--cores", "2", "--persistence-enabled", "false"],
+        &[
+            ("NOTIFY_SOCKET", notify.path()),
+            ("WATCHDOG_USEC", "400000"),
+            ("FLUX_TEST_HOLD_CORE", hold.as_str()),
+        ],
+    );
+    let started = Instant::now();
+    assert!(common::eventually(Duration::from_secs(20), || s
+        .log_text()
+        .contains("this core now spins")));
+    let held_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(2_500));
+    let pings: Vec<Instant> = notify
+        .messages()
+        .into_iter()
+        .filter(|(_, m)| m == "WATCHDOG=1")
+        .map(|(t, _)| t)
+        .collect();
+    let before: Vec<&Instant> = pings.iter().filter(|t| **t < held_at).collect();
+    assert!(
+        before.len() >= 5,
+        "pings every 200 ms before the hold ({} in {:?})",
+        before.len(),
+        held_at - started
+    );
+    let gaps: Vec<Duration> = before.windows(2).map(|w| *w[1] - *w[0]).collect();
+    let mut sorted = gaps.clone();
+    sorted.sort();
+    let median = sorted[sorted.len() / 2];
+    assert!(
+        (Duration::from_millis(150)..Duration::from_millis(400)).contains(&median),
+        "median gap {median:?}: {gaps:?}"
+    );
+    let late = pings
+        .iter()
+        .filter(|t| **t > held_at + Duration::from_millis(1_000))
+        .count();
+    assert_eq!(late, 0, "no pings once a core is held: {pings:?}");
+    assert!(s.log_text().contains("does not answer heartbeats"));
 }

@@ -61,6 +61,16 @@ fn main() -> ExitCode {
         "flux-server ready"
     );
 
+    // systemd (Type=notify): ready only now, with every core accepting connections.
+    flux_kv::systemd::notify(&format!(
+        "READY=1\nSTATUS=serving on {} with {} cores",
+        server.local_addr(),
+        server.cores()
+    ));
+    if let Some(interval) = flux_kv::systemd::watchdog_interval() {
+        spawn_watchdog(server.liveness(), interval);
+    }
+
     // SIGUSR1 asks for snapshots, SIGHUP reloads users and certificates (on this thread,
     // never on a shard core). The first SIGTERM/SIGINT starts the drain; past the timeout
     // the process exits anyway, with status 1.
@@ -87,6 +97,7 @@ fn main() -> ExitCode {
                 timeout_ms = shutdown_timeout.as_millis() as u64,
                 "signal received, shutting down"
             );
+            flux_kv::systemd::notify("STOPPING=1\nSTATUS=draining connections");
             shutdown.shutdown();
             std::thread::sleep(shutdown_timeout);
             // Non-zero, so a service manager records that the stop gave up on work.
@@ -103,5 +114,40 @@ fn main() -> ExitCode {
             tracing::error!("stopped: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Pings systemd's watchdog at half its interval, but only while every shard core answers
+/// core 0's heartbeat over the mesh: a core stuck in a loop (or a stuck mesh) stops the
+/// pings, and systemd restarts the node after WatchdogSec.
+fn spawn_watchdog(liveness: flux_kv::server::Liveness, interval: Duration) {
+    let every = interval / 2;
+    // Heartbeats run every 200 ms; allow a few to be late under load.
+    let fresh = Duration::from_millis(600).max(every);
+    let spawned = std::thread::Builder::new()
+        .name("flux-watchdog".into())
+        .spawn(move || {
+            let mut quiet = false;
+            loop {
+                std::thread::sleep(every);
+                match liveness.since_all_answered() {
+                    Some(age) if age <= fresh => {
+                        flux_kv::systemd::notify("WATCHDOG=1");
+                        quiet = false;
+                    }
+                    age => {
+                        if !quiet {
+                            tracing::error!(
+                                last_answer_ms = age.map(|a| a.as_millis() as u64),
+                                "a shard core does not answer heartbeats: watchdog pings stop (systemd restarts the node after WatchdogSec)"
+                            );
+                            quiet = true;
+                        }
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the watchdog thread: systemd will restart the node after WatchdogSec");
     }
 }

@@ -62,6 +62,11 @@ pub enum MeshRequest {
     Snapshot {
         reply: oneshot::Sender<Result<Report, String>>,
     },
+    /// Answered at once: core 0 asks every core, and the node counts as alive (systemd's
+    /// watchdog) only while all of them answer.
+    Heartbeat {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 impl MeshRequest {
@@ -69,7 +74,7 @@ impl MeshRequest {
     fn writes(&self) -> bool {
         match self {
             MeshRequest::Commands { ops, .. } => ops.iter().any(|(_, c)| c.writes()),
-            MeshRequest::Stats { .. } | MeshRequest::Snapshot { .. } => false,
+            MeshRequest::Stats { .. } | MeshRequest::Snapshot { .. } | MeshRequest::Heartbeat { .. } => false,
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct Boot {
     pub shard_snapshots: Vec<Loaded>,
     /// Bumped for each SIGUSR1: every core snapshots its shards.
     pub snapshot_requests: Arc<std::sync::atomic::AtomicU64>,
+    /// When every core last answered core 0's heartbeat (milliseconds since the epoch).
+    pub alive_at_ms: Arc<std::sync::atomic::AtomicU64>,
     /// What recovery did at start (for Stats).
     pub persistence: crate::proto::PersistenceStats,
     pub cdc: Arc<CdcCounters>,
@@ -357,6 +364,9 @@ impl Core {
             }
             MeshRequest::Stats { reply } => {
                 let _ = reply.send(self.stats());
+            }
+            MeshRequest::Heartbeat { reply } => {
+                let _ = reply.send(());
             }
             MeshRequest::Snapshot { reply } => {
                 let done = self.snapshot();
@@ -619,6 +629,22 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         }));
     }
     spawn_local(sweep(core.clone())).detach();
+    if index == 0 {
+        spawn_local(heartbeat(core.clone(), boot.alive_at_ms.clone())).detach();
+    }
+    if let Some(after) = held_after(index) {
+        spawn_local(async move {
+            sleep(after).await;
+            tracing::warn!(
+                core = index,
+                "FLUX_TEST_HOLD_CORE: this core now spins without yielding"
+            );
+            loop {
+                std::hint::spin_loop();
+            }
+        })
+        .detach();
+    }
     let CoreListeners { shared, own } = listeners;
     for listener in std::iter::once(shared).chain(own) {
         core.tasks
@@ -687,6 +713,51 @@ async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
             Err(_) => return, // the gate closed: shutting down
         };
     }
+}
+
+/// How often core 0 checks that every core answers over the mesh.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(200);
+/// A core that has not answered within this long is not alive.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Core 0's liveness probe: every [`HEARTBEAT_INTERVAL`] it sends every other core a
+/// Heartbeat over the request mesh and, once all have answered, records the time. A core
+/// stuck in a loop (or a mesh that no longer moves) stops the record, and with it systemd's
+/// watchdog pings. Core 0 answers for itself by running this task.
+async fn heartbeat(core: Rc<Core>, alive_at_ms: Arc<std::sync::atomic::AtomicU64>) {
+    loop {
+        let senders = core.mesh.borrow().clone();
+        let mut waiting = Vec::new();
+        if let Some(senders) = senders.as_deref() {
+            for target in (1..core.keyspace.cores()).map(|c| c as usize) {
+                let (reply, rx) = oneshot::channel();
+                if senders.send_to(target, MeshRequest::Heartbeat { reply }).await.is_ok() {
+                    waiting.push(rx);
+                }
+            }
+        }
+        let all = futures::future::join_all(waiting);
+        let answered = match select(std::pin::pin!(all), std::pin::pin!(sleep(HEARTBEAT_TIMEOUT))).await {
+            Either::Left((replies, _)) => replies.iter().all(Result::is_ok),
+            Either::Right(_) => false,
+        };
+        if answered {
+            alive_at_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+        }
+        let stop = std::pin::pin!(core.shutting_down());
+        if let Either::Left(_) = select(stop, std::pin::pin!(sleep(HEARTBEAT_INTERVAL))).await {
+            return;
+        }
+    }
+}
+
+/// Test-only fault switch: `FLUX_TEST_HOLD_CORE=INDEX:AFTER_MS` makes core INDEX spin
+/// without yielding AFTER_MS after it starts, as a core stuck in a loop would (the watchdog
+/// tests use it). Read once per core at start; unset in any real deployment.
+fn held_after(index: u32) -> Option<Duration> {
+    let spec = std::env::var("FLUX_TEST_HOLD_CORE").ok()?;
+    let (core, after) = spec.split_once(':')?;
+    (core.parse::<u32>().ok()? == index).then_some(Duration::from_millis(after.parse().ok()?))
 }
 
 /// Active expiry: remove due keys in bounded steps; when a step hit its bound, go again

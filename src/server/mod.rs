@@ -64,7 +64,23 @@ pub struct Server {
     shutdown: ShutdownHandle,
     snapshots: SnapshotTrigger,
     access: AccessControl,
+    liveness: Liveness,
     exited: mpsc::Receiver<Result<(), String>>,
+}
+
+/// Whether every shard core answers over the mesh right now (core 0 asks them all every
+/// 200 ms); readable from any thread, for systemd's watchdog.
+#[derive(Clone)]
+pub struct Liveness(Arc<AtomicU64>);
+
+impl Liveness {
+    /// How long ago every core last answered; `None` before the first round.
+    pub fn since_all_answered(&self) -> Option<Duration> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some(Duration::from_millis(crate::change::now_ms().saturating_sub(at))),
+        }
+    }
 }
 
 /// Asks every core for a snapshot round from any thread (SIGUSR1); the cores pick it up
@@ -260,6 +276,7 @@ impl Server {
             .flush_within(Duration::from_millis(config.shutdown_timeout_ms / 2))
         });
         let snapshot_requests = Arc::new(AtomicU64::new(0));
+        let alive_at_ms = Arc::new(AtomicU64::new(0));
         let control_cpu = control_cpu(&config, &cpus)?;
         let control_nice = config.control_nice;
         let (serving_tx, serving) = tokio::sync::watch::channel(false);
@@ -306,6 +323,7 @@ impl Server {
             old_logs,
             shard_snapshots,
             snapshot_requests: snapshot_requests.clone(),
+            alive_at_ms: alive_at_ms.clone(),
             persistence,
             started_ms,
             cdc,
@@ -404,6 +422,7 @@ impl Server {
                 leave,
             },
             snapshots: SnapshotTrigger(snapshot_requests),
+            liveness: Liveness(alive_at_ms),
             access,
             exited,
         })
@@ -441,6 +460,11 @@ impl Server {
     /// thread: new connections and Auth requests see them; open connections keep theirs.
     pub fn access_control(&self) -> AccessControl {
         self.access.clone()
+    }
+
+    /// A handle that tells whether every core still answers (for the watchdog).
+    pub fn liveness(&self) -> Liveness {
+        self.liveness.clone()
     }
 
     /// A handle that asks every core for a snapshot round.

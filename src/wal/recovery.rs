@@ -75,6 +75,9 @@ fn check_shard(keyspace: &Keyspace, c: &Change, path: &Path, at: usize) -> Resul
     ))
 }
 
+/// Records restored between two looks at the clock for progress reports (systemd STATUS).
+const PROGRESS_RECORDS: u64 = 16_384;
+
 /// Replays `snap_dir` and `wal_dir` into `stores` (indexed by core). `record_bytes_max`
 /// bounds one record.
 pub fn recover(
@@ -86,6 +89,8 @@ pub fn recover(
     record_bytes_max: usize,
 ) -> Result<Recovered, String> {
     let started = Instant::now();
+    crate::systemd::recovery_progress(0, true);
+    let mut restored: u64 = 0;
     let mut out = Recovered {
         shard_snapshots: vec![Loaded::default(); keyspace.shards() as usize],
         ..Recovered::default()
@@ -140,6 +145,10 @@ pub fn recover(
                     stores[core].restore(&c, hash);
                     at += n;
                     keys += 1;
+                    restored += 1;
+                    if restored.is_multiple_of(PROGRESS_RECORDS) {
+                        crate::systemd::recovery_progress(restored, false);
+                    }
                     continue;
                 }
                 Read::Record(..) => "a record that does not belong to this snapshot".to_string(),
@@ -188,6 +197,10 @@ pub fn recover(
                         *last = c.seq;
                         stores[keyspace.core_of_shard(c.shard) as usize].restore(&c, hash);
                         out.records += 1;
+                        restored += 1;
+                        if restored.is_multiple_of(PROGRESS_RECORDS) {
+                            crate::systemd::recovery_progress(restored, false);
+                        }
                     }
                 }
                 Read::End => break,

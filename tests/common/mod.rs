@@ -52,6 +52,11 @@ impl TestServer {
         Self::spawn_in(dir, args, &[]).unwrap_or_else(|log| panic!("server did not become ready; log:\n{log}"))
     }
 
+    /// As [`TestServer::start_in`], with extra environment variables.
+    pub fn start_in_env(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> TestServer {
+        Self::spawn_in(dir, args, env).unwrap_or_else(|log| panic!("server did not become ready; log:\n{log}"))
+    }
+
     /// Runs a server expected to refuse to start; returns its exit code and log.
     pub fn fail_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_flux-server"))
@@ -270,7 +275,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect");
+        Client::from_stream(TcpStream::connect(addr).expect("connect"))
+    }
+
+    /// A client on a stream the caller connected.
+    pub fn from_stream(stream: TcpStream) -> Client {
         stream.set_read_timeout(Some(TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
         Client {
