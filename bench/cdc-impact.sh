@@ -23,14 +23,16 @@ build
 EXCHANGE="bench.cdc.$$"
 AMQP=${AMQP:-amqp://guest:guest@127.0.0.1:5672/%2f}
 
-# Stats line of the server on FLUX_PORT.
-cdc_stats() { "$BIN/flux-cli" --addr "127.0.0.1:$FLUX_PORT" stats | grep '^cdc:'; }
+# The write-to-confirm delay of the server on FLUX_PORT: "P50 / P99" in ms.
+confirm_delay() {
+  echo "$(flux_stat "$FLUX_PORT" cdc.confirm_delay_p50_ms) / $(flux_stat "$FLUX_PORT" cdc.confirm_delay_p99_ms)"
+}
 
 # Waits until the broker confirmed $1 events; sets DRAIN_S.
 wait_confirmed() {
   local t0; t0=$(date +%s.%N)
   for _ in $(seq 1 1200); do
-    cdc_stats | grep -q "events published $1," && break
+    [ "$(flux_stat "$FLUX_PORT" cdc.events_published)" = "$1" ] && break
     sleep 0.05
   done
   DRAIN_S=$(echo "$(date +%s.%N) - $t0" | bc -l)
@@ -62,7 +64,7 @@ run() {
   measure "$FLUX_PID" "$out" "$BIN/flux-bench" --addr "127.0.0.1:$FLUX_PORT" -c "$C" -n "$N" --json
   if [ "$cdc" = true ]; then
     wait_confirmed "$N"
-    extra="$(cdc_stats | sed -E 's/.*write-to-confirm (p50 [0-9]+ ms p99 [0-9]+ ms).*/\1/'); confirmed $(printf '%.2f' "$DRAIN_S") s after the load"
+    extra="write-to-confirm p50 / p99 $(confirm_delay) ms; confirmed $(printf '%.2f' "$DRAIN_S") s after the load"
   fi
   c1=$(cpu_seconds "$FLUX_PID"); s1=$(thread_seconds "$FLUX_PID" flux-core); k1=$(thread_seconds "$FLUX_PID" flux-control)
   stop_pid "$FLUX_PID"
@@ -83,7 +85,7 @@ steady() {
   local out="$WORK/$label.json"
   measure "$FLUX_PID" "$out" "$BIN/flux-bench" --addr "127.0.0.1:$FLUX_PORT" -c 10 -n "$RATE_N" --rate "$RATE" --json
   wait_confirmed "$RATE_N"
-  local delay; delay=$(cdc_stats | sed -E 's/.*write-to-confirm p50 ([0-9]+) ms p99 ([0-9]+) ms.*/\1 \/ \2/')
+  local delay; delay=$(confirm_delay)
   stop_pid "$FLUX_PID"
   steady_rows+=("| $persist | $(json_field "$out" qps | cut -d. -f1) | $delay | $SERVER_CPU_PCT % |")
   log "$label: write-to-confirm p50 / p99 $delay ms at $RATE writes/s"

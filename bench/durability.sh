@@ -66,16 +66,16 @@ stop_pid "$FLUX_PID"
 flux_log_bytes=$(du -sb "$WORK/recovery/wal" | cut -f1)
 restart_flux recovery --cores 1 --cpus "$SERVER_CPU" --persistence-snapshot-log-bytes-min 1073741824
 flux_log_s=$READY_S
-recovery_ms() { "$BIN/flux-cli" --addr "127.0.0.1:$FLUX_PORT" stats | sed -n 's/.*recovered .* in \([0-9]*\) ms$/\1/p'; }
+recovery_ms() { flux_stat "$FLUX_PORT" persistence.recovery_ms; }
 flux_log_ms=$(recovery_ms)
-flux_log_keys=$("$BIN/flux-cli" --addr "127.0.0.1:$FLUX_PORT" stats | awk '/^ +0 / {print $7}')
+flux_log_keys=$(flux_stat "$FLUX_PORT" cores.0.keys)
 "$BIN/flux-cli" --addr "127.0.0.1:$FLUX_PORT" --timeout 60s snapshot >&2
 stop_pid "$FLUX_PID"
 flux_snap_bytes=$(du -sb "$WORK/recovery/snapshots" | cut -f1)
 restart_flux recovery --cores 1 --cpus "$SERVER_CPU"
 flux_snap_s=$READY_S
 flux_snap_ms=$(recovery_ms)
-flux_snap_keys=$("$BIN/flux-cli" --addr "127.0.0.1:$FLUX_PORT" stats | awk '/^ +0 / {print $7}')
+flux_snap_keys=$(flux_stat "$FLUX_PORT" cores.0.keys)
 stop_pid "$FLUX_PID"
 
 # Recovery memory: the same keys written three times (the log holds 3x the data), kill -9,
@@ -92,7 +92,7 @@ recmem_s=$READY_S
 recmem_peak=$(awk '/VmHWM/ {print $2}' "/proc/$FLUX_PID/status")
 sleep 1
 recmem_steady=$(awk '/VmRSS/ {print $2}' "/proc/$FLUX_PID/status")
-recmem_keys=$("$BIN/flux-cli" --addr "127.0.0.1:$FLUX_PORT" stats | awk '/^ +0 / {print $7}')
+recmem_keys=$(flux_stat "$FLUX_PORT" cores.0.keys)
 stop_pid "$FLUX_PID"
 
 log "recovery: loading $RK keys into Redis (appendonly)"

@@ -108,12 +108,18 @@ measure() {
   SERVER_CPU_PCT=$(printf '%.0f' "$(echo "100 * ($c1 - $c0) / $WALL_S" | bc -l)")
 }
 
-# json_field FILE KEY[.KEY]: one field of a JSON file (flux-bench --json output).
+# json_field FILE KEY[.KEY]: one field of a JSON file (flux-bench --json, flux-cli stats
+# --json); a number picks a list element (cores.0.keys).
 json_field() {
   python3 -c 'import json,sys
 v = json.load(open(sys.argv[1]))
-for k in sys.argv[2].split("."): v = v[k]
+for k in sys.argv[2].split("."): v = v[int(k)] if isinstance(v, list) else v[k]
 print(v)' "$1" "$2"
+}
+
+# flux_stat PORT KEY[.KEY]: one Stats field of the node on PORT (flux-cli stats --json).
+flux_stat() {
+  "$BIN/flux-cli" --addr "127.0.0.1:$1" stats --json >"$WORK/stats.json" && json_field "$WORK/stats.json" "$2"
 }
 
 # redis_rps FILE: requests/s from redis-benchmark --csv output.

@@ -34,7 +34,8 @@
 //!   io_uring stay behind this module.
 //! - `fuzz` (hidden): one entry point per parser of untrusted bytes, for `fuzz/` and the
 //!   property tests.
-//! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`.
+//! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`, `flux-cdc-tail`
+//!   (the tools themselves live in `tools`).
 
 pub mod auth;
 pub mod cdc;

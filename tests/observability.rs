@@ -301,3 +301,24 @@ fn watchdog_pings_stop_when_a_core_is_held() {
     assert_eq!(late, 0, "no pings once a core is held: {pings:?}");
     assert!(s.log_text().contains("does not answer heartbeats"));
 }
+
+// Goal: `flux-cli stats --json` prints every Stats figure as one JSON object, for scripts.
+#[test]
+fn cli_prints_stats_as_json() {
+    let s = TestServer::start(&["--cores", "2"]);
+    let mut c = s.connect();
+    for i in 0..100 {
+        assert!(c.set(format!("k{i}").as_bytes(), b"v"));
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flux-cli"))
+        .args(["--addr", &s.addr.to_string(), "stats", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cores = v["cores"].as_array().unwrap();
+    assert_eq!(cores.len(), 2);
+    assert_eq!(cores.iter().map(|c| c["keys"].as_u64().unwrap()).sum::<u64>(), 100);
+    assert_eq!(v["persistence"]["fsync"], "everysec");
+    assert_eq!(v["cdc"]["enabled"], false);
+}

@@ -85,7 +85,11 @@ pub enum Cmd {
     /// Round trip check.
     Ping { payload: Option<String> },
     /// Per-core counters of the node.
-    Stats,
+    Stats {
+        /// One JSON object (every Stats field, for scripts) instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Node identity and routing parameters.
     Hello,
     /// Snapshot every shard now and delete the log files the snapshots cover (waits until
@@ -401,8 +405,12 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
                 write_value(out, Some(&p), raw).map_err(io)
             }
         }
-        Cmd::Stats => {
+        Cmd::Stats { json } => {
             let stats = client.stats_response().await.map_err(e)?;
+            if json {
+                serde_json::to_writer(&mut *out, &stats).map_err(|e| e.to_string())?;
+                return writeln!(out).map_err(io);
+            }
             write_stats(out, &stats.cores).map_err(io)?;
             if let Some(p) = &stats.persistence {
                 if p.enabled {
