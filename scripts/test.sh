@@ -14,9 +14,9 @@ as_root() {
 # Debian packages the build and the tests need, by the command that proves each is there.
 ensure_packages() {
   local missing=()
-  command -v protoc >/dev/null || missing+=(protobuf-compiler)   # etcd-client and our protos
-  # etcd-client's protos import google/protobuf/*.proto, which Debian ships separately.
-  [ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
+  # The build brings its own protoc (scripts/protoc); Debian's is for the Python client in
+  # tests/security.rs, whose generated code must match Debian's python3-protobuf.
+  command -v protoc >/dev/null || missing+=(protobuf-compiler)
   command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
   command -v etcd >/dev/null || missing+=(etcd-server)
   command -v etcdctl >/dev/null || missing+=(etcd-client)

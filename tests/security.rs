@@ -21,7 +21,14 @@ fn python_protos() -> &'static Path {
         let dir = std::env::temp_dir().join(format!("flux-pb-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let root = env!("CARGO_MANIFEST_DIR");
-        let status = Command::new("protoc")
+        // Debian's protoc, which matches Debian's python3-protobuf (the build's own protoc,
+        // scripts/protoc, is newer than that runtime accepts).
+        let protoc = if Path::new("/usr/bin/protoc").exists() {
+            "/usr/bin/protoc"
+        } else {
+            "protoc"
+        };
+        let status = Command::new(protoc)
             .arg(format!("--python_out={}", dir.display()))
             .arg(format!("-I{root}/proto"))
             .arg(format!("{root}/proto/flux.proto"))
