@@ -50,7 +50,7 @@ start_flux() {
   local name=$1; shift
   FLUX_PORT=$(free_port)
   rm -rf "$WORK/$name"
-  "$BIN/flux-server" --listen "127.0.0.1:$FLUX_PORT" --data-dir "$WORK/$name" --log-level warn "$@" \
+  "$BIN/flux-server" --listen "127.0.0.1:$FLUX_PORT" --metrics-listen 127.0.0.1:0 --data-dir "$WORK/$name" --log-level warn "$@" \
     2>"$WORK/$name.log" &
   FLUX_PID=$!
   PIDS+=("$FLUX_PID")
@@ -64,7 +64,7 @@ restart_flux() {
   local name=$1; shift
   FLUX_PORT=$(free_port)
   local t0; t0=$(date +%s.%N)
-  "$BIN/flux-server" --listen "127.0.0.1:$FLUX_PORT" --data-dir "$WORK/$name" --log-level info "$@" \
+  "$BIN/flux-server" --listen "127.0.0.1:$FLUX_PORT" --metrics-listen 127.0.0.1:0 --data-dir "$WORK/$name" --log-level info "$@" \
     2>"$WORK/$name.restart.log" &
   FLUX_PID=$!
   PIDS+=("$FLUX_PID")

@@ -25,6 +25,7 @@ ensure_packages() {
   command -v ss >/dev/null || missing+=(iproute2)
   command -v systemd-analyze >/dev/null || missing+=(systemd)       # checks the unit file
   command -v stunnel >/dev/null || missing+=(stunnel4)              # TLS in front of RabbitMQ
+  command -v promtool >/dev/null || missing+=(prometheus)           # checks the /metrics output
   command -v openssl >/dev/null || missing+=(openssl)               # certificates for bench/tls.sh
   # The independent client in tests/security.rs: Debian's python3 with its protobuf module.
   /usr/bin/python3 -c 'import google.protobuf' 2>/dev/null || missing+=(python3 python3-protobuf)

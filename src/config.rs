@@ -16,6 +16,8 @@ use toml::{Table, Value};
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7379";
 pub const DEFAULT_SHARDS: u32 = 256;
+/// Loopback only by default: metrics tell a lot about the data (key counts, error rates).
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9379";
 pub const DEFAULT_DATA_DIR: &str = "./data";
 pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_FRAME_BYTES_MAX: usize = 16 << 20;
@@ -112,6 +114,8 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cdc.retention_bytes_max", "write-ahead log kept for changes the broker has not confirmed (the log is the spool); at this bound cdc.overflow applies"),
     ("cdc.overflow", "at cdc.retention_bytes_max (or, persistence off, a full queue): block (writers wait, nothing lost) or drop (the oldest unconfirmed changes are given up, counted in Stats, a visible seq gap)"),
     ("cdc.log_sync_interval_ms", "with fsync everysec or no, how often the log is synced while changes wait for it (an event is published only once its record is synced)"),
+    ("cdc.blocked_ms_max", "change capture without a broker connection for longer than this makes the node not ready (/readyz 503), though it keeps serving"),
+    ("metrics.listen", "HTTP address of /metrics (Prometheus), /healthz and /readyz, served by the control core; empty = off"),
     ("cdc.reconnect_delay_max_ms", "longest pause between reconnection attempts to the broker"),
 ];
 
@@ -138,6 +142,23 @@ pub struct Config {
     pub cdc: Cdc,
     pub auth: Auth,
     pub tls: Tls,
+    pub metrics: Metrics,
+}
+
+/// The HTTP endpoint for Prometheus and health checks (src/metrics.rs).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// Empty = off.
+    pub listen: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_METRICS_LISTEN.into(),
+        }
+    }
 }
 
 /// Client authentication: who may connect and what each user may do (src/auth.rs).
@@ -249,6 +270,7 @@ pub struct Cdc {
     pub overflow: Overflow,
     pub reconnect_delay_max_ms: u64,
     pub log_sync_interval_ms: u64,
+    pub blocked_ms_max: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -291,6 +313,7 @@ impl Default for Cdc {
             overflow: Overflow::Block,
             reconnect_delay_max_ms: 5_000,
             log_sync_interval_ms: 10,
+            blocked_ms_max: 10_000,
         }
     }
 }
@@ -376,6 +399,7 @@ impl Default for Config {
             cdc: Cdc::default(),
             auth: Auth::default(),
             tls: Tls::default(),
+            metrics: Metrics::default(),
         }
     }
 }
@@ -474,6 +498,12 @@ impl Config {
     /// Checks what serde cannot: relations between values and their ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError::Invalid(m));
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(format!(
+                "metrics.listen: {:?} is not an IP:port address",
+                self.metrics.listen
+            ));
+        }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return fail(format!("listen: {:?} is not an IP:port address", self.listen));
         }

@@ -23,6 +23,7 @@
 //! - [`shard`]: one shard's map, expiry and memory accounting; a core's set of shards.
 //! - [`auth`]: users, roles, tokens: who may connect and what each user may do.
 //! - [`logging`]: text or JSON log lines, journald priorities under systemd.
+//! - [`metrics`]: the control core's HTTP endpoint: Prometheus metrics, health, readiness.
 //! - [`systemd`]: readiness, status, stopping and watchdog notifications (sd_notify).
 //! - [`tls`]: PEM loading and rustls configurations for every TLS connection, in and out.
 //! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
@@ -47,6 +48,7 @@ pub mod config;
 pub mod fuzz;
 pub mod keyspace;
 pub mod logging;
+pub mod metrics;
 pub mod server;
 pub mod shard;
 pub mod systemd;

@@ -47,7 +47,9 @@ fn server() -> Command {
 
 fn server_on(listen: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_flux-server"));
-    cmd.args(["--listen", listen, "--cores", "1"]).stdout(Stdio::null());
+    cmd.args(["--listen", listen, "--cores", "1"])
+        .env("FLUX_METRICS_LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::null());
     cmd
 }
 
@@ -321,4 +323,108 @@ fn cli_prints_stats_as_json() {
     assert_eq!(cores.iter().map(|c| c["keys"].as_u64().unwrap()).sum::<u64>(), 100);
     assert_eq!(v["persistence"]["fsync"], "everysec");
     assert_eq!(v["cdc"]["enabled"], false);
+}
+
+// Goal: a scrape of /metrics passes `promtool check metrics`, carries every core's figures
+// (the request counters equal Stats'), and /healthz answers.
+#[test]
+fn metrics_scrape_passes_promtool() {
+    let s = TestServer::start(&["--cores", "2"]);
+    let metrics = s.metrics.expect("metrics endpoint on by default");
+    let mut c = s.connect();
+    for i in 0..500 {
+        assert!(c.set(format!("k{i}").as_bytes(), b"v"));
+    }
+    let (status, text) = common::http_get(metrics, "/metrics");
+    assert_eq!(status, 200, "{text}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) must be installed");
+    std::io::Write::write_all(&mut promtool.stdin.take().unwrap(), text.as_bytes()).unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = s.stats();
+    for core in &stats {
+        let line = format!("flux_core_requests_total{{core=\"{}\"}} ", core.core);
+        let value: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .unwrap_or_else(|| panic!("no {line}in\n{text}"))
+            .trim()
+            .parse()
+            .unwrap();
+        // The Stats call itself is one more request on the core that served it.
+        assert!(
+            value == core.requests || value + 1 == core.requests,
+            "{line}{value} vs Stats {}",
+            core.requests
+        );
+    }
+    let keys: u64 = text
+        .lines()
+        .filter(|l| l.starts_with("flux_core_keys{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(keys, 500);
+    assert_eq!(common::http_get(metrics, "/healthz"), (200, "ok\n".to_string()));
+}
+
+// Goal: /readyz answers 200 on a healthy node, turns 503 (saying why) while change capture
+// cannot reach RabbitMQ for longer than cdc.blocked_ms_max under overflow = block, and 200
+// again once the broker is back.
+#[test]
+fn readyz_follows_the_broker() {
+    let proxy = common::cdc::Proxy::start(false);
+    let url = proxy.url();
+    let exchange = common::cdc::unique("flux.ready");
+    let s = TestServer::start(&[
+        "--cores",
+        "2",
+        "--cdc-enabled",
+        "true",
+        "--cdc-amqp-url",
+        &url,
+        "--cdc-exchange",
+        &exchange,
+        "--cdc-blocked-ms-max",
+        "500",
+        "--cdc-reconnect-delay-max-ms",
+        "200",
+    ]);
+    let metrics = s.metrics.unwrap();
+    let ready = || common::http_get(metrics, "/readyz");
+    assert!(
+        common::eventually(common::TIMEOUT, || ready().0 == 200),
+        "{:?}",
+        ready()
+    );
+    proxy.cut();
+    let mut c = s.connect();
+    assert!(c.set(b"during", b"outage"), "writes go on while the broker is away");
+    assert!(
+        common::eventually(common::TIMEOUT, || ready().0 == 503),
+        "{:?}",
+        ready()
+    );
+    let (_, body) = ready();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["ready"], false);
+    assert!(body.contains("no broker connection"), "{body}");
+    let (_, text) = common::http_get(metrics, "/metrics");
+    assert!(text.contains("flux_ready 0"), "{text}");
+    proxy.restore();
+    assert!(
+        common::eventually(common::TIMEOUT, || ready().0 == 200),
+        "{:?}",
+        ready()
+    );
 }

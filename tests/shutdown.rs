@@ -98,7 +98,15 @@ fn sigterm_with_stderr_closed() {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_flux-server"))
-        .args(["--listen", "127.0.0.1:0", "--cores", "1", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--data-dir",
+        ])
         .arg(dir.path())
         .stderr(Stdio::piped())
         .spawn()

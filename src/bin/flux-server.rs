@@ -57,6 +57,7 @@ fn main() -> ExitCode {
         listen = %server.local_addr(),
         port = server.local_addr().port(),
         core_ports = ?server.core_ports(),
+        metrics = %server.metrics_addr().map_or("off".to_string(), |a| a.to_string()),
         net,
         "flux-server ready"
     );

@@ -349,9 +349,16 @@ impl Forwarder {
                 }
                 self.link = Some(link);
                 self.counters.connected.store(true, Ordering::Relaxed);
+                self.counters.disconnected_since_ms.store(0, Ordering::Relaxed);
                 self.reconnect_delay = RECONNECT_DELAY_MIN;
             }
             Err(e) => {
+                let _ = self.counters.disconnected_since_ms.compare_exchange(
+                    0,
+                    crate::change::now_ms(),
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 tracing::warn!(error = %e, retry_ms = self.reconnect_delay.as_millis() as u64, "change capture: broker unreachable");
                 self.reconnect_at = Instant::now() + self.reconnect_delay;
                 let max = Duration::from_millis(self.config.reconnect_delay_max_ms);
@@ -862,6 +869,9 @@ impl Forwarder {
         self.requeue_unconfirmed();
         self.link = None;
         self.counters.connected.store(false, Ordering::Relaxed);
+        self.counters
+            .disconnected_since_ms
+            .store(crate::change::now_ms(), Ordering::Relaxed);
         self.counters.reconnects.fetch_add(1, Ordering::Relaxed);
         self.reconnect_at = Instant::now() + self.reconnect_delay;
     }

@@ -127,6 +127,9 @@ pub struct CdcCounters {
     /// Events read back from the log rather than taken from memory.
     pub events_from_log: AtomicU64,
     pub writers_held: AtomicBool,
+    /// Since when (Unix ms) the forwarder has had no broker connection; 0 while connected
+    /// or before the first attempt.
+    pub disconnected_since_ms: AtomicU64,
     /// When the checkpoint was last written (Unix ms; 0: never).
     pub checkpoint_at_ms: AtomicU64,
     /// Logs of earlier runs hold no unconfirmed change any more (or CDC keeps none): they

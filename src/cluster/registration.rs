@@ -24,7 +24,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// A request to leave the cluster now; answered once the lease is revoked (or that failed).
 pub type LeaveRequest = std::sync::mpsc::Sender<()>;
 
+/// What the registration is doing, for metrics and readiness (read from any thread).
+#[derive(Default)]
+pub struct RegistrationState {
+    /// The node's key is in etcd under a live lease.
+    pub registered: AtomicBool,
+    /// Lease keep-alives etcd acknowledged.
+    pub renewals: std::sync::atomic::AtomicU64,
+}
+
 pub struct Registration {
+    pub state: Arc<RegistrationState>,
     endpoints: Vec<String>,
     access: super::EtcdAccess,
     key: String,
@@ -60,6 +70,7 @@ impl Registration {
         let ttl_s = lease_ttl_ms.div_ceil(1000).max(1) as i64;
         (
             Registration {
+                state: Arc::default(),
                 endpoints,
                 access,
                 key,
@@ -80,7 +91,9 @@ impl Registration {
         }
         let mut retry = RETRY_MIN;
         while !stop.load(Ordering::Acquire) {
-            match self.session(&stop).await {
+            let ended = self.session(&stop).await;
+            self.state.registered.store(false, Ordering::Relaxed);
+            match ended {
                 Ok(End::Left) => return,
                 Ok(End::Lost(why)) => {
                     tracing::warn!(reason = %why, "cluster: registration lost; registering again");
@@ -149,6 +162,7 @@ impl Registration {
         }
         self.last_lease = Some(lease);
         tracing::info!(key = %self.key, addr = %self.info.addr, lease_ttl_s = self.ttl_s, "cluster: registered in etcd");
+        self.state.registered.store(true, Ordering::Relaxed);
         let (mut keeper, mut acks) = bounded(client.lease_keep_alive(lease)).await?;
         let mut tick = tokio::time::interval(Duration::from_millis((self.ttl_s as u64 * 1000 / 3).max(100)));
         loop {
@@ -163,7 +177,9 @@ impl Registration {
                     }
                 }
                 ack = acks.message() => match ack {
-                    Ok(Some(r)) if r.ttl() > 0 => {}
+                    Ok(Some(r)) if r.ttl() > 0 => {
+                        self.state.renewals.fetch_add(1, Ordering::Relaxed);
+                    }
                     Ok(Some(_)) => return Ok(End::Lost("lease expired".into())),
                     Ok(None) => return Ok(End::Lost("keep-alive stream closed".into())),
                     Err(e) => return Ok(End::Lost(e.to_string())),

@@ -1,12 +1,16 @@
 //! The control core: one thread, pinned, running a tokio current-thread runtime for the
 //! work that needs tokio (amqprs, etcd-client): the change-capture forwarder and the etcd
-//! registration. Shard cores never wait on it; they hand it work through bounded queues.
+//! registration, and the metrics endpoint (/metrics, /healthz, /readyz). Shard cores never
+//! wait on it; they hand it work through bounded queues.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use crate::cdc::forwarder::Forwarder;
 use crate::cluster::registration::Registration;
+
+/// How often the metrics endpoint looks at the stop flag.
+const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Where the control thread runs: its CPU, and its niceness when that CPU is also a shard
 /// core's (None: normal priority).
@@ -20,10 +24,11 @@ pub struct Placement {
 pub fn spawn(
     forwarder: Option<Forwarder>,
     registration: Option<Registration>,
+    metrics: Option<(std::net::TcpListener, Arc<crate::metrics::Node>)>,
     placement: Placement,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<Option<std::thread::JoinHandle<()>>> {
-    if forwarder.is_none() && registration.is_none() {
+    if forwarder.is_none() && registration.is_none() && metrics.is_none() {
         return Ok(None);
     }
     let thread = std::thread::Builder::new().name("flux-control".into()).spawn(move || {
@@ -57,7 +62,18 @@ pub fn spawn(
                     r.run(stop.clone()).await;
                 }
             };
-            tokio::join!(forward, register);
+            let serve = async {
+                if let Some((listener, node)) = metrics {
+                    let stopped = stop.clone();
+                    let until_stop = async move {
+                        while !stopped.load(std::sync::atomic::Ordering::Acquire) {
+                            tokio::time::sleep(STOP_POLL).await;
+                        }
+                    };
+                    crate::metrics::serve(listener, node, until_stop).await;
+                }
+            };
+            tokio::join!(forward, register, serve);
         });
     })?;
     Ok(Some(thread))

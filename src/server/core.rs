@@ -115,6 +115,8 @@ pub struct Boot {
     pub cdc: Arc<CdcCounters>,
     /// Users and TLS configuration, swapped whole on SIGHUP.
     pub access: AccessControl,
+    /// Each core's end of the metrics scrape channel, taken by core index.
+    pub scrapes: Mutex<Vec<Option<crate::metrics::ScrapeReceiver>>>,
 }
 
 /// Counters behind `CoreStats`.
@@ -629,6 +631,21 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         }));
     }
     spawn_local(sweep(core.clone())).detach();
+    let scrapes = boot
+        .scrapes
+        .lock()
+        .ok()
+        .and_then(|mut s| s.get_mut(index as usize)?.take());
+    if let Some(mut scrapes) = scrapes {
+        let c = core.clone();
+        // Metrics scrapes from the control core: a copy of this core's counters.
+        spawn_local(async move {
+            while let Some(reply) = futures::StreamExt::next(&mut scrapes).await {
+                let _ = reply.send(c.stats());
+            }
+        })
+        .detach();
+    }
     if index == 0 {
         spawn_local(heartbeat(core.clone(), boot.alive_at_ms.clone())).detach();
     }

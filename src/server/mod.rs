@@ -57,6 +57,7 @@ const FAILED_START_WAIT: Duration = Duration::from_millis(1_500);
 /// A running node.
 pub struct Server {
     local_addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     core_ports: Vec<u16>,
     node_id: String,
     cores: u32,
@@ -153,6 +154,15 @@ impl Server {
             .parse()
             .map_err(|_| StartError::Invalid(format!("bad listen address {}", config.listen)))?;
         let (listeners, local_addr, orphans) = listener::bind_all(listen, cpus.len(), config.core_port_base)?;
+        // The metrics endpoint's port is taken now, so a busy one stops the start.
+        let metrics_listener = match config.metrics.listen.as_str() {
+            "" => None,
+            addr => Some(
+                std::net::TcpListener::bind(addr)
+                    .map_err(|e| StartError::Invalid(format!("metrics.listen: cannot listen on {addr}: {e}")))?,
+            ),
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let core_ports: Vec<u16> = match config.core_port_base {
             0 => Vec::new(),
             base => (0..cores as u16).map(|i| base + i).collect(),
@@ -298,6 +308,22 @@ impl Server {
             let (r, leave) = Registration::new(endpoints, access, &config.cluster.prefix, info, ttl, serving);
             (Some(r), Some(leave))
         };
+        let (scrape_senders, scrape_receivers) = crate::metrics::scrape_channels(cores);
+        let serving_flag = Arc::new(AtomicBool::new(false));
+        let metrics = metrics_listener.map(|l| {
+            let node = crate::metrics::Node {
+                cores: scrape_senders,
+                cdc: cdc.clone(),
+                cdc_enabled: config.cdc.enabled,
+                cdc_blocked_ms_max: config.cdc.blocked_ms_max,
+                persistence: persistence.clone(),
+                alive_at_ms: alive_at_ms.clone(),
+                serving: serving_flag.clone(),
+                registration: registration.as_ref().map(|r| r.state.clone()),
+                memory_per_core_max: config.limits.memory_bytes_max / u64::from(cores),
+            };
+            (l, Arc::new(node))
+        });
         let io_memory = config.runtime.io_memory_bytes;
         let preempt = Duration::from_micros(config.runtime.preempt_timer_us);
         let mesh_depth = config.limits.mesh_messages_max;
@@ -328,6 +354,7 @@ impl Server {
             started_ms,
             cdc,
             access: access.clone(),
+            scrapes: Mutex::new(scrape_receivers.into_iter().map(Some).collect()),
         });
         // glommio's MeshBuilder keeps its peer list in an `Rc` yet is `Send`: clones made or
         // dropped on several executor threads at once race on the reference count, and a
@@ -359,7 +386,7 @@ impl Server {
             cpu: control_cpu,
             shared_nice: (shared && control_nice > 0).then_some(control_nice),
         };
-        let control = control::spawn(forwarder, registration, placement, stop_control.clone())?;
+        let control = control::spawn(forwarder, registration, metrics, placement, stop_control.clone())?;
         let (exit_tx, exited) = mpsc::channel();
         std::thread::Builder::new().name("flux-join".into()).spawn(move || {
             let failures: Vec<String> = handles
@@ -411,8 +438,10 @@ impl Server {
         }
         // Every core accepts connections: the node may now be announced in etcd.
         let _ = serving_tx.send(true);
+        serving_flag.store(true, Ordering::Relaxed);
         Ok(Server {
             local_addr,
+            metrics_addr,
             core_ports,
             node_id,
             cores,
@@ -431,6 +460,11 @@ impl Server {
     /// The shared address every core listens on (with the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where /metrics, /healthz and /readyz are served (`metrics.listen`), when on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Per-core ports, when `core_port_base` is set.

@@ -25,6 +25,8 @@ pub const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct TestServer {
     child: Child,
     pub addr: SocketAddr,
+    /// The metrics endpoint (/metrics, /healthz, /readyz), unless turned off.
+    pub metrics: Option<SocketAddr>,
     pub core_ports: Vec<u16>,
     pub log: Arc<Mutex<Vec<String>>>,
     /// The data directory (a fresh temporary one unless the test passed its own).
@@ -60,6 +62,7 @@ impl TestServer {
     /// Runs a server expected to refuse to start; returns its exit code and log.
     pub fn fail_in(dir: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
         let out = Command::new(env!("CARGO_BIN_EXE_flux-server"))
+            .env("FLUX_METRICS_LISTEN", "127.0.0.1:0")
             .args(listen_unless_given(args))
             .arg("--data-dir")
             .arg(dir)
@@ -87,7 +90,9 @@ impl TestServer {
         cmd.args(listen_unless_given(args))
             .arg("--data-dir")
             .arg(dir)
-            .args(args);
+            .args(args)
+            // Many servers run at once: each takes a free port for its metrics endpoint.
+            .env("FLUX_METRICS_LISTEN", "127.0.0.1:0");
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -122,6 +127,7 @@ impl TestServer {
             }
         };
         let addr = field(&ready, "listen").parse().expect("listen address in ready line");
+        let metrics = field(&ready, "metrics").parse().ok();
         let core_ports = field(&ready, "core_ports")
             .trim_matches(|c| c == '[' || c == ']')
             .split(',')
@@ -131,6 +137,7 @@ impl TestServer {
         Ok(TestServer {
             child,
             addr,
+            metrics,
             core_ports,
             log,
             dir: dir.to_path_buf(),
@@ -463,6 +470,22 @@ pub fn fixed_port() -> u16 {
 /// Two consecutive free ports, for `--core-port-base`.
 pub fn free_port_pair() -> u16 {
     free_ports_below_ephemeral(2)
+}
+
+/// One HTTP GET (HTTP/1.0, so the server closes after the reply): status and body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP reply: {text}"));
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    (status, body)
 }
 
 /// A small multi-threaded tokio runtime for tests that use the async client.
