@@ -16,6 +16,7 @@
 //! threads. The control core asks each core for a copy at scrape time and merges them; a
 //! core that does not answer within [`CORE_ANSWER_TIMEOUT`] makes the node not ready.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,7 +35,103 @@ use crate::cluster::registration::RegistrationState;
 use crate::proto::{CoreStats, PersistenceStats};
 
 /// A scrape asks a shard core for its figures with one of these.
-pub type ScrapeRequest = oneshot::Sender<CoreStats>;
+pub type ScrapeRequest = oneshot::Sender<CoreFigures>;
+
+/// What a core answers a scrape with: its Stats figures and its request figures.
+#[derive(Clone, Debug, Default)]
+pub struct CoreFigures {
+    pub stats: CoreStats,
+    pub requests: RequestSnapshot,
+}
+
+/// Request kinds the per-core figures are kept for (index = position).
+pub const OPS: [&str; 14] = [
+    "get", "set", "del", "exists", "expire", "ttl", "mget", "mset", "ping", "stats", "hello", "snapshot", "auth",
+    "invalid",
+];
+/// The kind of a request that did not decode (or had no op).
+pub const OP_INVALID: usize = OPS.len() - 1;
+/// Upper bounds of the latency buckets, in microseconds (one more bucket: +Inf).
+pub const LATENCY_BUCKETS_US: [u64; 16] = [
+    16, 32, 64, 128, 256, 512, 1_024, 2_048, 4_096, 8_192, 16_384, 32_768, 65_536, 131_072, 262_144, 1_048_576,
+];
+const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+/// Error codes counted (ErrorCode values 0..=12).
+const ERROR_CODES: usize = 13;
+
+/// One core's request figures, in plain cells only that core touches: a request costs a
+/// bucket search and two additions, and no atomic is shared between cores. A scrape copies
+/// them out ([`RequestFigures::snapshot`]).
+#[derive(Default)]
+pub struct RequestFigures {
+    latency: [[Cell<u64>; BUCKETS]; OPS.len()],
+    latency_sum_us: [Cell<u64>; OPS.len()],
+    errors: [Cell<u64>; ERROR_CODES],
+    hits: Cell<u64>,
+    misses: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
+
+impl RequestFigures {
+    /// One request of kind `op` answered `elapsed_us` after its batch was decoded.
+    pub fn observe(&self, op: usize, elapsed_us: u64) {
+        let op = op.min(OP_INVALID);
+        let bucket = LATENCY_BUCKETS_US.partition_point(|&upper| upper < elapsed_us);
+        bump(&self.latency[op][bucket], 1);
+        bump(&self.latency_sum_us[op], elapsed_us);
+    }
+
+    pub fn error(&self, code: i32) {
+        if let Some(c) = usize::try_from(code).ok().and_then(|i| self.errors.get(i)) {
+            bump(c, 1);
+        }
+    }
+
+    /// A key read found (`true`) or not.
+    pub fn read(&self, found: bool) {
+        bump(if found { &self.hits } else { &self.misses }, 1);
+    }
+
+    pub fn snapshot(&self, expired_lazy: u64, expired_swept: u64) -> RequestSnapshot {
+        RequestSnapshot {
+            latency: self
+                .latency
+                .iter()
+                .zip(&self.latency_sum_us)
+                .map(|(b, sum)| (b.iter().map(Cell::get).collect(), sum.get()))
+                .collect(),
+            errors: self.errors.iter().map(Cell::get).collect(),
+            hits: self.hits.get(),
+            misses: self.misses.get(),
+            expired_lazy,
+            expired_swept,
+        }
+    }
+}
+
+/// A copy of [`RequestFigures`] that can cross threads.
+#[derive(Clone, Debug, Default)]
+pub struct RequestSnapshot {
+    /// Per op: the count in each latency bucket (not cumulative), and the sum in us.
+    pub latency: Vec<(Vec<u64>, u64)>,
+    /// Per error code (ErrorCode value).
+    pub errors: Vec<u64>,
+    pub hits: u64,
+    pub misses: u64,
+    /// Expired keys removed when a request touched them, and by the sweep.
+    pub expired_lazy: u64,
+    pub expired_swept: u64,
+}
+
+impl RequestSnapshot {
+    /// Requests observed, over every kind.
+    pub fn requests(&self) -> u64 {
+        self.latency.iter().map(|(b, _)| b.iter().sum::<u64>()).sum()
+    }
+}
 pub type ScrapeReceiver = mpsc::Receiver<ScrapeRequest>;
 
 /// Scrapes queued per core: more than a few means nobody is answering anyway.
@@ -68,7 +165,7 @@ pub struct Node {
 
 impl Node {
     /// Every core's figures; `None` for a core that did not answer in time.
-    async fn gather(&self) -> Vec<Option<CoreStats>> {
+    async fn gather(&self) -> Vec<Option<CoreFigures>> {
         let asks = self.cores.iter().map(|tx| async move {
             let (reply, rx) = oneshot::channel();
             tx.clone().try_send(reply).ok()?;
@@ -78,7 +175,7 @@ impl Node {
     }
 
     /// Why the node is not ready; empty when it is.
-    fn not_ready(&self, cores: &[Option<CoreStats>]) -> Vec<String> {
+    fn not_ready(&self, cores: &[Option<CoreFigures>]) -> Vec<String> {
         let mut why = Vec::new();
         if !self.serving.load(Ordering::Relaxed) {
             why.push("starting: recovery or core start-up is not finished".to_string());
@@ -88,7 +185,7 @@ impl Node {
             why.push("a shard core does not answer heartbeats over the core mesh".into());
         }
         for (i, c) in cores.iter().enumerate() {
-            match c {
+            match c.as_ref().map(|f| &f.stats) {
                 None => why.push(format!("core {i} did not answer the scrape within 1 s")),
                 Some(c) if c.log_failed => why.push(format!(
                     "core {i}: the write-ahead log cannot be written ({}); writes are refused",
@@ -122,7 +219,7 @@ impl Node {
     }
 
     /// The exposition text of one scrape (Prometheus text format 0.0.4).
-    fn exposition(&self, cores: &[Option<CoreStats>], ready: bool) -> prometheus::Result<String> {
+    fn exposition(&self, cores: &[Option<CoreFigures>], ready: bool) -> prometheus::Result<String> {
         let registry = Registry::new();
         per_core(&registry, cores)?;
         let gauge = |name: &str, help: &str, v: f64| -> prometheus::Result<()> {
@@ -237,8 +334,12 @@ impl Node {
                 reg.renewals.load(r),
             )?;
         }
+        // The histogram family is built from the cores' buckets, then encoded with the rest.
+        let mut families = registry.gather();
+        families.push(latency_family(cores));
+        families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
-        TextEncoder::new().encode(&registry.gather(), &mut out)?;
+        TextEncoder::new().encode(&families, &mut out)?;
         String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
     }
 }
@@ -376,7 +477,7 @@ const CORE_FIGURES: &[(&str, &str, Kind, fn(&CoreStats) -> i64)] = &[
     ),
 ];
 
-fn per_core(registry: &Registry, cores: &[Option<CoreStats>]) -> prometheus::Result<()> {
+fn per_core(registry: &Registry, cores: &[Option<CoreFigures>]) -> prometheus::Result<()> {
     let up = IntGaugeVec::new(
         Opts::new("flux_core_up", "1 when the core answered this scrape"),
         &["core"],
@@ -385,12 +486,55 @@ fn per_core(registry: &Registry, cores: &[Option<CoreStats>]) -> prometheus::Res
         up.with_label_values(&[&i.to_string()]).set(i64::from(c.is_some()));
     }
     registry.register(Box::new(up))?;
+    let figures: Vec<&CoreFigures> = cores.iter().flatten().collect();
+    let label = |f: &CoreFigures| f.stats.core.to_string();
+    let ops = IntCounterVec::new(
+        Opts::new("flux_core_op_requests_total", "Requests by operation"),
+        &["core", "op"],
+    )?;
+    let errors = IntCounterVec::new(
+        Opts::new("flux_core_errors_total", "Error replies by code"),
+        &["core", "code"],
+    )?;
+    let reads = IntCounterVec::new(
+        Opts::new("flux_core_reads_total", "Key reads (GET and each MGET key) by result"),
+        &["core", "result"],
+    )?;
+    let expired = IntCounterVec::new(
+        Opts::new(
+            "flux_core_expired_keys_total",
+            "Expired keys removed, when a request touched them (lazy) or by the sweep",
+        ),
+        &["core", "how"],
+    )?;
+    for f in &figures {
+        let core = label(f);
+        let r = &f.requests;
+        for (op, (buckets, _)) in OPS.iter().zip(&r.latency) {
+            ops.with_label_values(&[core.as_str(), op]).inc_by(buckets.iter().sum());
+        }
+        for (code, n) in r.errors.iter().enumerate().filter(|(_, n)| **n > 0) {
+            let name = crate::proto::ErrorCode::try_from(code as i32).map_or("UNKNOWN", |c| c.as_str_name());
+            errors.with_label_values(&[core.as_str(), name]).inc_by(*n);
+        }
+        reads.with_label_values(&[core.as_str(), "hit"]).inc_by(r.hits);
+        reads.with_label_values(&[core.as_str(), "miss"]).inc_by(r.misses);
+        expired
+            .with_label_values(&[core.as_str(), "lazy"])
+            .inc_by(r.expired_lazy);
+        expired
+            .with_label_values(&[core.as_str(), "swept"])
+            .inc_by(r.expired_swept);
+    }
+    for family in [ops, errors, reads, expired] {
+        registry.register(Box::new(family))?;
+    }
     for (name, help, kind, value) in CORE_FIGURES {
         let opts = Opts::new(*name, *help);
         match kind {
             Kind::Counter => {
                 let family = IntCounterVec::new(opts, &["core"])?;
-                for c in cores.iter().flatten() {
+                for c in figures.iter().map(|f| &f.stats) {
                     family
                         .with_label_values(&[&c.core.to_string()])
                         .inc_by(value(c).max(0) as u64);
@@ -399,14 +543,14 @@ fn per_core(registry: &Registry, cores: &[Option<CoreStats>]) -> prometheus::Res
             }
             Kind::Gauge => {
                 let family = IntGaugeVec::new(opts, &["core"])?;
-                for c in cores.iter().flatten() {
+                for c in figures.iter().map(|f| &f.stats) {
                     family.with_label_values(&[&c.core.to_string()]).set(value(c));
                 }
                 registry.register(Box::new(family))?;
             }
             Kind::Seconds => {
                 let family = GaugeVec::new(opts, &["core"])?;
-                for c in cores.iter().flatten() {
+                for c in figures.iter().map(|f| &f.stats) {
                     let ms = value(c);
                     let seconds = if ms < 0 { -1.0 } else { ms as f64 / 1000.0 };
                     family.with_label_values(&[&c.core.to_string()]).set(seconds);
@@ -416,6 +560,47 @@ fn per_core(registry: &Registry, cores: &[Option<CoreStats>]) -> prometheus::Res
         }
     }
     Ok(())
+}
+
+/// `flux_core_request_duration_seconds{core, op}`: a histogram per core and operation,
+/// from each core's fixed buckets (the `prometheus` crate's own histograms cannot be
+/// filled from counts, so the family is built from its data model and encoded with it).
+fn latency_family(cores: &[Option<CoreFigures>]) -> prometheus::proto::MetricFamily {
+    use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
+    let pair = |name: &str, value: &str| {
+        let mut l = LabelPair::default();
+        l.set_name(name.to_string());
+        l.set_value(value.to_string());
+        l
+    };
+    let mut family = MetricFamily::default();
+    family.set_name("flux_core_request_duration_seconds".to_string());
+    family.set_help("Time from a batch's decode to its replies being queued, per request".to_string());
+    family.set_field_type(MetricType::HISTOGRAM);
+    let mut metrics = Vec::new();
+    for f in cores.iter().flatten() {
+        for (op, (buckets, sum_us)) in OPS.iter().zip(&f.requests.latency) {
+            let mut h = Histogram::default();
+            let mut cumulative = 0;
+            let mut out = Vec::with_capacity(LATENCY_BUCKETS_US.len());
+            for (upper, n) in LATENCY_BUCKETS_US.iter().zip(buckets) {
+                cumulative += n;
+                let mut b = Bucket::default();
+                b.set_upper_bound(*upper as f64 / 1e6);
+                b.set_cumulative_count(cumulative);
+                out.push(b);
+            }
+            h.set_bucket(out);
+            h.set_sample_count(buckets.iter().sum());
+            h.set_sample_sum(*sum_us as f64 / 1e6);
+            let mut m = Metric::default();
+            m.set_label(vec![pair("core", &f.stats.core.to_string()), pair("op", op)]);
+            m.set_histogram(h);
+            metrics.push(m);
+        }
+    }
+    family.set_metric(metrics);
+    family
 }
 
 /// Serves the endpoint on `listener` until `stop` resolves.

@@ -55,3 +55,19 @@ fn unit_exposure_is_at_most_two() {
     println!("systemd-analyze security exposure: {exposure}");
     assert!(exposure <= 2.0, "exposure {exposure}:\n{text}");
 }
+
+// Goal: the example alerting rules load in Prometheus (promtool check rules).
+#[test]
+fn alert_rules_check() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/prometheus/flux-alerts.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules", path])
+        .output()
+        .expect("promtool (Debian package prometheus) must be installed");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success() && text.contains("SUCCESS"), "{text}");
+}

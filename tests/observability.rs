@@ -428,3 +428,72 @@ fn readyz_follows_the_broker() {
         ready()
     );
 }
+
+// Goal: after 10,000 requests of several kinds (pipelined, over both cores), each core's
+// latency histogram counts every request it read: its counts, summed over operations,
+// equal its request counter in the same scrape; hits, misses and error codes are counted.
+#[test]
+fn latency_histograms_count_every_request() {
+    use flux_kv::proto::{self, request::Op};
+    let s = TestServer::start(&["--cores", "2"]);
+    let mut clients = [s.connect(), s.connect(), s.connect(), s.connect()];
+    let mut sent = 0;
+    while sent < 10_000 {
+        for c in clients.iter_mut() {
+            let mut ids = Vec::new();
+            for i in 0..50 {
+                let key = format!("k{}", (sent + i) % 700).into_bytes();
+                let op = match i % 5 {
+                    0 | 1 => Op::Set(proto::SetRequest {
+                        key: key.into(),
+                        value: b"v".to_vec().into(),
+                        ..Default::default()
+                    }),
+                    2 => Op::Get(proto::GetRequest { key: key.into() }),
+                    3 => Op::Get(proto::GetRequest {
+                        key: b"never-set".to_vec().into(),
+                    }),
+                    _ => Op::Set(proto::SetRequest {
+                        key: vec![b'x'; 70_000].into(), // over limits.key_bytes_max
+                        ..Default::default()
+                    }),
+                };
+                let req = c.request(op);
+                c.send(&req);
+                ids.push(req.id);
+            }
+            for id in ids {
+                assert_eq!(c.recv().expect("reply").id, id);
+            }
+            sent += 50;
+        }
+    }
+    let (status, text) = common::http_get(s.metrics.unwrap(), "/metrics");
+    assert_eq!(status, 200);
+    let value = |prefix: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    let mut total = 0.0;
+    for core in 0..2 {
+        let requests = value(&format!("flux_core_requests_total{{core=\"{core}\"}}"));
+        let counted = value(&format!("flux_core_request_duration_seconds_count{{core=\"{core}\""));
+        assert_eq!(counted, requests, "core {core}\n{text}");
+        total += requests;
+    }
+    assert_eq!(total, 10_000.0);
+    let errors: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("flux_core_errors_total{") && l.contains("code=\"KEY_TOO_LARGE\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert_eq!(errors, 2_000.0);
+    let misses: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("flux_core_reads_total{") && l.contains("result=\"miss\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    assert!(misses >= 2_000.0, "{misses}");
+}

@@ -167,7 +167,7 @@ impl Connection {
             if !frames.is_empty() {
                 Counters::add(&self.core.counters.requests, frames.len() as u64);
                 let responses = if draining {
-                    dispatch::refuse_all(frames.drain(..))
+                    dispatch::refuse_all(&self.core, frames.drain(..))
                 } else {
                     dispatch::execute(&self.core, &mut self.session, frames.drain(..)).await
                 };

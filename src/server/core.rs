@@ -133,6 +133,7 @@ pub struct Counters {
     pub auth_failures: Cell<u64>,
     pub requests_denied: Cell<u64>,
     pub connections_refused_protected: Cell<u64>,
+    pub expired_swept: Cell<u64>,
 }
 
 impl Counters {
@@ -178,6 +179,8 @@ pub struct Core {
     pub protected: bool,
     pub auth_failures_log: RefCell<Throttle>,
     pub protected_log: RefCell<Throttle>,
+    /// Requests by kind, latency, errors by code, hits and misses (for metrics).
+    pub figures: crate::metrics::RequestFigures,
 }
 
 impl Core {
@@ -215,6 +218,15 @@ impl Core {
             auth_failures: c.auth_failures.get(),
             requests_denied: c.requests_denied.get(),
             connections_refused_protected: c.connections_refused_protected.get(),
+        }
+    }
+
+    /// Stats and request figures, for a metrics scrape.
+    pub fn figures(&self) -> crate::metrics::CoreFigures {
+        let lazy = self.store.borrow().expired_lazy();
+        crate::metrics::CoreFigures {
+            stats: self.stats(),
+            requests: self.figures.snapshot(lazy, self.counters.expired_swept.get()),
         }
     }
 
@@ -618,6 +630,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         protected: super::access::protected(&boot.config),
         auth_failures_log: RefCell::default(),
         protected_log: RefCell::default(),
+        figures: Default::default(),
     });
     if let (Some(wal), Some(snaps)) = (&core.wal, &core.snapshots) {
         tracing::debug!(core = index, "opening the write-ahead log");
@@ -641,7 +654,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         // Metrics scrapes from the control core: a copy of this core's counters.
         spawn_local(async move {
             while let Some(reply) = futures::StreamExt::next(&mut scrapes).await {
-                let _ = reply.send(c.stats());
+                let _ = reply.send(c.figures());
             }
         })
         .detach();
@@ -795,6 +808,7 @@ async fn sweep(core: Rc<Core>) {
                 .map_or(SWEEP_KEYS_MAX, |q| q.room().min(SWEEP_KEYS_MAX));
             core.store.borrow_mut().sweep(now_ms(), max, &mut *recorder)
         };
+        Counters::add(&core.counters.expired_swept, removed as u64);
         if removed == SWEEP_KEYS_MAX {
             glommio::executor().yield_now().await;
         } else {

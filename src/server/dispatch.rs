@@ -20,6 +20,7 @@ use super::core::{Core, Counters, MeshRequest};
 use super::forward;
 use crate::change::now_ms;
 use crate::keyspace::Keyspace;
+use crate::metrics::OP_INVALID;
 use crate::proto::{self, request::Op, response::Result as R, CoreStats, ErrorCode, GetResponse, Request, Response};
 use crate::shard::{Command, Condition, Outcome};
 use crate::wire;
@@ -76,8 +77,13 @@ struct Batch<'a> {
 /// A write is acknowledged only once the log holds it: when the log fails first, its
 /// response becomes STORAGE_UNAVAILABLE (reads in the same batch are answered normally).
 pub async fn execute(core: &Rc<Core>, session: &mut Session, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
+    let decoded = std::time::Instant::now();
     let batch_keys_max = core.config.limits.batch_keys_max;
     let requests: Vec<_> = frames.map(|p| decode(p, batch_keys_max)).collect();
+    let kinds: Vec<u8> = requests
+        .iter()
+        .map(|r| r.as_ref().map_or(OP_INVALID, |r| op_kind(r.op.as_ref())) as u8)
+        .collect();
     // Change capture may hold writers back; reads, Stats and the rest never wait for it.
     if !core.writes_ready() && requests.iter().any(|r| r.as_ref().is_ok_and(writes)) {
         core.cdc_room().await;
@@ -114,7 +120,45 @@ pub async fn execute(core: &Rc<Core>, session: &mut Session, frames: impl Iterat
             }
         }
     }
+    observe(core, &kinds, &responses, decoded.elapsed().as_micros() as u64);
     responses
+}
+
+/// Counts each answered request in the core's figures: its kind and latency (from the
+/// batch's decode to its replies being ready), its error code, and GET/MGET hits.
+fn observe(core: &Core, kinds: &[u8], responses: &[Response], elapsed_us: u64) {
+    let f = &core.figures;
+    for (kind, r) in kinds.iter().zip(responses) {
+        f.observe(usize::from(*kind), elapsed_us);
+        if let Some(e) = &r.error {
+            f.error(e.code);
+        }
+        match &r.result {
+            Some(R::Get(g)) => f.read(g.found),
+            Some(R::Mget(m)) => m.values.iter().for_each(|v| f.read(v.found)),
+            _ => {}
+        }
+    }
+}
+
+/// The index of a request's kind in `metrics::OPS`.
+fn op_kind(op: Option<&Op>) -> usize {
+    match op {
+        Some(Op::Get(_)) => 0,
+        Some(Op::Set(_)) => 1,
+        Some(Op::Del(_)) => 2,
+        Some(Op::Exists(_)) => 3,
+        Some(Op::Expire(_)) => 4,
+        Some(Op::Ttl(_)) => 5,
+        Some(Op::Mget(_)) => 6,
+        Some(Op::Mset(_)) => 7,
+        Some(Op::Ping(_)) => 8,
+        Some(Op::Stats(_)) => 9,
+        Some(Op::Hello(_)) => 10,
+        Some(Op::Snapshot(_)) => 11,
+        Some(Op::Auth(_)) => 12,
+        None => OP_INVALID,
+    }
 }
 
 /// Whether a successful write response says it changed something (and so has a record).
@@ -183,13 +227,16 @@ fn writes(r: &Request) -> bool {
 }
 
 /// One `SHUTTING_DOWN` response per frame, keeping ids where the frame decodes.
-pub fn refuse_all(frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
-    frames
+pub fn refuse_all(core: &Core, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
+    let (kinds, responses): (Vec<u8>, Vec<Response>) = frames
         .map(|p| {
-            let id = Request::decode(p).map(|r| r.id).unwrap_or(0);
-            error(id, ErrorCode::ShuttingDown, "the server is shutting down".into())
+            let (id, kind) = Request::decode(p).map_or((0, OP_INVALID), |r| (r.id, op_kind(r.op.as_ref())));
+            let r = error(id, ErrorCode::ShuttingDown, "the server is shutting down".into());
+            (kind as u8, r)
         })
-        .collect()
+        .unzip();
+    observe(core, &kinds, &responses, 0);
+    responses
 }
 
 impl Batch<'_> {

@@ -154,15 +154,6 @@ impl Server {
             .parse()
             .map_err(|_| StartError::Invalid(format!("bad listen address {}", config.listen)))?;
         let (listeners, local_addr, orphans) = listener::bind_all(listen, cpus.len(), config.core_port_base)?;
-        // The metrics endpoint's port is taken now, so a busy one stops the start.
-        let metrics_listener = match config.metrics.listen.as_str() {
-            "" => None,
-            addr => Some(
-                std::net::TcpListener::bind(addr)
-                    .map_err(|e| StartError::Invalid(format!("metrics.listen: cannot listen on {addr}: {e}")))?,
-            ),
-        };
-        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let core_ports: Vec<u16> = match config.core_port_base {
             0 => Vec::new(),
             base => (0..cores as u16).map(|i| base + i).collect(),
@@ -310,7 +301,8 @@ impl Server {
         };
         let (scrape_senders, scrape_receivers) = crate::metrics::scrape_channels(cores);
         let serving_flag = Arc::new(AtomicBool::new(false));
-        let metrics = metrics_listener.map(|l| {
+        let metrics_listen = config.metrics.listen.clone();
+        let metrics_node = (!metrics_listen.is_empty()).then(|| {
             let node = crate::metrics::Node {
                 cores: scrape_senders,
                 cdc: cdc.clone(),
@@ -322,7 +314,7 @@ impl Server {
                 registration: registration.as_ref().map(|r| r.state.clone()),
                 memory_per_core_max: config.limits.memory_bytes_max / u64::from(cores),
             };
-            (l, Arc::new(node))
+            Arc::new(node)
         });
         let io_memory = config.runtime.io_memory_bytes;
         let preempt = Duration::from_micros(config.runtime.preempt_timer_us);
@@ -380,6 +372,24 @@ impl Server {
             })
             .map_err(|e| StartError::Core(e.to_string()))?;
 
+        // The metrics port is taken once the executors run: taken before, its descriptor
+        // moved where a too-low RLIMIT_NOFILE hits glommio's executor start, which then never
+        // returns (a failed executor does not release the others waiting for it). A busy
+        // port still stops the start, with the cores stopped.
+        let metrics = match metrics_node {
+            Some(node) => match std::net::TcpListener::bind(&metrics_listen) {
+                Ok(l) => Some((l, node)),
+                Err(e) => {
+                    let _ = shutdown_tx.send(());
+                    let _ = handles.join_all();
+                    return Err(StartError::Invalid(format!(
+                        "metrics.listen: cannot listen on {metrics_listen}: {e}"
+                    )));
+                }
+            },
+            None => None,
+        };
+        let metrics_addr = metrics.as_ref().and_then(|(l, _)| l.local_addr().ok());
         let stop_control = Arc::new(AtomicBool::new(false));
         let shared = control_cpu.is_some_and(|c| cpus.contains(&c));
         let placement = control::Placement {

@@ -174,6 +174,8 @@ pub struct Shard {
     deadlines: BTreeSet<(u64, Bytes)>,
     memory_bytes: u64,
     log: ChangeLog,
+    /// Expired keys removed because a request touched them (lazy expiry), since start.
+    expired_lazy: u64,
 }
 
 impl Shard {
@@ -183,7 +185,12 @@ impl Shard {
             deadlines: BTreeSet::new(),
             memory_bytes: 0,
             log: ChangeLog { shard: id, seq: 0 },
+            expired_lazy: 0,
         }
+    }
+
+    pub fn expired_lazy(&self) -> u64 {
+        self.expired_lazy
     }
 
     pub fn len(&self) -> usize {
@@ -326,6 +333,7 @@ impl Shard {
             return Some(occ.into_mut());
         }
         let (entry, _) = occ.remove();
+        self.expired_lazy += 1;
         // Fields, not `self.forget`: the returned entry above keeps `self.table` borrowed.
         self.memory_bytes -= entry.charge();
         if entry.expire_at_ms != 0 {

@@ -124,6 +124,11 @@ impl CoreStore {
     pub fn memory_bytes(&self) -> u64 {
         self.memory_bytes
     }
+
+    /// Expired keys removed when a request touched them, over this core's shards.
+    pub fn expired_lazy(&self) -> u64 {
+        self.shards.iter().map(Shard::expired_lazy).sum()
+    }
 }
 
 #[cfg(test)]
