@@ -470,30 +470,25 @@ fn latency_histograms_count_every_request() {
     }
     let (status, text) = common::http_get(s.metrics.unwrap(), "/metrics");
     assert_eq!(status, 200);
-    let value = |prefix: &str| -> f64 {
+    // The sum of every sample whose line starts with `prefix` and contains `label`.
+    let sum = |prefix: &str, label: &str| -> f64 {
         text.lines()
-            .filter(|l| l.starts_with(prefix))
+            .filter(|l| l.starts_with(prefix) && l.contains(label))
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum()
     };
     let mut total = 0.0;
     for core in 0..2 {
-        let requests = value(&format!("flux_core_requests_total{{core=\"{core}\"}}"));
-        let counted = value(&format!("flux_core_request_duration_seconds_count{{core=\"{core}\""));
+        let requests = sum(&format!("flux_core_requests_total{{core=\"{core}\"}}"), "");
+        let counted = sum(
+            &format!("flux_core_request_duration_seconds_count{{core=\"{core}\""),
+            "",
+        );
         assert_eq!(counted, requests, "core {core}\n{text}");
         total += requests;
     }
     assert_eq!(total, 10_000.0);
-    let errors: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("flux_core_errors_total{") && l.contains("code=\"KEY_TOO_LARGE\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
-    assert_eq!(errors, 2_000.0);
-    let misses: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("flux_core_reads_total{") && l.contains("result=\"miss\""))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
+    assert_eq!(sum("flux_core_errors_total{", "code=\"KEY_TOO_LARGE\""), 2_000.0);
+    let misses = sum("flux_core_reads_total{", "result=\"miss\"");
     assert!(misses >= 2_000.0, "{misses}");
 }
