@@ -42,6 +42,9 @@ pub type ScrapeRequest = oneshot::Sender<CoreFigures>;
 pub struct CoreFigures {
     pub stats: CoreStats,
     pub requests: RequestSnapshot,
+    /// How long each write-ahead log sync took (the O_DSYNC write with fsync = always, the
+    /// fdatasync otherwise); None with persistence off.
+    pub log_sync: Option<(Vec<u64>, u64)>,
 }
 
 /// Request kinds the per-core figures are kept for (index = position).
@@ -59,13 +62,33 @@ const BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
 /// Error codes counted (ErrorCode values 0..=12).
 const ERROR_CODES: usize = 13;
 
-/// One core's request figures, in plain cells only that core touches: a request costs a
+/// A latency histogram in plain cells that only its core touches: an observation costs a
 /// bucket search and two additions, and no atomic is shared between cores. A scrape copies
-/// them out ([`RequestFigures::snapshot`]).
+/// it out.
+#[derive(Default)]
+pub struct LatencyCells {
+    buckets: [Cell<u64>; BUCKETS],
+    sum_us: Cell<u64>,
+}
+
+impl LatencyCells {
+    pub fn observe(&self, elapsed_us: u64) {
+        let bucket = LATENCY_BUCKETS_US.partition_point(|&upper| upper < elapsed_us);
+        bump(&self.buckets[bucket], 1);
+        bump(&self.sum_us, elapsed_us);
+    }
+
+    /// The count in each bucket (not cumulative) and the sum in microseconds.
+    pub fn snapshot(&self) -> (Vec<u64>, u64) {
+        (self.buckets.iter().map(Cell::get).collect(), self.sum_us.get())
+    }
+}
+
+/// One core's request figures (see [`LatencyCells`]); a scrape copies them out
+/// ([`RequestFigures::snapshot`]).
 #[derive(Default)]
 pub struct RequestFigures {
-    latency: [[Cell<u64>; BUCKETS]; OPS.len()],
-    latency_sum_us: [Cell<u64>; OPS.len()],
+    latency: [LatencyCells; OPS.len()],
     errors: [Cell<u64>; ERROR_CODES],
     hits: Cell<u64>,
     misses: Cell<u64>,
@@ -78,10 +101,7 @@ fn bump(c: &Cell<u64>, n: u64) {
 impl RequestFigures {
     /// One request of kind `op` answered `elapsed_us` after its batch was decoded.
     pub fn observe(&self, op: usize, elapsed_us: u64) {
-        let op = op.min(OP_INVALID);
-        let bucket = LATENCY_BUCKETS_US.partition_point(|&upper| upper < elapsed_us);
-        bump(&self.latency[op][bucket], 1);
-        bump(&self.latency_sum_us[op], elapsed_us);
+        self.latency[op.min(OP_INVALID)].observe(elapsed_us);
     }
 
     pub fn error(&self, code: i32) {
@@ -97,12 +117,7 @@ impl RequestFigures {
 
     pub fn snapshot(&self, expired_lazy: u64, expired_swept: u64) -> RequestSnapshot {
         RequestSnapshot {
-            latency: self
-                .latency
-                .iter()
-                .zip(&self.latency_sum_us)
-                .map(|(b, sum)| (b.iter().map(Cell::get).collect(), sum.get()))
-                .collect(),
+            latency: self.latency.iter().map(LatencyCells::snapshot).collect(),
             errors: self.errors.iter().map(Cell::get).collect(),
             hits: self.hits.get(),
             misses: self.misses.get(),
@@ -336,7 +351,25 @@ impl Node {
         }
         // The histogram family is built from the cores' buckets, then encoded with the rest.
         let mut families = registry.gather();
-        families.push(latency_family(cores));
+        let figures = || cores.iter().flatten();
+        families.push(histogram_family(
+            "flux_core_request_duration_seconds",
+            "Time from a batch's decode to its replies being queued, per request",
+            "op",
+            figures().flat_map(|f| {
+                OPS.iter()
+                    .zip(&f.requests.latency)
+                    .map(|(op, l)| (f.stats.core, *op, l))
+            }),
+        ));
+        if figures().any(|f| f.log_sync.is_some()) {
+            families.push(histogram_family(
+                "flux_core_log_sync_duration_seconds",
+                "How long each write-ahead log sync took (the O_DSYNC write with fsync = always, fdatasync otherwise)",
+                "",
+                figures().filter_map(|f| Some((f.stats.core, "", f.log_sync.as_ref()?))),
+            ));
+        }
         families.sort_by(|a, b| a.name().cmp(b.name()));
         let mut out = Vec::new();
         TextEncoder::new().encode(&families, &mut out)?;
@@ -562,10 +595,15 @@ fn per_core(registry: &Registry, cores: &[Option<CoreFigures>]) -> prometheus::R
     Ok(())
 }
 
-/// `flux_core_request_duration_seconds{core, op}`: a histogram per core and operation,
-/// from each core's fixed buckets (the `prometheus` crate's own histograms cannot be
-/// filled from counts, so the family is built from its data model and encoded with it).
-fn latency_family(cores: &[Option<CoreFigures>]) -> prometheus::proto::MetricFamily {
+/// A histogram family from the cores' fixed buckets: one series per (core, label value)
+/// that `series` yields. The `prometheus` crate's own histograms cannot be filled from
+/// counts, so the family is built from its data model and encoded with the rest.
+fn histogram_family<'a>(
+    name: &str,
+    help: &str,
+    label: &str,
+    series: impl Iterator<Item = (u32, &'a str, &'a (Vec<u64>, u64))>,
+) -> prometheus::proto::MetricFamily {
     use prometheus::proto::{Bucket, Histogram, LabelPair, Metric, MetricFamily, MetricType};
     let pair = |name: &str, value: &str| {
         let mut l = LabelPair::default();
@@ -574,30 +612,32 @@ fn latency_family(cores: &[Option<CoreFigures>]) -> prometheus::proto::MetricFam
         l
     };
     let mut family = MetricFamily::default();
-    family.set_name("flux_core_request_duration_seconds".to_string());
-    family.set_help("Time from a batch's decode to its replies being queued, per request".to_string());
+    family.set_name(name.to_string());
+    family.set_help(help.to_string());
     family.set_field_type(MetricType::HISTOGRAM);
     let mut metrics = Vec::new();
-    for f in cores.iter().flatten() {
-        for (op, (buckets, sum_us)) in OPS.iter().zip(&f.requests.latency) {
-            let mut h = Histogram::default();
-            let mut cumulative = 0;
-            let mut out = Vec::with_capacity(LATENCY_BUCKETS_US.len());
-            for (upper, n) in LATENCY_BUCKETS_US.iter().zip(buckets) {
-                cumulative += n;
-                let mut b = Bucket::default();
-                b.set_upper_bound(*upper as f64 / 1e6);
-                b.set_cumulative_count(cumulative);
-                out.push(b);
-            }
-            h.set_bucket(out);
-            h.set_sample_count(buckets.iter().sum());
-            h.set_sample_sum(*sum_us as f64 / 1e6);
-            let mut m = Metric::default();
-            m.set_label(vec![pair("core", &f.stats.core.to_string()), pair("op", op)]);
-            m.set_histogram(h);
-            metrics.push(m);
+    for (core, value, (buckets, sum_us)) in series {
+        let mut h = Histogram::default();
+        let mut cumulative = 0;
+        let mut out = Vec::with_capacity(LATENCY_BUCKETS_US.len());
+        for (upper, n) in LATENCY_BUCKETS_US.iter().zip(buckets) {
+            cumulative += n;
+            let mut b = Bucket::default();
+            b.set_upper_bound(*upper as f64 / 1e6);
+            b.set_cumulative_count(cumulative);
+            out.push(b);
         }
+        h.set_bucket(out);
+        h.set_sample_count(buckets.iter().sum());
+        h.set_sample_sum(*sum_us as f64 / 1e6);
+        let mut m = Metric::default();
+        let mut labels = vec![pair("core", &core.to_string())];
+        if !label.is_empty() {
+            labels.push(pair(label, value));
+        }
+        m.set_label(labels);
+        m.set_histogram(h);
+        metrics.push(m);
     }
     family.set_metric(metrics);
     family

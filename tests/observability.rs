@@ -492,3 +492,25 @@ fn latency_histograms_count_every_request() {
     let misses = sum("flux_core_reads_total{", "result=\"miss\"");
     assert!(misses >= 2_000.0, "{misses}");
 }
+
+// Goal: with fsync = always every acknowledged write went through a timed log sync, and the
+// histogram of those syncs is on /metrics for each core that wrote.
+#[test]
+fn log_sync_latency_is_a_histogram() {
+    let s = TestServer::start(&["--cores", "1", "--persistence-fsync", "always"]);
+    let mut c = s.connect();
+    for i in 0..50 {
+        assert!(c.set(format!("k{i}").as_bytes(), b"v"));
+    }
+    let (status, text) = common::http_get(s.metrics.unwrap(), "/metrics");
+    assert_eq!(status, 200);
+    let count: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("flux_core_log_sync_duration_seconds_count{core=\"0\"} "))
+        .unwrap_or_else(|| panic!("no sync histogram:\n{text}"))
+        .parse()
+        .unwrap();
+    // One client writing one key at a time: each write is its own round, its own sync.
+    assert!(count >= 50, "{count} syncs for 50 acknowledged writes");
+    assert!(text.contains("flux_core_log_sync_duration_seconds_bucket{core=\"0\",le=\"+Inf\"}"));
+}

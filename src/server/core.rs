@@ -227,6 +227,7 @@ impl Core {
         crate::metrics::CoreFigures {
             stats: self.stats(),
             requests: self.figures.snapshot(lazy, self.counters.expired_swept.get()),
+            log_sync: self.wal.as_ref().map(|w| w.sync_latency.snapshot()),
         }
     }
 

@@ -39,6 +39,9 @@ pub struct WalState {
     closing: Cell<bool>,
     /// Bytes written since start (Stats).
     pub bytes: Cell<u64>,
+    /// How long each sync took: the O_DSYNC write with fsync = always, the fdatasync
+    /// otherwise (metrics).
+    pub sync_latency: crate::metrics::LatencyCells,
     /// The last error while the log cannot be written (the core refuses writes meanwhile);
     /// cleared by the first write that succeeds again.
     error: RefCell<Option<String>>,
@@ -76,6 +79,7 @@ impl WalState {
             waiters: RefCell::new(Vec::new()),
             closing: Cell::new(false),
             bytes: Cell::new(0),
+            sync_latency: Default::default(),
             error: RefCell::new(None),
             retry_interval,
             dir,
@@ -380,7 +384,11 @@ async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>, first: Segme
         // at most the last round; the policy only decides when the device must persist it.
         if !data.is_empty() {
             let mut done = 0;
+            let started = Instant::now();
             retry!(state, "write", writer.append(&data, &mut done).await);
+            if dsync {
+                state.sync_latency.observe(started.elapsed().as_micros() as u64);
+            }
             written += data.len() as u64;
             state.bytes.set(state.bytes.get() + data.len() as u64);
             state.segment_bytes.set(state.segment_bytes.get() + data.len() as u64);
@@ -390,7 +398,9 @@ async fn write_loop(state: &WalState, recorder: &RefCell<Recorder>, first: Segme
         spare.clear();
         let sync_now = unsynced && sync_every.is_some_and(|every| last_sync.elapsed() >= every);
         if sync_now || (state.closing.get() && unsynced) {
+            let started = Instant::now();
             retry!(state, "sync", writer.sync().await);
+            state.sync_latency.observe(started.elapsed().as_micros() as u64);
             last_sync = Instant::now();
             unsynced = false;
         }
