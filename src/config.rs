@@ -623,6 +623,11 @@ impl Config {
 }
 
 impl Cdc {
+    /// The broker's TLS settings (used with an `amqps://` URL).
+    pub fn tls_files(&self) -> crate::tls::ClientFiles {
+        crate::tls::ClientFiles::new(&self.tls_ca_file, &self.tls_cert_file, &self.tls_key_file)
+    }
+
     /// The broker URL: from `amqp_url_file` when set (read now, so a rotated secret is
     /// picked up at the next connection), else `amqp_url`.
     pub fn url(&self) -> Result<String, String> {

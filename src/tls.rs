@@ -84,6 +84,14 @@ impl ClientFiles {
         }
     }
 
+    /// From optional command-line flags (absent = empty).
+    pub fn from_flags(ca: &Option<String>, cert: &Option<String>, key: &Option<String>) -> ClientFiles {
+        fn s(o: &Option<String>) -> &str {
+            o.as_deref().unwrap_or_default()
+        }
+        ClientFiles::new(s(ca), s(cert), s(key))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.ca_file.is_empty() && self.cert_file.is_empty()
     }

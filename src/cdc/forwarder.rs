@@ -879,8 +879,7 @@ impl Forwarder {
 
 /// Opens a connection and a confirm-mode channel, and declares the exchange.
 async fn open(config: &Cdc) -> Result<Link, String> {
-    let tls = crate::tls::ClientFiles::new(&config.tls_ca_file, &config.tls_cert_file, &config.tls_key_file);
-    let mut args = super::amqp_args(&config.url()?, &tls)?;
+    let mut args = super::amqp_args(&config.url()?, &config.tls_files())?;
     args.heartbeat(HEARTBEAT_S).connection_name("flux-kv-cdc");
     let connect = Connection::open(&args);
     let connection = tokio::time::timeout(Duration::from_secs(5), connect)

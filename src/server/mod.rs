@@ -172,8 +172,8 @@ impl Server {
         let access = AccessControl::new(&config).map_err(StartError::Invalid)?;
         if config.cdc.enabled {
             let c = &config.cdc;
-            let tls = crate::tls::ClientFiles::new(&c.tls_ca_file, &c.tls_cert_file, &c.tls_key_file);
-            crate::cdc::amqp_args(&c.url().map_err(StartError::Invalid)?, &tls).map_err(StartError::Invalid)?;
+            crate::cdc::amqp_args(&c.url().map_err(StartError::Invalid)?, &c.tls_files())
+                .map_err(StartError::Invalid)?;
         }
         if access::protected(&config) {
             tracing::warn!(

@@ -155,8 +155,7 @@ pub fn main() -> ExitCode {
 
 /// Returns Ok(true) when no gap (and, verifying, no conflict) was seen.
 async fn run(args: Args) -> Result<bool, String> {
-    let s = |o: &Option<String>| o.clone().unwrap_or_default();
-    let tls = crate::tls::ClientFiles::new(&s(&args.tls_ca), &s(&args.tls_cert), &s(&args.tls_key));
+    let tls = crate::tls::ClientFiles::from_flags(&args.tls_ca, &args.tls_cert, &args.tls_key);
     let mut conn_args = crate::cdc::amqp_args(&args.amqp_url, &tls)?;
     if let Some(file) = &args.token_file {
         let password = crate::config::read_secret("--token-file", file)?;

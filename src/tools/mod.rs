@@ -51,12 +51,11 @@ pub struct SecurityArgs {
 impl SecurityArgs {
     /// Applies the flags to a client configuration (reads the token and certificates now).
     pub fn apply(&self, config: &mut crate::client::ClientConfig) -> Result<(), String> {
-        let s = |o: &Option<String>| o.clone().unwrap_or_default();
-        let files = crate::tls::ClientFiles::new(&s(&self.tls_ca), &s(&self.tls_cert), &s(&self.tls_key));
+        use crate::tls::ClientFiles;
+        let files = ClientFiles::from_flags(&self.tls_ca, &self.tls_cert, &self.tls_key);
         config.security = crate::client::Security::from_files(self.token_file.as_deref(), self.tls, &files)?;
         config.security.server_name = self.tls_server_name.clone();
-        config.etcd_tls =
-            crate::tls::ClientFiles::new(&s(&self.etcd_tls_ca), &s(&self.etcd_tls_cert), &s(&self.etcd_tls_key));
+        config.etcd_tls = ClientFiles::from_flags(&self.etcd_tls_ca, &self.etcd_tls_cert, &self.etcd_tls_key);
         Ok(())
     }
 }
