@@ -21,6 +21,7 @@ use super::dispatch::{slice_point, SLICE_KEYS};
 use super::forward::Outboxes;
 use super::listener::CoreListeners;
 use super::uring::{Ring, RingKind};
+use super::wake::Starting;
 use crate::cdc::capture::CaptureQueue;
 use crate::cdc::{CdcCounters, CoreLink};
 use crate::change::now_ms;
@@ -413,6 +414,7 @@ fn not_durable(outcomes: Vec<Outcome>, wrote: &[bool]) -> Vec<Outcome> {
 /// until shutdown, then drain connections and leave the mesh.
 pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>, mut report: StartReport) -> Result<(), String> {
     tracing::debug!(mesh = mesh.is_some(), "core executor running");
+    report.enter();
     let (senders, mut receivers) = match mesh {
         // A core that failed to start never joins: start-up then stops the rest this way.
         Some(m) => match select(std::pin::pin!(join_mesh(m)), boot.shutdown.clone()).await {
@@ -484,18 +486,31 @@ pub struct StartReport {
     armed: bool,
     /// Known once the core joined the mesh.
     index: Option<u32>,
+    /// Where this executor thread is listed while it starts, so start-up can wake it.
+    starting: Arc<Starting>,
+    thread: Option<libc::pid_t>,
 }
 
 impl StartReport {
-    pub fn new(ready: mpsc::Sender<Result<(u32, RingKind), String>>) -> StartReport {
+    pub fn new(ready: mpsc::Sender<Result<(u32, RingKind), String>>, starting: Arc<Starting>) -> StartReport {
         StartReport {
             ready: Some(ready),
             armed: false,
             index: None,
+            starting,
+            thread: None,
         }
     }
 
+    /// Lists the calling executor thread as starting.
+    fn enter(&mut self) {
+        self.thread = Some(self.starting.enter());
+    }
+
     fn send(&mut self, r: Result<(u32, RingKind), String>) {
+        if let Some(tid) = self.thread.take() {
+            self.starting.leave(tid);
+        }
         if let Some(tx) = self.ready.take() {
             let _ = tx.send(r);
         }
@@ -508,6 +523,8 @@ impl Clone for StartReport {
             ready: self.ready.clone(),
             armed: true,
             index: None,
+            starting: self.starting.clone(),
+            thread: None,
         }
     }
 }
@@ -546,7 +563,8 @@ async fn join_mesh(
 /// else to do yet, glommio can miss the wake-up a step waits for: the mesh join (the
 /// notice that every core has registered) and a core's first log open were both seen
 /// waiting for ever, in up to one start in ten under load. A pending timer gives the
-/// executor another chance to notice.
+/// executor another chance to notice; when even the timer is missed, start-up's wake
+/// signal ends the sleep (see [`super::wake`]).
 async fn nudged<F: std::future::Future>(what: &str, fut: F) -> F::Output {
     let mut fut = std::pin::pin!(fut);
     let started = std::time::Instant::now();

@@ -23,12 +23,13 @@ mod forward;
 mod listener;
 pub mod lock;
 mod uring;
+mod wake;
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::channel::oneshot;
 use futures::FutureExt;
@@ -360,7 +361,8 @@ impl Server {
         } else {
             Vec::new()
         }));
-        let report = core::StartReport::new(ready_tx);
+        let starting = Arc::new(wake::Starting::default());
+        let report = core::StartReport::new(ready_tx, starting.clone());
         let handles = LocalExecutorPoolBuilder::new(placement)
             .name("flux-core")
             .io_memory(io_memory)
@@ -422,9 +424,17 @@ impl Server {
         })?;
 
         let mut ring = RingKind::DeferTaskrun;
-        for _ in 0..cores {
-            match ready_rx.recv_timeout(START_TIMEOUT) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut reported = 0;
+        let mut woken = 0;
+        while reported < cores {
+            match ready_rx.recv_timeout(wake::WAKE_INTERVAL) {
+                Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
+                    woken += starting.wake();
+                    continue;
+                }
                 Ok(Ok((_, kind))) => {
+                    reported += 1;
                     if kind == RingKind::Plain {
                         ring = kind;
                     }
@@ -445,6 +455,9 @@ impl Server {
                 }
                 Err(_) => return Err(StartError::Core("cores did not report ready in time".into())),
             }
+        }
+        if woken > 0 {
+            tracing::debug!(signals = woken, "start-up woke cores still starting");
         }
         // Every core accepts connections: the node may now be announced in etcd.
         let _ = serving_tx.send(true);
