@@ -327,6 +327,11 @@ impl Node {
             "Write-to-confirm delay, 99th percentile",
             seconds(cdc.confirm_delay_p99_ms),
         )?;
+        gauge(
+            "flux_cdc_oldest_unconfirmed_age_seconds",
+            "Age of the oldest change the broker has not confirmed (0: none)",
+            seconds(cdc.oldest_unconfirmed_age_ms),
+        )?;
         let since = self.cdc.disconnected_since_ms.load(r);
         gauge(
             "flux_cdc_disconnected_seconds",

@@ -211,6 +211,12 @@ fn broker_outage_loses_nothing() {
         cdc.retained_bytes > 0,
         "the log should hold the unconfirmed changes: {cdc:?}"
     );
+    // Every "during" change was applied at most `during` after the cut, 3 s ago.
+    let waited_at_least = Duration::from_secs(3).saturating_sub(during).as_millis() as u64;
+    assert!(
+        cdc.oldest_unconfirmed_age_ms >= waited_at_least && cdc.oldest_unconfirmed_age_ms < 60_000,
+        "the oldest unconfirmed change waits since the cut: {cdc:?}, at least {waited_at_least} ms"
+    );
     proxy.restore();
     write_keys(&mut c, "after", 0..10_000);
 
@@ -239,6 +245,15 @@ fn broker_outage_loses_nothing() {
             .retained_bytes
             == 0),
         "nothing unconfirmed may stay in the log once everything is confirmed"
+    );
+    assert!(
+        common::eventually(Duration::from_secs(5), || server
+            .stats_response()
+            .cdc
+            .unwrap()
+            .oldest_unconfirmed_age_ms
+            == 0),
+        "with everything confirmed, no change waits"
     );
 }
 

@@ -76,12 +76,19 @@ struct Origin {
     old: bool,
     /// Offset in this run's log of the first record of this run it holds.
     log_start: Option<u64>,
+    /// When its first event was applied (Unix ms); for one read back from a log, which
+    /// keeps no apply time, when it was taken.
+    first_ms: u64,
 }
 
 impl Origin {
     fn add(&mut self, e: &Event, old: bool) {
         if self.first_seq == 0 {
             self.first_seq = e.fields.seq;
+            self.first_ms = match e.timestamp_ms {
+                0 => now_ms(),
+                t => t,
+            };
         }
         self.old |= old;
         if e.log_end != 0 && self.log_start.is_none() {
@@ -203,6 +210,11 @@ pub struct Forwarder {
     taken_seq: Vec<u64>,
     /// Per core: offset in this run's log just past the last event taken from that core.
     taken_end: Vec<u64>,
+    /// Per core: since when (Unix ms) it has had changes the forwarder could not take yet
+    /// (its queue not empty, or its log read short of the tail); 0 while caught up.
+    waiting_since_ms: Vec<u64>,
+    /// When the forwarder started: the changes of earlier runs' logs are older than this.
+    started_ms: u64,
     /// Per shard: the batch filling up, if any.
     building: Vec<Option<Building>>,
     /// Buffers of confirmed batches, reused for new ones (at most `SPARE_MAX`).
@@ -264,6 +276,8 @@ impl Forwarder {
             spool,
             taken_seq,
             taken_end: vec![0; cores],
+            waiting_since_ms: vec![0; cores],
+            started_ms: now_ms(),
             building: (0..keyspace.shards()).map(|_| None).collect(),
             spare: Vec::new(),
             outbox: VecDeque::new(),
@@ -449,6 +463,19 @@ impl Forwarder {
         }
         let empty = queue.is_empty();
         self.queues[core] = Some(queue);
+        self.drain_log_tail(core, empty, taken);
+        let target = self.spool.as_ref().map_or(0, |s| s.tail_target[core]);
+        let waiting = !empty || self.taken_end[core] < target;
+        let since = &mut self.waiting_since_ms[core];
+        *since = match (waiting, *since) {
+            (false, _) => 0,
+            (true, 0) => now_ms(),
+            (true, t) => t,
+        };
+    }
+
+    /// Reads what core `core`'s queue skipped from its log, once the queue is `empty`.
+    fn drain_log_tail(&mut self, core: usize, empty: bool, mut taken: usize) {
         let Some(spool) = self.spool.as_mut() else { return };
         if empty && self.links[core].overflowed.swap(false, Ordering::Acquire) {
             let synced = self.links[core].synced_end.load(Ordering::Acquire);
@@ -589,11 +616,37 @@ impl Forwarder {
         });
     }
 
+    /// Publishes when the oldest change not yet confirmed was applied: the first event of
+    /// every batch not confirmed yet, the cores with changes still to take, and the logs of
+    /// earlier runs while any is left to read.
+    fn measure_oldest(&self) {
+        let batches = self
+            .building
+            .iter()
+            .flatten()
+            .map(|b| b.origin.first_ms)
+            .chain(self.outbox.iter().map(|r| r.origin.first_ms))
+            .chain(self.unconfirmed.values().map(|r| r.origin.first_ms));
+        let old_logs = self
+            .spool
+            .as_ref()
+            .filter(|s| !s.old.is_done())
+            .map(|_| self.started_ms);
+        let oldest = batches
+            .chain(self.waiting_since_ms.iter().copied())
+            .chain(old_logs)
+            .filter(|&t| t != 0)
+            .min()
+            .unwrap_or(0);
+        self.counters.oldest_unconfirmed_ms.store(oldest, Ordering::Relaxed);
+    }
+
     /// Measures what the log holds for unconfirmed changes, applies `cdc.overflow` at the
     /// bound, and writes the checkpoint when it moved (always when `force`), then lets
     /// compaction release what the checkpoint covers.
     fn bookkeeping(&mut self, force: bool) {
         self.retention_at = Instant::now();
+        self.measure_oldest();
         let Some(spool) = self.spool.as_ref() else { return };
         let cores = self.links.len();
         let mut confirmed = self.taken_seq.clone();

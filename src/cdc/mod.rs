@@ -132,6 +132,8 @@ pub struct CdcCounters {
     pub disconnected_since_ms: AtomicU64,
     /// When the checkpoint was last written (Unix ms; 0: never).
     pub checkpoint_at_ms: AtomicU64,
+    /// When the oldest change not yet confirmed was applied (Unix ms; 0: none pending).
+    pub oldest_unconfirmed_ms: AtomicU64,
     /// Logs of earlier runs hold no unconfirmed change any more (or CDC keeps none): they
     /// may be deleted once snapshots cover them.
     pub old_logs_released: AtomicBool,
@@ -157,6 +159,10 @@ impl CdcCounters {
             checkpoint_age_ms: match self.checkpoint_at_ms.load(r) {
                 0 => -1,
                 t => crate::change::now_ms().saturating_sub(t) as i64,
+            },
+            oldest_unconfirmed_age_ms: match self.oldest_unconfirmed_ms.load(r) {
+                0 => 0,
+                t => crate::change::now_ms().saturating_sub(t),
             },
         }
     }

@@ -469,7 +469,7 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
             match stats.cdc {
                 Some(c) if c.enabled => writeln!(
                     out,
-                    "cdc: connected {}, events published {}, batches {}, confirms pending {}, reconnects {}, republished {}, write-to-confirm p50 {} ms p99 {} ms, queued {}, retained log bytes {}, read from log {}, writers held {}, checkpoint age {} ms, dropped {}",
+                    "cdc: connected {}, events published {}, batches {}, confirms pending {}, reconnects {}, republished {}, write-to-confirm p50 {} ms p99 {} ms, oldest unconfirmed {} ms, queued {}, retained log bytes {}, read from log {}, writers held {}, checkpoint age {} ms, dropped {}",
                     c.connected,
                     c.events_published,
                     c.batches_published,
@@ -478,6 +478,7 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
                     c.republished_batches,
                     c.confirm_delay_p50_ms,
                     c.confirm_delay_p99_ms,
+                    c.oldest_unconfirmed_age_ms,
                     stats.cores.iter().map(|c| c.cdc_queue_events).sum::<u64>(),
                     c.retained_bytes,
                     c.events_from_log,
