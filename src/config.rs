@@ -439,6 +439,10 @@ pub struct Invocation {
     pub print_config: bool,
     /// Cut damaged logs at the first bad record instead of refusing to start.
     pub repair: bool,
+    /// Check the backup in this directory and exit.
+    pub verify_data: Option<std::path::PathBuf>,
+    /// Seed the (empty) data directory from the backup in this directory, then start.
+    pub restore_from: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -492,6 +496,8 @@ impl Config {
             config,
             print_config: matches.get_flag("print-config"),
             repair: matches.get_flag("repair"),
+            verify_data: matches.get_one::<String>("verify-data").map(Into::into),
+            restore_from: matches.get_one::<String>("restore-from").map(Into::into),
         })
     }
 
@@ -737,6 +743,19 @@ fn command(keys: &[(String, Value)]) -> Command {
                 .long("repair")
                 .action(ArgAction::SetTrue)
                 .help("cut a damaged write-ahead log at its first bad record instead of refusing to start"),
+        )
+        .arg(
+            Arg::new("verify-data")
+                .long("verify-data")
+                .value_name("DIR")
+                .conflicts_with("restore-from")
+                .help("check the backup in DIR (checksums, records, seq continuity), name the first problem, and exit"),
+        )
+        .arg(
+            Arg::new("restore-from")
+                .long("restore-from")
+                .value_name("DIR")
+                .help("seed the empty data_dir from the backup in DIR (checked first), then start; any core count works"),
         )
         .arg(
             Arg::new("print-config")

@@ -31,6 +31,7 @@
 //!   checkpoint; the write-ahead log is its spool.
 //! - [`cluster`]: etcd registration (node side) and rendezvous routing (client side).
 //! - [`wal`]: the per-core write-ahead log and recovery.
+//! - [`backup`]: backups as files: the manifest, the offline checker, restore.
 //! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and
 //!   io_uring stay behind this module.
 //! - `fuzz` (hidden): one entry point per parser of untrusted bytes, for `fuzz/` and the
@@ -39,6 +40,7 @@
 //!   (the tools themselves live in `tools`).
 
 pub mod auth;
+pub mod backup;
 pub mod cdc;
 pub mod change;
 pub mod client;

@@ -437,6 +437,40 @@ impl Client {
         }
     }
 
+    /// Starts a backup: every core snapshots, then stages its part on the node (see BACKUP
+    /// in proto/flux.proto); returns the staged files. Pair with [`Client::backup_end`].
+    pub async fn backup(&self) -> Result<proto::BackupResponse, Error> {
+        match self.call_on(None, Op::Backup(proto::BackupRequest {})).await? {
+            R::Backup(b) => Ok(b),
+            other => Err(unexpected("Backup", &other)),
+        }
+    }
+
+    /// Reads `length` bytes at `offset` of a staged backup file.
+    pub async fn backup_read(&self, backup_id: &str, name: &str, offset: u64, length: u32) -> Result<Bytes, Error> {
+        let op = Op::BackupRead(proto::BackupReadRequest {
+            backup_id: backup_id.into(),
+            name: name.into(),
+            offset,
+            length,
+        });
+        match self.call_on(None, op).await? {
+            R::BackupRead(r) => Ok(r.data),
+            other => Err(unexpected("BackupRead", &other)),
+        }
+    }
+
+    /// Removes a staged backup from the node.
+    pub async fn backup_end(&self, backup_id: &str) -> Result<(), Error> {
+        let op = Op::BackupEnd(proto::BackupEndRequest {
+            backup_id: backup_id.into(),
+        });
+        match self.call_on(None, op).await? {
+            R::BackupEnd(_) => Ok(()),
+            other => Err(unexpected("BackupEnd", &other)),
+        }
+    }
+
     /// The core a key's requests go to directly, or `None` for the shared port.
     fn route_core(&self, key: &[u8]) -> Option<u32> {
         (!self.cores.is_empty()).then(|| self.keyspace.core_of(key))

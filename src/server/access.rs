@@ -164,7 +164,7 @@ fn needed_role(op: &Op) -> Option<Role> {
         Op::Ping(_) | Op::Hello(_) | Op::Auth(_) => None,
         Op::Get(_) | Op::Exists(_) | Op::Ttl(_) | Op::Mget(_) => Some(Role::Read),
         Op::Set(_) | Op::Del(_) | Op::Expire(_) | Op::Mset(_) => Some(Role::Write),
-        Op::Stats(_) | Op::Snapshot(_) => Some(Role::Admin),
+        Op::Stats(_) | Op::Snapshot(_) | Op::Backup(_) | Op::BackupRead(_) | Op::BackupEnd(_) => Some(Role::Admin),
     }
 }
 
@@ -179,7 +179,14 @@ fn keys(op: &Op) -> Box<dyn Iterator<Item = &Bytes> + '_> {
         Op::Ttl(r) => Box::new(std::iter::once(&r.key)),
         Op::Mget(r) => Box::new(r.keys.iter()),
         Op::Mset(r) => Box::new(r.entries.iter().map(|e| &e.key)),
-        Op::Ping(_) | Op::Stats(_) | Op::Hello(_) | Op::Snapshot(_) | Op::Auth(_) => Box::new(std::iter::empty()),
+        Op::Ping(_)
+        | Op::Stats(_)
+        | Op::Hello(_)
+        | Op::Snapshot(_)
+        | Op::Auth(_)
+        | Op::Backup(_)
+        | Op::BackupRead(_)
+        | Op::BackupEnd(_) => Box::new(std::iter::empty()),
     }
 }
 

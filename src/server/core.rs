@@ -63,6 +63,17 @@ pub enum MeshRequest {
     Snapshot {
         reply: oneshot::Sender<Result<Report, String>>,
     },
+    /// Snapshot every shard of the receiving core, then stage its part of a backup.
+    Backup {
+        part: snapshot::BackupPart,
+    },
+    /// Hold writes for a backup's cut until the Unix ms given (or `Release`); the reply is
+    /// where the core's log ends once nothing applies any more.
+    HoldWrites {
+        until_ms: u64,
+        reply: oneshot::Sender<u64>,
+    },
+    ReleaseWrites,
     /// Answered at once: core 0 asks every core, and the node counts as alive (systemd's
     /// watchdog) only while all of them answer.
     Heartbeat {
@@ -75,7 +86,12 @@ impl MeshRequest {
     fn writes(&self) -> bool {
         match self {
             MeshRequest::Commands { ops, .. } => ops.iter().any(|(_, c)| c.writes()),
-            MeshRequest::Stats { .. } | MeshRequest::Snapshot { .. } | MeshRequest::Heartbeat { .. } => false,
+            MeshRequest::Stats { .. }
+            | MeshRequest::Snapshot { .. }
+            | MeshRequest::Backup { .. }
+            | MeshRequest::HoldWrites { .. }
+            | MeshRequest::ReleaseWrites
+            | MeshRequest::Heartbeat { .. } => false,
         }
     }
 }
@@ -182,6 +198,21 @@ pub struct Core {
     pub protected_log: RefCell<Throttle>,
     /// Requests by kind, latency, errors by code, hits and misses (for metrics).
     pub figures: crate::metrics::RequestFigures,
+    /// While a backup takes its cut, writes are held until this Unix ms (0: not held). A
+    /// deadline rather than a flag, so a coordinator that vanishes cannot hold them for ever.
+    writes_held_until_ms: Cell<u64>,
+    /// Batches between their writes check and the end of their local applies: a backup's
+    /// cut waits for them (see [`Core::hold_writes`]).
+    applying: Cell<u32>,
+}
+
+/// Counts a batch as applying on its core until dropped.
+pub struct Applying<'a>(&'a Core);
+
+impl Drop for Applying<'_> {
+    fn drop(&mut self) {
+        self.0.applying.set(self.0.applying.get() - 1);
+    }
 }
 
 impl Core {
@@ -252,9 +283,44 @@ impl Core {
         }
     }
 
-    /// True when change capture lets writes go ahead now.
+    /// Hands this core's part of a backup to its snapshot task (dropped with persistence
+    /// off: the coordinator then sees the part fail).
+    pub fn stage_backup(&self, part: snapshot::BackupPart) {
+        if let Some(s) = &self.snapshots {
+            s.request_backup(part);
+        }
+    }
+
+    /// True when writes may go ahead now: change capture has room, and no backup holds
+    /// them for its cut.
     pub fn writes_ready(&self) -> bool {
-        self.recorder.borrow_mut().writes_ready()
+        let held = match self.writes_held_until_ms.get() {
+            0 => false,
+            until => now_ms() < until,
+        };
+        !held && self.recorder.borrow_mut().writes_ready()
+    }
+
+    /// Marks a batch that passed the writes check as applying (see [`Core::hold_writes`]).
+    pub fn applying(&self) -> Applying<'_> {
+        self.applying.set(self.applying.get() + 1);
+        Applying(self)
+    }
+
+    /// Holds new writes on this core until `until_ms` (or [`Core::release_writes`]), waits
+    /// for the batches already applying, and returns where this core's log ends: no change
+    /// after that point is applied until the hold ends. Every core held at once gives a
+    /// cut that no acknowledged write can cross.
+    pub async fn hold_writes(&self, until_ms: u64) -> u64 {
+        self.writes_held_until_ms.set(until_ms);
+        while self.applying.get() > 0 {
+            glommio::executor().yield_task_queue_now().await;
+        }
+        self.recorder.borrow().log.as_ref().map_or(0, |l| l.end)
+    }
+
+    pub fn release_writes(&self) {
+        self.writes_held_until_ms.set(0);
     }
 
     /// Waits until change capture can take this core's next writes (`cdc.overflow = block`
@@ -391,6 +457,15 @@ impl Core {
                 })
                 .detach();
             }
+            MeshRequest::Backup { part } => self.stage_backup(part),
+            MeshRequest::HoldWrites { until_ms, reply } => {
+                let core = self.clone();
+                spawn_local(async move {
+                    let _ = reply.send(core.hold_writes(until_ms).await);
+                })
+                .detach();
+            }
+            MeshRequest::ReleaseWrites => self.release_writes(),
         }
     }
 }
@@ -617,6 +692,8 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
             capture,
         }),
         held: RefCell::new(VecDeque::new()),
+        writes_held_until_ms: Cell::new(0),
+        applying: Cell::new(0),
         wal: boot.wal_dir.as_ref().map(|dir| {
             let name = format!("{}-core{index}", run_name(boot.started_ms));
             let retry = Duration::from_millis(boot.config.persistence.log_retry_interval_ms);

@@ -16,6 +16,7 @@ use futures::channel::oneshot;
 use prost::Message;
 
 use super::access::Session;
+use super::backup;
 use super::core::{Core, Counters, MeshRequest};
 use super::forward;
 use crate::change::now_ms;
@@ -31,6 +32,7 @@ enum Plan {
     Keys { id: u64, kind: Kind, ops: Range<usize> },
     Stats { id: u64 },
     Snapshot { id: u64 },
+    Backup { id: u64, op: backup::Op },
 }
 
 #[derive(Clone, Copy)]
@@ -84,10 +86,14 @@ pub async fn execute(core: &Rc<Core>, session: &mut Session, frames: impl Iterat
         .iter()
         .map(|r| r.as_ref().map_or(OP_INVALID, |r| op_kind(r.op.as_ref())) as u8)
         .collect();
-    // Change capture may hold writers back; reads, Stats and the rest never wait for it.
-    if !core.writes_ready() && requests.iter().any(|r| r.as_ref().is_ok_and(writes)) {
+    // Change capture (or a backup's cut) may hold writers back; reads, Stats and the rest
+    // never wait for it. From here to the end of planning, where local writes are applied,
+    // the batch counts as applying: a backup's cut waits for it.
+    let has_writes = requests.iter().any(|r| r.as_ref().is_ok_and(writes));
+    if has_writes && !core.writes_ready() {
         core.cdc_room().await;
     }
+    let applying = has_writes.then(|| core.applying());
     let cores = core.keyspace.cores() as usize;
     let mut batch = Batch {
         core,
@@ -107,6 +113,7 @@ pub async fn execute(core: &Rc<Core>, session: &mut Session, frames: impl Iterat
         batch.plans.push(plan);
         glommio::yield_if_needed().await;
     }
+    drop(applying);
     let local_writes = std::mem::take(&mut batch.local_writes);
     let mut responses = batch.finish().await;
     // Acknowledge only what the log holds (waits only with fsync = always; every
@@ -157,6 +164,7 @@ fn op_kind(op: Option<&Op>) -> usize {
         Some(Op::Hello(_)) => 10,
         Some(Op::Snapshot(_)) => 11,
         Some(Op::Auth(_)) => 12,
+        Some(Op::Backup(_) | Op::BackupRead(_) | Op::BackupEnd(_)) => 13,
         None => OP_INVALID,
     }
 }
@@ -328,6 +336,24 @@ impl Batch<'_> {
                 }
                 return Plan::Snapshot { id };
             }
+            Op::Backup(_) => {
+                return Plan::Backup {
+                    id,
+                    op: backup::Op::Begin,
+                }
+            }
+            Op::BackupRead(r) => {
+                return Plan::Backup {
+                    id,
+                    op: backup::Op::Read(r),
+                }
+            }
+            Op::BackupEnd(r) => {
+                return Plan::Backup {
+                    id,
+                    op: backup::Op::End(r),
+                }
+            }
         };
         Plan::Keys {
             id,
@@ -385,7 +411,21 @@ impl Batch<'_> {
                 "user and token",
                 "the Auth limit",
             ),
-            Op::Ping(_) | Op::Hello(_) | Op::Stats(_) | Op::Snapshot(_) => Ok(()),
+            Op::BackupRead(r) => within(
+                r.backup_id.len() + r.name.len(),
+                AUTH_BYTES_MAX,
+                ErrorCode::InvalidRequest,
+                "backup id and file name",
+                "the BackupRead limit",
+            ),
+            Op::BackupEnd(r) => within(
+                r.backup_id.len(),
+                AUTH_BYTES_MAX,
+                ErrorCode::InvalidRequest,
+                "backup id",
+                "the BackupEnd limit",
+            ),
+            Op::Ping(_) | Op::Hello(_) | Op::Stats(_) | Op::Snapshot(_) | Op::Backup(_) => Ok(()),
         }
     }
 
@@ -491,6 +531,10 @@ impl Batch<'_> {
                     Err(e) => error(id, ErrorCode::Internal, e),
                 },
                 Plan::Ready(r) => r,
+                Plan::Backup { id, op } => match backup::handle(self.core, senders.as_deref(), op).await {
+                    Ok(r) => ok(id, r),
+                    Err((code, e)) => error(id, code, e),
+                },
                 Plan::Stats { id } => {
                     let cores = stats.clone().unwrap_or_default();
                     let persistence = proto::PersistenceStats {

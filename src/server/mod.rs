@@ -15,6 +15,7 @@
 //! is used.
 
 mod access;
+mod backup;
 mod connection;
 mod control;
 mod core;
@@ -37,6 +38,7 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement};
 
 pub use self::access::AccessControl;
+pub use self::backup::READ_BYTES_MAX as BACKUP_READ_BYTES_MAX;
 pub use self::uring::RingKind;
 use crate::cdc::forwarder::{Forwarder, LogSpool};
 use crate::cdc::{capture, checkpoint, CdcCounters, CoreLink};
@@ -235,6 +237,9 @@ impl Server {
                 std::fs::create_dir_all(dir)
                     .map_err(|e| StartError::Invalid(format!("cannot create {}: {e}", dir.display())))?;
             }
+            // A backup staged by an earlier run was never ended: its client is gone.
+            backup::remove_all(&config.data_dir)
+                .map_err(|e| StartError::Invalid(format!("cannot remove the staged backups of an earlier run: {e}")))?;
             let record_max = config.limits.frame_bytes_max + 64;
             let r = crate::wal::recovery::recover(&wal_dir, &snap_dir, &keyspace, &mut stores, repair, record_max)
                 .map_err(StartError::Invalid)?;

@@ -174,6 +174,31 @@ pub struct Report {
     pub log_bytes_released: u64,
 }
 
+/// A file of a backup as one core staged it: its path relative to the backup directory
+/// and the bytes of it that belong to the backup.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Staged {
+    pub name: String,
+    pub bytes: u64,
+}
+
+/// One core's part of a backup (see `server/backup.rs`). After a round its snapshots are
+/// staged and reported; then, once every core holds its writes, the coordinator sends
+/// where this core's log is cut, and the log up to there is staged and reported.
+pub struct BackupPart {
+    pub dir: PathBuf,
+    pub snapshots: oneshot::Sender<Result<Vec<Staged>, String>>,
+    /// Offset in this run's log to cut at; dropped when the backup is abandoned.
+    pub cut: oneshot::Receiver<u64>,
+    pub log: oneshot::Sender<Result<Vec<Staged>, String>>,
+}
+
+/// Who waits for the next round: a Snapshot request, or a backup's part.
+enum Waiting {
+    Round(oneshot::Sender<Result<Report, String>>),
+    Backup(BackupPart),
+}
+
 /// What change capture still needs from the log (absent: capture is off).
 pub struct CaptureHold {
     pub link: Arc<CoreLink>,
@@ -189,7 +214,7 @@ pub struct Snapshots {
     /// Segments a snapshot covers that still hold changes the broker has not confirmed.
     covered: RefCell<Vec<Closed>>,
     first_done: Cell<bool>,
-    requests: RefCell<Vec<oneshot::Sender<Result<Report, String>>>>,
+    requests: RefCell<Vec<Waiting>>,
     waker: RefCell<Option<Waker>>,
     /// Unix ms of the oldest shard snapshot this core relies on (0: none).
     pub taken_at_ms: Cell<u64>,
@@ -237,11 +262,22 @@ impl Snapshots {
     /// Asks for a round now; the reply comes when a round that started after the call ends.
     pub fn request(&self) -> oneshot::Receiver<Result<Report, String>> {
         let (tx, rx) = oneshot::channel();
-        self.requests.borrow_mut().push(tx);
+        self.ask(Waiting::Round(tx));
+        rx
+    }
+
+    /// Asks for a round now, after which the core's part of a backup is staged (see
+    /// [`BackupPart`]). No other round runs on this core until the part is done, so the
+    /// log segment the round began is still the one being written at the cut.
+    pub fn request_backup(&self, part: BackupPart) {
+        self.ask(Waiting::Backup(part));
+    }
+
+    fn ask(&self, w: Waiting) {
+        self.requests.borrow_mut().push(w);
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
-        rx
     }
 
     /// Milliseconds since the oldest snapshot this core relies on; -1 when there is none.
@@ -338,8 +374,13 @@ pub async fn run(
             ),
             Err(e) => tracing::error!(core = store.borrow().core(), error = %e, "snapshot failed; the log is kept"),
         }
-        for tx in waiting {
-            let _ = tx.send(result.clone());
+        for w in waiting {
+            match w {
+                Waiting::Round(tx) => {
+                    let _ = tx.send(result.clone());
+                }
+                Waiting::Backup(part) => backup_part(&snaps.dir, &wal, store, result.clone(), part).await,
+            }
         }
         if result.is_err() {
             // Do not retry in a tight loop on a persistent error (disk full).
@@ -406,6 +447,102 @@ async fn round(
     snaps.rounds.set(snaps.rounds.get() + 1);
     report.millis = started.elapsed().as_millis() as u64;
     Ok(report)
+}
+
+/// How long a backup's part waits for the log writer to reach the cut.
+const CUT_WRITE_WAIT: Duration = Duration::from_secs(30);
+
+/// Stages this core's part of a backup after `round`: its snapshots, then its log up to
+/// the cut the coordinator sends.
+async fn backup_part(
+    snap_dir: &Path,
+    wal: &WalState,
+    store: &RefCell<CoreStore>,
+    round: Result<Report, String>,
+    part: BackupPart,
+) {
+    let dir = &part.dir;
+    let failed = |e: std::io::Error| format!("cannot stage the backup in {}: {e}", dir.display());
+    let snapshots = round.and_then(|_| {
+        let s = store.borrow();
+        stage_snapshots(snap_dir, s.keyspace(), s.core(), dir).map_err(failed)
+    });
+    let staged = snapshots.is_ok();
+    let _ = part.snapshots.send(snapshots);
+    if !staged {
+        return;
+    }
+    // Dropped: another core failed, or the client went away.
+    let Ok(cut) = part.cut.await else { return };
+    let started = Instant::now();
+    while wal.bytes.get() < cut {
+        if wal.failed() || started.elapsed() > CUT_WRITE_WAIT {
+            let _ = part.log.send(Err(format!(
+                "the write-ahead log did not reach the backup's cut: {}",
+                wal.error().unwrap_or_else(|| "too slow".into())
+            )));
+            return;
+        }
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let _ = part.log.send(stage_log(wal, cut, dir).map_err(failed));
+}
+
+/// Stages hard links to core `core`'s shards' snapshots in `dir/snapshots`, right after a
+/// round (a later round renames a new file over the name, never writes into the linked
+/// one, and a link keeps the file when compaction deletes the name).
+fn stage_snapshots(
+    snap_dir: &Path,
+    keyspace: &crate::keyspace::Keyspace,
+    core: u32,
+    dir: &Path,
+) -> std::io::Result<Vec<Staged>> {
+    let snap_out = dir.join("snapshots");
+    std::fs::create_dir_all(&snap_out)?;
+    let mut staged = Vec::new();
+    for shard in keyspace.shards_of_core(core) {
+        let name = file_name(shard);
+        let to = snap_out.join(&name);
+        match std::fs::hard_link(snap_dir.join(&name), &to) {
+            Ok(()) => {}
+            // A shard never written to has no snapshot, and nothing in the log.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        }
+        staged.push(Staged {
+            name: format!("snapshots/{name}"),
+            bytes: std::fs::metadata(&to)?.len(),
+        });
+    }
+    Ok(staged)
+}
+
+/// Stages a hard link to the active log segment in `dir/wal`, with its bytes up to `cut`
+/// (an offset in this run's log the writer has reached). The segment began with the round
+/// before, so with the snapshots it holds every change up to the cut; the writer only
+/// adds bytes past what it wrote (it rewrites its last block with the same leading bytes).
+fn stage_log(wal: &WalState, cut: u64, dir: &Path) -> std::io::Result<Vec<Staged>> {
+    let (segment, written) = wal.active_segment();
+    let start = wal.bytes.get() - written;
+    if cut < start {
+        return Err(std::io::Error::other(format!(
+            "the cut at {cut} lies before the active segment, which starts at {start}"
+        )));
+    }
+    if cut == start {
+        return Ok(Vec::new());
+    }
+    let wal_out = dir.join("wal");
+    std::fs::create_dir_all(&wal_out)?;
+    let name = segment
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| std::io::Error::other(format!("log segment {} has no file name", segment.display())))?;
+    std::fs::hard_link(&segment, wal_out.join(name))?;
+    Ok(vec![Staged {
+        name: format!("wal/{name}"),
+        bytes: cut - start,
+    }])
 }
 
 /// Writes one shard's snapshot next to the old one, then renames it into place. A failed

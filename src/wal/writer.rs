@@ -140,6 +140,13 @@ impl WalState {
         }
     }
 
+    /// The segment being written and the bytes written to it so far (the bytes of the
+    /// run's log written before it are in earlier segments).
+    pub fn active_segment(&self) -> (PathBuf, u64) {
+        let bytes = self.segment_bytes.get();
+        (self.segment_path(self.bytes.get() - bytes), bytes)
+    }
+
     /// Bytes in this core's log files of this run (what a snapshot would let go).
     pub fn log_bytes(&self) -> u64 {
         self.segment_bytes.get() + self.closed.borrow().iter().map(|c| c.bytes).sum::<u64>()
