@@ -45,12 +45,13 @@ wait_port() {  # wait_port PORT
   log "nothing listens on port $1"; return 1
 }
 
-# start_flux NAME ARGS...: starts flux-server, sets FLUX_PID and FLUX_PORT.
+# start_flux NAME ARGS...: starts flux-server, sets FLUX_PID and FLUX_PORT. The metrics
+# endpoint listens on METRICS_LISTEN (default: a free port; empty: off).
 start_flux() {
   local name=$1; shift
   FLUX_PORT=$(free_port)
   rm -rf "$WORK/$name"
-  "$BIN/flux-server" --listen "127.0.0.1:$FLUX_PORT" --metrics-listen 127.0.0.1:0 --data-dir "$WORK/$name" --log-level warn "$@" \
+  "$BIN/flux-server" --listen "127.0.0.1:$FLUX_PORT" --metrics-listen "${METRICS_LISTEN-127.0.0.1:0}" --data-dir "$WORK/$name" --log-level warn "$@" \
     2>"$WORK/$name.log" &
   FLUX_PID=$!
   PIDS+=("$FLUX_PID")

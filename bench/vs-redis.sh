@@ -13,6 +13,11 @@
 # SERVER_CPU; flux-server with one shard core per CPU. Clients are pinned to CLIENT_CPU.
 # On a 2-CPU machine the all-cores server shares CPU 0 with the client. Like Redis here,
 # Flux-KV runs without persistence (bench/durability.sh compares the log modes).
+#
+# Then the cost of metrics: the 1-core node, distinct keys, with the metrics endpoint on
+# (per-request figures kept, /metrics scraped every second from the client CPU, more often
+# than Prometheus' usual 15 s) and off (figures not kept), alternating REPEAT times each;
+# medians go to the "Metrics on and off" section.
 source "$(dirname "$0")/lib.sh"
 N=${N:-500000}
 C=${C:-100}
@@ -79,10 +84,40 @@ for layout in one all; do
   done
 done
 
+REPEAT=${REPEAT:-3}
+MROWS="$WORK/metrics.tsv"
+: >"$MROWS"
+need curl curl
+for p in 1 16; do
+  for rep in $(seq 1 "$REPEAT"); do
+    for mode in on off; do
+      scraper=
+      if [ "$mode" = on ]; then
+        mport=$(free_port)
+        METRICS_LISTEN="127.0.0.1:$mport" start_flux "metrics-$mode" --cores 1 --cpus "$SERVER_CPU" --persistence-enabled false
+        taskset -c "$CLIENT_CPU" bash -c "while sleep 1; do curl -sf -o /dev/null http://127.0.0.1:$mport/metrics || exit 1; done" &
+        scraper=$!
+      else
+        METRICS_LISTEN= start_flux "metrics-$mode" --cores 1 --cpus "$SERVER_CPU" --persistence-enabled false
+      fi
+      n=$N; [ "$p" -gt 1 ] && n=$((4 * N))
+      measure "$FLUX_PID" "$WORK/m.json" "$BIN/flux-bench" --addr "127.0.0.1:$FLUX_PORT" -c "$C" -n "$n" -P "$p" --json
+      if [ -n "$scraper" ]; then
+        kill -0 "$scraper" 2>/dev/null || { log "the /metrics scraper failed"; exit 1; }
+        kill "$scraper"; wait "$scraper" 2>/dev/null || true
+      fi
+      printf '%s\t%s\t%s\t%s\t%s\n' "$mode" "$p" "$(json_field "$WORK/m.json" qps | cut -d. -f1)" "$SERVER_CPU_PCT" \
+        "$(json_field "$WORK/m.json" latency_us.p99)" >>"$MROWS"
+      log "metrics $mode, pipeline $p: $(tail -1 "$MROWS")"
+      stop_pid "$FLUX_PID"
+    done
+  done
+done
+
 python3 - "$ROWS" "$RESULTS" "$N" "$C" "$NPROC" "$CLIENT_CPU" "$SERVER_CPU" \
-  "$(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2)" "$(uname -r)" <<'PY'
-import json, sys, datetime
-rows_file, results, n, c, nproc, client_cpu, server_cpu, redis_version, kernel = sys.argv[1:]
+  "$(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2)" "$(uname -r)" "$MROWS" "$REPEAT" <<'PY'
+import json, sys, datetime, statistics
+rows_file, results, n, c, nproc, client_cpu, server_cpu, redis_version, kernel, metrics_file, repeat = sys.argv[1:]
 keys = ["server", "client", "workload", "pipeline", "rps", "server_cpu", "client_cpu", "p50", "p99", "p999"]
 rows = []
 for line in open(rows_file):
@@ -132,7 +167,29 @@ for r in rows:
     cc = f"{r['client_cpu']} %" if r["client_cpu"] else ""
     md.append(f"| {r['server']} | {r['client']} | {r['workload']} | {r['pipeline']} | {r['rps']:,} | {vs} | "
               f"{r['server_cpu']:.0f} % | {us:.2f} | {cc} | {lat} |")
+
+mrows = []
+for line in open(metrics_file):
+    if line.strip():
+        mode, p, rps, cpu, p99 = line.split("\t")
+        mrows.append({"metrics": mode, "pipeline": int(p), "rps": int(rps), "server_cpu": float(cpu), "p99": int(p99)})
+md += ["", "## Metrics on and off", "",
+       f"Flux-KV 1 core on CPU {server_cpu}, distinct keys, {c} connections, {repeat} alternating runs per mode; medians. "
+       "**on**: per-request figures kept (requests by op, latency histograms, errors, hits) and /metrics scraped every "
+       "second from the client CPU; **off**: `metrics.listen = \"\"`, no figures kept.", "",
+       "| pipeline | requests/s on | requests/s off | on / off | us/req on | us/req off | p99 us on / off |",
+       "|---|---|---|---|---|---|---|"]
+for p in (1, 16):
+    med = {}
+    for mode in ("on", "off"):
+        rs = [r for r in mrows if r["metrics"] == mode and r["pipeline"] == p]
+        rps = statistics.median(r["rps"] for r in rs)
+        med[mode] = (rps, statistics.median(10000 * r["server_cpu"] / r["rps"] for r in rs),
+                     statistics.median(r["p99"] for r in rs))
+    (on, on_us, on_p99), (off, off_us, off_p99) = med["on"], med["off"]
+    md.append(f"| {p} | {on:,.0f} | {off:,.0f} | {on/off:.3f}x | {on_us:.2f} | {off_us:.2f} | {on_p99:.0f} / {off_p99:.0f} |")
+md += ["", "Every run: " + ", ".join(f"{r['metrics']} P{r['pipeline']} {r['rps']:,}" for r in mrows) + "."]
 open(f"{results}/vs-redis.md", "w").write("\n".join(md) + "\n")
-json.dump(rows, open(f"{results}/vs-redis.json", "w"), indent=1)
+json.dump({"runs": rows, "metrics": mrows}, open(f"{results}/vs-redis.json", "w"), indent=1)
 print("\n".join(md))
 PY

@@ -249,6 +249,11 @@ impl Node {
         };
         let seconds = |ms: u64| ms as f64 / 1000.0;
         gauge("flux_ready", "1 when /readyz answers 200", f64::from(u8::from(ready)))?;
+        gauge(
+            "flux_core_memory_limit_bytes",
+            "Each core's share of limits.memory_bytes_max (0: no limit)",
+            self.memory_per_core_max as f64,
+        )?;
         let p = &self.persistence;
         gauge(
             "flux_recovered_keys",

@@ -15,25 +15,39 @@ fn example_config_loads() {
     assert_eq!(config.data_dir, std::path::PathBuf::from("/var/lib/flux"));
 }
 
-// Goal: the unit file is valid for systemd (systemd-analyze verify, which needs no running
-// systemd; the binary path it names is pointed at the built binary for the check).
+// Goal: the unit files (the server, and the daily backup's service and timer) are valid for
+// systemd (systemd-analyze verify, which needs no running systemd; the binary paths they
+// name are pointed at the built binaries for the check).
 #[test]
-fn unit_file_verifies() {
-    let unit = include_str!("../systemd/flux-server.service")
-        .replace("/usr/local/bin/flux-server", env!("CARGO_BIN_EXE_flux-server"))
-        .replace("User=flux\n", "")
-        .replace("Group=flux\n", "");
+fn unit_files_verify() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("flux-server.service");
-    std::fs::write(&path, unit).unwrap();
+    let units = [
+        ("flux-server.service", include_str!("../systemd/flux-server.service")),
+        ("flux-backup.service", include_str!("../systemd/flux-backup.service")),
+        ("flux-backup.timer", include_str!("../systemd/flux-backup.timer")),
+    ];
+    let mut paths = Vec::new();
+    for (name, text) in units {
+        let unit = text
+            .replace("/usr/local/bin/flux-server", env!("CARGO_BIN_EXE_flux-server"))
+            .replace("/usr/local/bin/flux-cli", env!("CARGO_BIN_EXE_flux-cli"))
+            .replace("User=flux\n", "")
+            .replace("Group=flux\n", "");
+        let path = dir.path().join(name);
+        std::fs::write(&path, unit).unwrap();
+        paths.push(path);
+    }
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
-        .arg(&path)
+        .args(&paths)
         .output()
         .expect("systemd-analyze");
     let err = String::from_utf8_lossy(&out.stderr);
-    // Only complaints about this unit count (the host's own units may produce noise).
-    let ours: Vec<&str> = err.lines().filter(|l| l.contains("flux-server.service")).collect();
+    // Only complaints about these units count (the host's own units may produce noise).
+    let ours: Vec<&str> = err
+        .lines()
+        .filter(|l| units.iter().any(|(name, _)| l.contains(name)))
+        .collect();
     assert!(out.status.success() && ours.is_empty(), "{err}");
 }
 

@@ -240,6 +240,9 @@ fn tokens_roles_and_prefixes_hold_for_an_independent_client() {
         c.set("app:rust", "1").await.unwrap();
         let e = c.set("other", "1").await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+        // A backup copies every key: only admins may take one.
+        let e = c.backup().await.unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
         let anonymous = Client::connect(&a, config(None)).await.unwrap();
         let e = anonymous.get("app:rust").await.unwrap_err();
         assert_eq!(e.code(), Some(ErrorCode::Unauthenticated), "{e}");

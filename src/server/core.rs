@@ -196,8 +196,10 @@ pub struct Core {
     pub protected: bool,
     pub auth_failures_log: RefCell<Throttle>,
     pub protected_log: RefCell<Throttle>,
-    /// Requests by kind, latency, errors by code, hits and misses (for metrics).
+    /// Requests by kind, latency, errors by code, hits and misses (for metrics), kept only
+    /// while the metrics endpoint is on (`figures_on`).
     pub figures: crate::metrics::RequestFigures,
+    pub figures_on: bool,
     /// While a backup takes its cut, writes are held until this Unix ms (0: not held). A
     /// deadline rather than a flag, so a coordinator that vanishes cannot hold them for ever.
     writes_held_until_ms: Cell<u64>,
@@ -727,6 +729,7 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         auth_failures_log: RefCell::default(),
         protected_log: RefCell::default(),
         figures: Default::default(),
+        figures_on: !boot.config.metrics.listen.is_empty(),
     });
     if let (Some(wal), Some(snaps)) = (&core.wal, &core.snapshots) {
         tracing::debug!(core = index, "opening the write-ahead log");

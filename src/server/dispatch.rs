@@ -134,6 +134,10 @@ pub async fn execute(core: &Rc<Core>, session: &mut Session, frames: impl Iterat
 /// Counts each answered request in the core's figures: its kind and latency (from the
 /// batch's decode to its replies being ready), its error code, and GET/MGET hits.
 fn observe(core: &Core, kinds: &[u8], responses: &[Response], elapsed_us: u64) {
+    // Only /metrics shows them: with the endpoint off, requests cost nothing extra.
+    if !core.figures_on {
+        return;
+    }
     let f = &core.figures;
     for (kind, r) in kinds.iter().zip(responses) {
         f.observe(usize::from(*kind), elapsed_us);
