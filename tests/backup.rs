@@ -59,32 +59,13 @@ fn verify(dir: &Path) -> (bool, String) {
 /// Copies a backup and flips one byte of `name` in the copy.
 fn damaged_copy(backup: &Path, name: &str) -> tempfile::TempDir {
     let copy = tempfile::tempdir().unwrap();
-    for sub in ["snapshots", "wal"] {
-        std::fs::create_dir_all(copy.path().join(sub)).unwrap();
-    }
-    for entry in walk(backup) {
-        let rel = entry.strip_prefix(backup).unwrap();
-        std::fs::copy(&entry, copy.path().join(rel)).unwrap();
-    }
+    common::copy_dir(backup, copy.path());
     let path = copy.path().join(name);
     let mut data = std::fs::read(&path).unwrap();
     let at = data.len() / 2;
     data[at] ^= 0x01;
     std::fs::write(&path, data).unwrap();
     copy
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 // Goal: a backup taken while writers run is consistent and complete. It passes the offline

@@ -168,7 +168,7 @@ fn damaged_logs() {
 
     // Torn tail: cut 5 bytes off the last record.
     let torn = tempfile::tempdir().unwrap();
-    copy_dir(dir.path(), torn.path());
+    common::copy_dir(dir.path(), torn.path());
     let torn_log = logs(torn.path()).pop().unwrap();
     std::fs::OpenOptions::new()
         .write(true)
@@ -207,28 +207,6 @@ fn damaged_logs() {
     assert_eq!(c.get(b"r1"), Some(b"1".to_vec()), "records before the damage are kept");
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    for entry in walk(from) {
-        let rel = entry.strip_prefix(from).unwrap();
-        let dest = to.join(rel);
-        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
-        std::fs::copy(&entry, &dest).unwrap();
-    }
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 // Goal: values of any allowed size recover, up to the 8 MiB value limit (the old service
 // lost its whole data set once one value passed 64 KB).
 #[test]
@@ -252,13 +230,13 @@ fn disk_bytes(dir: &Path) -> u64 {
     ["wal", "snapshots"]
         .iter()
         .filter(|d| dir.join(d).exists())
-        .flat_map(|d| walk(&dir.join(d)))
+        .flat_map(|d| common::walk(&dir.join(d)))
         .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
         .sum()
 }
 
 fn files_in(dir: &Path, suffix: &str) -> Vec<PathBuf> {
-    walk(dir)
+    common::walk(dir)
         .into_iter()
         .filter(|p| p.to_string_lossy().ends_with(suffix))
         .collect()
@@ -324,7 +302,7 @@ fn compaction_bounds_disk_use() {
     );
     let bounded = common::eventually(Duration::from_secs(20), || disk_bytes(dir.path()) <= 4 * one_copy);
     if !bounded {
-        let files: Vec<_> = walk(dir.path())
+        let files: Vec<_> = common::walk(dir.path())
             .into_iter()
             .map(|p| (std::fs::metadata(&p).map_or(0, |m| m.len()), p))
             .filter(|(n, _)| *n > 0)

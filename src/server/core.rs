@@ -536,8 +536,16 @@ pub async fn run(boot: Arc<Boot>, mesh: Option<MeshBuilderFull>, mut report: Sta
     // and keep serving theirs until they are done too.
     core.mesh.borrow_mut().take();
     futures::future::join_all(peers).await;
-    // A snapshot round cut short leaves only a temporary file; the log still has it all.
-    drop(core.snapshot_task.borrow_mut().take());
+    // The snapshot task stops between two shards (a round cut short leaves at most a
+    // temporary file; the log still has it all). Dropping it instead could stop glommio's
+    // stream writer inside its close, which panics.
+    if let Some(s) = &core.snapshots {
+        s.close();
+    }
+    let task = core.snapshot_task.borrow_mut().take();
+    if let Some(task) = task {
+        task.await;
+    }
     // Nothing more will be written: flush and sync the log, then close it.
     if let Some(wal) = &core.wal {
         wal.close();
@@ -620,7 +628,8 @@ impl Drop for StartReport {
 }
 
 /// Joins the core mesh (see [`nudged`]: glommio wakes a channel end waiting for its peer
-/// only when its own executor happens to wake up, and about 1 start in 40 hung here).
+/// only when its own executor happens to wake up; start-up's wake signal, `super::wake`,
+/// makes sure it does).
 async fn join_mesh(
     mesh: MeshBuilderFull,
 ) -> Result<

@@ -190,9 +190,10 @@ const NOT_DURABLE: &str = "the write-ahead log failed before this write was dura
 /// Why a write is refused while the log is failing.
 const STORAGE_UNAVAILABLE: &str = "the write-ahead log cannot be written (see Stats: persistence.degraded, log_error): writes are refused until it can; reads keep working";
 
-/// Largest user name plus token an Auth request may carry (tokens are 64 characters): the
-/// token is hashed on the shard core, so its size is bounded well below a key's.
-const AUTH_BYTES_MAX: usize = 1024;
+/// Largest names a request may carry: an Auth's user name plus token (tokens are 64
+/// characters; the token is hashed on the shard core), a backup request's id plus file
+/// name. Bounded well below a key's size.
+const NAMES_BYTES_MAX: usize = 1024;
 
 /// Keys (or entries) a core handles between two chances to yield; a batch larger than
 /// this is planned, applied and answered in slices so one request cannot stall the core.
@@ -387,6 +388,15 @@ impl Batch<'_> {
                 "limits.value_bytes_max",
             )
         };
+        let names = |len: usize, what: &str| {
+            within(
+                len,
+                NAMES_BYTES_MAX,
+                ErrorCode::InvalidRequest,
+                what,
+                "the limit on names",
+            )
+        };
         match op {
             Op::Get(r) => key(&r.key),
             Op::Del(r) => key(&r.key),
@@ -408,27 +418,9 @@ impl Batch<'_> {
                 .entries
                 .iter()
                 .try_for_each(|e| key(&e.key).and_then(|()| value(&e.value))),
-            Op::Auth(r) => within(
-                r.user.len() + r.token.len(),
-                AUTH_BYTES_MAX,
-                ErrorCode::InvalidRequest,
-                "user and token",
-                "the Auth limit",
-            ),
-            Op::BackupRead(r) => within(
-                r.backup_id.len() + r.name.len(),
-                AUTH_BYTES_MAX,
-                ErrorCode::InvalidRequest,
-                "backup id and file name",
-                "the BackupRead limit",
-            ),
-            Op::BackupEnd(r) => within(
-                r.backup_id.len(),
-                AUTH_BYTES_MAX,
-                ErrorCode::InvalidRequest,
-                "backup id",
-                "the BackupEnd limit",
-            ),
+            Op::Auth(r) => names(r.user.len() + r.token.len(), "user and token"),
+            Op::BackupRead(r) => names(r.backup_id.len() + r.name.len(), "backup id and file name"),
+            Op::BackupEnd(r) => names(r.backup_id.len(), "backup id"),
             Op::Ping(_) | Op::Hello(_) | Op::Stats(_) | Op::Snapshot(_) | Op::Backup(_) => Ok(()),
         }
     }

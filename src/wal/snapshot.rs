@@ -216,6 +216,9 @@ pub struct Snapshots {
     first_done: Cell<bool>,
     requests: RefCell<Vec<Waiting>>,
     waker: RefCell<Option<Waker>>,
+    /// Set at shutdown: the task stops between two shards, never inside a file's write
+    /// (glommio's stream writer panics when dropped while it closes).
+    closing: Cell<bool>,
     /// Unix ms of the oldest shard snapshot this core relies on (0: none).
     pub taken_at_ms: Cell<u64>,
     /// Per shard of this core (local index): (seq, bytes) of its current snapshot. A shard
@@ -252,6 +255,7 @@ impl Snapshots {
             first_done: Cell::new(false),
             requests: RefCell::new(Vec::new()),
             waker: RefCell::new(None),
+            closing: Cell::new(false),
             taken_at_ms: Cell::new(taken_at_ms),
             shards: RefCell::new(loaded.iter().map(|l| (l.seq, l.bytes)).collect()),
             bytes: Cell::new(bytes),
@@ -275,9 +279,32 @@ impl Snapshots {
 
     fn ask(&self, w: Waiting) {
         self.requests.borrow_mut().push(w);
+        self.wake();
+    }
+
+    fn wake(&self) {
         if let Some(w) = self.waker.borrow_mut().take() {
             w.wake();
         }
+    }
+
+    /// Asks the task to stop: at once when idle, after the shard being written otherwise
+    /// (the round then fails and the log keeps everything). Await the task after this.
+    pub fn close(&self) {
+        self.closing.set(true);
+        self.wake();
+    }
+
+    /// Resolves once [`Snapshots::close`] was called.
+    async fn closed(&self) {
+        std::future::poll_fn(|cx| {
+            if self.closing.get() {
+                return Poll::Ready(());
+            }
+            *self.waker.borrow_mut() = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// Milliseconds since the oldest snapshot this core relies on; -1 when there is none.
@@ -347,13 +374,23 @@ pub async fn run(
         // Wait for a request, or look at the log size now and then.
         let tick = std::pin::pin!(glommio::timer::sleep(CHECK_INTERVAL));
         let asked = std::future::poll_fn(|cx| {
-            if !snaps.requests.borrow().is_empty() {
+            if !snaps.requests.borrow().is_empty() || snaps.closing.get() {
                 return Poll::Ready(());
             }
             *snaps.waker.borrow_mut() = Some(cx.waker().clone());
             Poll::Pending
         });
         futures::future::select(tick, std::pin::pin!(asked)).await;
+        if snaps.closing.get() {
+            // Waiting requests get an error; backup parts are dropped (their coordinator
+            // sees the core stopping).
+            for w in std::mem::take(&mut *snaps.requests.borrow_mut()) {
+                if let Waiting::Round(tx) = w {
+                    let _ = tx.send(Err("the core is shutting down".into()));
+                }
+            }
+            return;
+        }
         // `signals` counts SIGUSR1s for the whole node.
         let now_signals = signals.load(Ordering::Acquire);
         let signalled = std::mem::replace(&mut seen_signals, now_signals) != now_signals;
@@ -379,7 +416,7 @@ pub async fn run(
                 Waiting::Round(tx) => {
                     let _ = tx.send(result.clone());
                 }
-                Waiting::Backup(part) => backup_part(&snaps.dir, &wal, store, result.clone(), part).await,
+                Waiting::Backup(part) => backup_part(&snaps, &wal, store, result.clone(), part).await,
             }
         }
         if result.is_err() {
@@ -407,6 +444,9 @@ async fn round(
     let mut report = Report::default();
     let round_at = now_ms();
     for (i, shard) in keyspace.shards_of_core(core).enumerate() {
+        if snaps.closing.get() {
+            return Err("the core is shutting down; the log keeps everything".into());
+        }
         let (last_seq, _) = snaps.shards.borrow()[i];
         if store.borrow().shard_seq(shard) == last_seq {
             continue; // unchanged since its snapshot (or never written to)
@@ -455,7 +495,7 @@ const CUT_WRITE_WAIT: Duration = Duration::from_secs(30);
 /// Stages this core's part of a backup after `round`: its snapshots, then its log up to
 /// the cut the coordinator sends.
 async fn backup_part(
-    snap_dir: &Path,
+    snaps: &Snapshots,
     wal: &WalState,
     store: &RefCell<CoreStore>,
     round: Result<Report, String>,
@@ -465,15 +505,18 @@ async fn backup_part(
     let failed = |e: std::io::Error| format!("cannot stage the backup in {}: {e}", dir.display());
     let snapshots = round.and_then(|_| {
         let s = store.borrow();
-        stage_snapshots(snap_dir, s.keyspace(), s.core(), dir).map_err(failed)
+        stage_snapshots(&snaps.dir, s.keyspace(), s.core(), dir).map_err(failed)
     });
     let staged = snapshots.is_ok();
     let _ = part.snapshots.send(snapshots);
     if !staged {
         return;
     }
-    // Dropped: another core failed, or the client went away.
-    let Ok(cut) = part.cut.await else { return };
+    // Dropped: another core failed, or the client went away; or the core stops.
+    let cut = match futures::future::select(part.cut, std::pin::pin!(snaps.closed())).await {
+        futures::future::Either::Left((Ok(cut), _)) => cut,
+        _ => return,
+    };
     let started = Instant::now();
     while wal.bytes.get() < cut {
         if wal.failed() || started.elapsed() > CUT_WRITE_WAIT {
@@ -596,8 +639,14 @@ async fn write_tmp(tmp: &Path, header: &Header, entries: &[(bytes::Bytes, bytes:
     }
     w.write_all(&buf).await?;
     total += buf.len() as u64;
-    // close() syncs the data before it returns.
-    w.close().await?;
+    // close() syncs the data before it returns. A failed close leaves glommio's writer
+    // without its file but still meaning to truncate it, and its drop then panics (the
+    // core with it): leak the writer instead. It is rare (a full disk or an I/O error at
+    // the final flush), and the round is retried later.
+    if let Err(e) = w.close().await {
+        std::mem::forget(w);
+        return Err(e);
+    }
     Ok(total)
 }
 
