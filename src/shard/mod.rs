@@ -4,12 +4,20 @@
 //! no locks. Commands arrive already routed (see `keyspace`); a shard never checks where a key
 //! belongs, the caller asserts it.
 //!
+//! Each key and its value live in one allocation, an [`Item`], behind a 16-byte table slot
+//! (`item.rs`). Memory is accounted from what the allocator reports for each item, the
+//! table's capacity and the deadline index, so `limits.memory_bytes_max` follows the
+//! process' real use.
+//!
 //! Expiry is exact and cheap: an entry with a TTL is also filed in a `BTreeSet` ordered by
-//! deadline, so the active sweep pops only keys that are due, with a bound on work per call,
-//! and a read of an expired key removes it on the spot (lazy expiry).
+//! deadline (16 bytes each: the deadline and the item's handle), so the active sweep pops
+//! only keys that are due, with a bound on work per call, and a read of an expired key
+//! removes it on the spot (lazy expiry).
 
+mod item;
 mod store;
 
+pub use item::Item;
 pub use store::CoreStore;
 
 use std::collections::BTreeSet;
@@ -19,10 +27,6 @@ use hashbrown::HashTable;
 
 use crate::change::Fields;
 pub use crate::change::{now_ms, Change, ChangeOp, ChangeSink};
-
-/// Bytes charged per entry on top of key and value: the table slot, the `Bytes` handles and
-/// allocator rounding, measured roughly. Keeps `memory_bytes_max` honest for small values.
-pub const ENTRY_OVERHEAD_BYTES: u64 = 96;
 
 /// The in-shard table hash, derived from the routing hash so a key is hashed once. Every
 /// key of a shard shares the routing hash's low bits (they chose the shard), and hashbrown
@@ -102,22 +106,24 @@ pub enum Outcome {
     StorageUnavailable,
 }
 
-/// A shard's live entries at change `seq`: (key, value, expire_at_ms).
+/// A shard's live entries at change `seq`: (item, expire_at_ms). The items are shared
+/// with the shard (counted handles), not copied.
 pub struct SnapshotEntries {
     pub seq: u64,
-    pub entries: Vec<(Bytes, Bytes, u64)>,
+    pub entries: Vec<(Item, u64)>,
 }
 
+/// A table slot: 16 bytes.
 struct Entry {
-    key: Bytes,
-    value: Bytes,
+    item: Item,
     /// Absolute deadline in Unix ms; 0 = no expiry. Absolute so it survives restarts.
     expire_at_ms: u64,
 }
 
 impl Entry {
-    fn charge(&self) -> u64 {
-        charge(self.key.len(), self.value.len())
+    #[inline]
+    fn key(&self) -> &[u8] {
+        self.item.key()
     }
 
     fn live(&self, now_ms: u64) -> bool {
@@ -125,16 +131,49 @@ impl Entry {
     }
 }
 
-fn charge(key_len: usize, value_len: usize) -> u64 {
-    (key_len + value_len) as u64 + ENTRY_OVERHEAD_BYTES
+fn rehash(e: &Entry) -> u64 {
+    table_hash(crate::keyspace::Keyspace::hash(e.key()))
 }
 
-fn rehash(e: &Entry) -> u64 {
-    table_hash(crate::keyspace::Keyspace::hash(&e.key))
+/// A place in the deadline index: the deadline, then the item, ordered by its block's
+/// address (two keys may share a deadline). 16 bytes, instead of a copy of the key.
+#[derive(Clone, Debug)]
+struct Due(u64, Item);
+
+impl PartialEq for Due {
+    fn eq(&self, other: &Self) -> bool {
+        self.0 == other.0 && self.1.same(&other.1)
+    }
+}
+impl Eq for Due {}
+impl PartialOrd for Due {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Due {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.0, self.1.address()).cmp(&(other.0, other.1.address()))
+    }
+}
+
+/// A table bucket: its slot and its control byte.
+const BUCKET_BYTES: u64 = std::mem::size_of::<Entry>() as u64 + 1;
+
+/// Bytes the deadline index costs per entry with a TTL: its 16-byte element, with the
+/// B-tree's nodes about two thirds full.
+const DEADLINE_BYTES: u64 = 24;
+
+/// What a new item of `key_len + value_len` bytes will cost in the heap, before it exists
+/// (for the memory limit; afterwards the allocator's own figure is used): the block's 24
+/// header bytes and the payload, rounded as glibc's malloc rounds a chunk.
+pub fn item_estimate(key_len: usize, value_len: usize) -> u64 {
+    let request = 24 + key_len as u64 + value_len as u64;
+    ((request + 8 + 15) & !15).max(32)
 }
 
 /// The value of a change that has none (DEL, EXPIRE, EXPIRED).
-const NO_VALUE: Bytes = Bytes::new();
+const NO_VALUE: &[u8] = &[];
 
 /// One shard's change sequence: gap-free from 1, counted even when nothing records.
 struct ChangeLog {
@@ -145,15 +184,7 @@ struct ChangeLog {
 impl ChangeLog {
     /// Records one change with the next sequence number.
     #[inline]
-    fn record(
-        &mut self,
-        out: &mut impl ChangeSink,
-        op: ChangeOp,
-        key: &Bytes,
-        value: &Bytes,
-        expire_at_ms: u64,
-        now_ms: u64,
-    ) {
+    fn record(&mut self, out: &mut impl ChangeSink, op: ChangeOp, key: &[u8], value: &[u8], expire_at_ms: u64, now_ms: u64) {
         self.seq += 1;
         let fields = Fields {
             shard: self.shard,
@@ -170,9 +201,10 @@ impl ChangeLog {
 /// The keys of one shard.
 pub struct Shard {
     table: HashTable<Entry>,
-    /// (deadline, key) for every entry with an expiry.
-    deadlines: BTreeSet<(u64, Bytes)>,
-    memory_bytes: u64,
+    /// Every entry with an expiry, by deadline.
+    deadlines: BTreeSet<Due>,
+    /// Heap bytes of the items in the table, as the allocator counts them.
+    items_bytes: u64,
     log: ChangeLog,
     /// Expired keys removed because a request touched them (lazy expiry), since start.
     expired_lazy: u64,
@@ -183,7 +215,7 @@ impl Shard {
         Shard {
             table: HashTable::new(),
             deadlines: BTreeSet::new(),
-            memory_bytes: 0,
+            items_bytes: 0,
             log: ChangeLog { shard: id, seq: 0 },
             expired_lazy: 0,
         }
@@ -201,8 +233,34 @@ impl Shard {
         self.table.is_empty()
     }
 
+    /// What the shard holds in memory: its items as the allocator counts them, its table
+    /// at its current capacity (slots and control bytes; the table does not shrink), and
+    /// its deadline index.
     pub fn memory_bytes(&self) -> u64 {
-        self.memory_bytes
+        self.items_bytes + self.table_bytes() + self.deadlines.len() as u64 * DEADLINE_BYTES
+    }
+
+    /// The table's allocation: hashbrown keeps `capacity` at 7/8 of its buckets (all but
+    /// one below 8 buckets), each a slot and a control byte.
+    pub(crate) fn table_bytes(&self) -> u64 {
+        self.buckets() * BUCKET_BYTES
+    }
+
+    fn buckets(&self) -> u64 {
+        match self.table.capacity() as u64 {
+            0 => 0,
+            c if c < 8 => c + 1,
+            c => c / 7 * 8,
+        }
+    }
+
+    /// What inserting one more entry costs beyond its item: nothing while the table has
+    /// room, its growth when it is full (hashbrown doubles its buckets, from 4).
+    fn insert_growth(&self) -> u64 {
+        if self.table.len() < self.table.capacity() {
+            return 0;
+        }
+        (self.buckets() * 2).max(4) * BUCKET_BYTES - self.table_bytes()
     }
 
     /// Applies one command at time `now_ms`. `h` is [`table_hash`] of the key's routing hash.
@@ -210,20 +268,22 @@ impl Shard {
     /// core's share of `limits.memory_bytes_max`). Changes go to `out`.
     pub fn apply(&mut self, h: u64, cmd: Command, now_ms: u64, room_bytes: u64, out: &mut impl ChangeSink) -> Outcome {
         match cmd {
-            Command::Get { key } => Outcome::Value(self.live_entry(h, &key, now_ms, out).map(|e| e.value.clone())),
+            Command::Get { key } => {
+                Outcome::Value(self.live_entry(h, &key, now_ms, out).map(|e| e.item.value_bytes()))
+            }
             Command::Exists { key } => Outcome::Applied(self.live_entry(h, &key, now_ms, out).is_some()),
             Command::Ttl { key } => Outcome::Ttl(match self.live_entry(h, &key, now_ms, out) {
                 None => -2,
                 Some(e) if e.expire_at_ms == 0 => -1,
                 Some(e) => (e.expire_at_ms - now_ms).min(i64::MAX as u64) as i64,
             }),
-            Command::Del { key } => Outcome::Applied(match self.table.find_entry(h, |e| e.key == key) {
+            Command::Del { key } => Outcome::Applied(match self.table.find_entry(h, |e| e.key() == &key[..]) {
                 Ok(occ) => {
                     let (entry, _) = occ.remove();
                     self.forget(&entry);
                     let live = entry.live(now_ms);
                     let op = if live { ChangeOp::Del } else { ChangeOp::Expired };
-                    self.log.record(out, op, &entry.key, &NO_VALUE, 0, now_ms);
+                    self.log.record(out, op, entry.key(), NO_VALUE, 0, now_ms);
                     live
                 }
                 Err(_) => false,
@@ -234,9 +294,9 @@ impl Shard {
                     return Outcome::Applied(false);
                 };
                 let old = std::mem::replace(&mut e.expire_at_ms, new);
-                let key = e.key.clone();
-                move_deadline(&mut self.deadlines, &key, old, new);
-                self.log.record(out, ChangeOp::Expire, &key, &NO_VALUE, new, now_ms);
+                let item = e.item.clone();
+                move_deadline(&mut self.deadlines, &item, old, &item, new);
+                self.log.record(out, ChangeOp::Expire, item.key(), NO_VALUE, new, now_ms);
                 Outcome::Applied(true)
             }
             Command::Set {
@@ -246,8 +306,8 @@ impl Shard {
                 condition,
             } => self.set(
                 h,
-                key,
-                value,
+                &key,
+                &value,
                 deadline(now_ms, ttl_ms),
                 condition,
                 now_ms,
@@ -257,20 +317,22 @@ impl Shard {
         }
     }
 
-    /// One probe for every case: overwrite in place (live or expired), or insert.
+    /// One probe for every case: overwrite in place (live or expired), or insert. The key
+    /// and value are copied once, into the new item.
     #[allow(clippy::too_many_arguments)]
     fn set(
         &mut self,
         h: u64,
-        key: Bytes,
-        value: Bytes,
+        key: &[u8],
+        value: &[u8],
         expire_at_ms: u64,
         condition: Condition,
         now_ms: u64,
         room_bytes: u64,
         out: &mut impl ChangeSink,
     ) -> Outcome {
-        match self.table.find_entry(h, |e| e.key == key) {
+        let table_growth = self.insert_growth();
+        match self.table.find_entry(h, |e| e.key() == key) {
             Ok(mut occ) => {
                 let live = occ.get().live(now_ms);
                 let blocked = match condition {
@@ -283,44 +345,41 @@ impl Shard {
                         let (entry, _) = occ.remove();
                         self.forget(&entry);
                         self.log
-                            .record(out, ChangeOp::Expired, &entry.key, &NO_VALUE, 0, now_ms);
+                            .record(out, ChangeOp::Expired, entry.key(), NO_VALUE, 0, now_ms);
                     }
                     return Outcome::Applied(false);
                 }
                 let e = occ.get_mut();
-                let (old_charge, new_charge) = (e.charge(), charge(e.key.len(), value.len()));
-                if new_charge.saturating_sub(old_charge) > room_bytes {
+                let old_bytes = e.item.heap_bytes();
+                let deadline_growth = u64::from(e.expire_at_ms == 0 && expire_at_ms != 0) * DEADLINE_BYTES;
+                let growth = item_estimate(key.len(), value.len()) + deadline_growth;
+                if growth.saturating_sub(old_bytes) > room_bytes {
                     return Outcome::OutOfMemory;
                 }
-                // Copy: the request frame's buffer must not be pinned by a stored value.
-                e.value = Bytes::copy_from_slice(&value);
-                move_deadline(&mut self.deadlines, &e.key, e.expire_at_ms, expire_at_ms);
-                e.expire_at_ms = expire_at_ms;
-                self.memory_bytes = self.memory_bytes - old_charge + new_charge;
+                let old_item = std::mem::replace(&mut e.item, Item::new(key, value));
+                let old_deadline = std::mem::replace(&mut e.expire_at_ms, expire_at_ms);
+                let item = e.item.clone();
+                self.items_bytes = self.items_bytes - old_bytes + item.heap_bytes();
+                move_deadline(&mut self.deadlines, &old_item, old_deadline, &item, expire_at_ms);
                 self.log
-                    .record(out, ChangeOp::Set, &e.key, &e.value, expire_at_ms, now_ms);
+                    .record(out, ChangeOp::Set, item.key(), item.value(), expire_at_ms, now_ms);
             }
             Err(absent) => {
                 if condition == Condition::IfPresent {
                     return Outcome::Applied(false);
                 }
-                let new_charge = charge(key.len(), value.len());
-                if new_charge > room_bytes {
+                let deadline_bytes = u64::from(expire_at_ms != 0) * DEADLINE_BYTES;
+                if item_estimate(key.len(), value.len()) + table_growth + deadline_bytes > room_bytes {
                     return Outcome::OutOfMemory;
                 }
-                let key = Bytes::copy_from_slice(&key);
+                let item = Item::new(key, value);
                 if expire_at_ms != 0 {
-                    self.deadlines.insert((expire_at_ms, key.clone()));
+                    self.deadlines.insert(Due(expire_at_ms, item.clone()));
                 }
-                let entry = Entry {
-                    key,
-                    value: Bytes::copy_from_slice(&value),
-                    expire_at_ms,
-                };
                 self.log
-                    .record(out, ChangeOp::Set, &entry.key, &entry.value, expire_at_ms, now_ms);
-                absent.into_table().insert_unique(h, entry, rehash);
-                self.memory_bytes += new_charge;
+                    .record(out, ChangeOp::Set, item.key(), item.value(), expire_at_ms, now_ms);
+                self.items_bytes += item.heap_bytes();
+                absent.into_table().insert_unique(h, Entry { item, expire_at_ms }, rehash);
             }
         }
         Outcome::Applied(true)
@@ -328,27 +387,27 @@ impl Shard {
 
     /// The entry for `key` if it exists and has not expired; an expired one is removed now.
     fn live_entry(&mut self, h: u64, key: &[u8], now_ms: u64, out: &mut impl ChangeSink) -> Option<&mut Entry> {
-        let occ = self.table.find_entry(h, |e| e.key == key).ok()?;
+        let occ = self.table.find_entry(h, |e| e.key() == key).ok()?;
         if occ.get().live(now_ms) {
             return Some(occ.into_mut());
         }
         let (entry, _) = occ.remove();
         self.expired_lazy += 1;
         // Fields, not `self.forget`: the returned entry above keeps `self.table` borrowed.
-        self.memory_bytes -= entry.charge();
+        self.items_bytes -= entry.item.heap_bytes();
         if entry.expire_at_ms != 0 {
-            self.deadlines.remove(&(entry.expire_at_ms, entry.key.clone()));
+            self.deadlines.remove(&Due(entry.expire_at_ms, entry.item.clone()));
         }
         self.log
-            .record(out, ChangeOp::Expired, &entry.key, &NO_VALUE, 0, now_ms);
+            .record(out, ChangeOp::Expired, entry.key(), NO_VALUE, 0, now_ms);
         None
     }
 
     /// Accounts for an entry that left the table.
     fn forget(&mut self, entry: &Entry) {
-        self.memory_bytes -= entry.charge();
+        self.items_bytes -= entry.item.heap_bytes();
         if entry.expire_at_ms != 0 {
-            self.deadlines.remove(&(entry.expire_at_ms, entry.key.clone()));
+            self.deadlines.remove(&Due(entry.expire_at_ms, entry.item.clone()));
         }
     }
 
@@ -360,37 +419,37 @@ impl Shard {
     pub fn restore(&mut self, h: u64, c: &Change) {
         self.log.seq = self.log.seq.max(c.seq);
         match c.op {
-            ChangeOp::Set => match self.table.find_entry(h, |e| e.key == c.key) {
+            ChangeOp::Set => match self.table.find_entry(h, |e| e.key() == &c.key[..]) {
                 Ok(mut occ) => {
                     let e = occ.get_mut();
-                    let old_charge = e.charge();
-                    e.value = c.value.clone();
-                    move_deadline(&mut self.deadlines, &e.key, e.expire_at_ms, c.expire_at_ms);
-                    e.expire_at_ms = c.expire_at_ms;
-                    self.memory_bytes = self.memory_bytes - old_charge + e.charge();
+                    let old_item = std::mem::replace(&mut e.item, Item::new(&c.key, &c.value));
+                    let old_deadline = std::mem::replace(&mut e.expire_at_ms, c.expire_at_ms);
+                    let item = e.item.clone();
+                    self.items_bytes = self.items_bytes - old_item.heap_bytes() + item.heap_bytes();
+                    move_deadline(&mut self.deadlines, &old_item, old_deadline, &item, c.expire_at_ms);
                 }
                 Err(absent) => {
+                    let item = Item::new(&c.key, &c.value);
                     if c.expire_at_ms != 0 {
-                        self.deadlines.insert((c.expire_at_ms, c.key.clone()));
+                        self.deadlines.insert(Due(c.expire_at_ms, item.clone()));
                     }
+                    self.items_bytes += item.heap_bytes();
                     let entry = Entry {
-                        key: c.key.clone(),
-                        value: c.value.clone(),
+                        item,
                         expire_at_ms: c.expire_at_ms,
                     };
-                    self.memory_bytes += entry.charge();
                     absent.into_table().insert_unique(h, entry, rehash);
                 }
             },
             ChangeOp::Expire => {
-                if let Some(e) = self.table.find_mut(h, |e| e.key == c.key) {
+                if let Some(e) = self.table.find_mut(h, |e| e.key() == &c.key[..]) {
                     let old = std::mem::replace(&mut e.expire_at_ms, c.expire_at_ms);
-                    let key = e.key.clone();
-                    move_deadline(&mut self.deadlines, &key, old, c.expire_at_ms);
+                    let item = e.item.clone();
+                    move_deadline(&mut self.deadlines, &item, old, &item, c.expire_at_ms);
                 }
             }
             ChangeOp::Del | ChangeOp::Expired => {
-                if let Ok(occ) = self.table.find_entry(h, |e| e.key == c.key) {
+                if let Ok(occ) = self.table.find_entry(h, |e| e.key() == &c.key[..]) {
                     let (entry, _) = occ.remove();
                     self.forget(&entry);
                 }
@@ -408,19 +467,15 @@ impl Shard {
         self.log.seq = self.log.seq.max(seq);
     }
 
-    /// A consistent copy of the entries as of change `seq()`: handles only (the `Bytes` are
-    /// shared, not copied), so taking it holds the core for microseconds per thousand keys
+    /// A consistent copy of the entries as of change `seq()`: counted handles to the items
+    /// (nothing is copied), so taking it holds the core for microseconds per thousand keys
     /// and the snapshot is written from it in the background. Entries past their deadline
     /// but not yet removed are kept: their EXPIRED change is still to come, and a snapshot
     /// without them would let a crash erase the key without one.
     pub fn entries(&self) -> SnapshotEntries {
         SnapshotEntries {
             seq: self.log.seq,
-            entries: self
-                .table
-                .iter()
-                .map(|e| (e.key.clone(), e.value.clone(), e.expire_at_ms))
-                .collect(),
+            entries: self.table.iter().map(|e| (e.item.clone(), e.expire_at_ms)).collect(),
         }
     }
 
@@ -429,21 +484,18 @@ impl Shard {
     pub fn sweep(&mut self, now_ms: u64, max_keys: usize, out: &mut impl ChangeSink) -> usize {
         let mut removed = 0;
         while removed < max_keys {
-            let Some((deadline, _)) = self.deadlines.first() else {
-                break;
-            };
-            if *deadline > now_ms {
+            if self.deadlines.first().is_none_or(|d| d.0 > now_ms) {
                 break;
             }
-            let Some((_, key)) = self.deadlines.pop_first() else {
+            let Some(Due(_, item)) = self.deadlines.pop_first() else {
                 break;
             };
-            let h = table_hash(crate::keyspace::Keyspace::hash(&key));
-            if let Ok(occ) = self.table.find_entry(h, |e| e.key == key) {
+            let h = table_hash(crate::keyspace::Keyspace::hash(item.key()));
+            if let Ok(occ) = self.table.find_entry(h, |e| e.item.same(&item)) {
                 let (entry, _) = occ.remove();
-                self.memory_bytes -= entry.charge();
+                self.items_bytes -= entry.item.heap_bytes();
                 self.log
-                    .record(out, ChangeOp::Expired, &entry.key, &NO_VALUE, 0, now_ms);
+                    .record(out, ChangeOp::Expired, entry.key(), NO_VALUE, 0, now_ms);
             }
             removed += 1;
         }
@@ -452,20 +504,22 @@ impl Shard {
 
     /// The earliest deadline in this shard, if any key has one.
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        self.deadlines.first().map(|(d, _)| *d)
+        self.deadlines.first().map(|d| d.0)
     }
 }
 
-/// Moves `key`'s entry in the deadline index from `old` to `new` (0 = none).
-fn move_deadline(deadlines: &mut BTreeSet<(u64, Bytes)>, key: &Bytes, old: u64, new: u64) {
-    if old == new {
+/// Moves an entry's place in the deadline index from (`old`, `old_deadline`) to (`new`,
+/// `new_deadline`); a deadline of 0 means none. `old` and `new` are the same item unless a
+/// write replaced it.
+fn move_deadline(deadlines: &mut BTreeSet<Due>, old: &Item, old_deadline: u64, new: &Item, new_deadline: u64) {
+    if old_deadline == new_deadline && old.same(new) {
         return;
     }
-    if old != 0 {
-        deadlines.remove(&(old, key.clone()));
+    if old_deadline != 0 {
+        deadlines.remove(&Due(old_deadline, old.clone()));
     }
-    if new != 0 {
-        deadlines.insert((new, key.clone()));
+    if new_deadline != 0 {
+        deadlines.insert(Due(new_deadline, new.clone()));
     }
 }
 
@@ -501,20 +555,49 @@ mod tests {
         s.apply(h, cmd, now_ms, room, &mut ())
     }
 
-    // Goal: memory accounting returns to zero when every key is gone, whichever way it went.
+    // Goal: memory accounting follows the items as the allocator counts them, the table
+    // and the deadline index, and the items' share returns to zero when every key is gone,
+    // whichever way it went (the table keeps its capacity, and is still counted).
     #[test]
     fn memory_accounting_balances() {
         let mut s = Shard::new(0);
         apply(&mut s, set("a", "1", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("a", "12345", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("b", "x", 5, Condition::Always), 0, u64::MAX);
-        assert_eq!(s.memory_bytes(), charge(1, 5) + charge(1, 1));
+        let items = Item::new(b"a", b"12345").heap_bytes() + Item::new(b"b", b"x").heap_bytes();
+        assert_eq!(s.items_bytes, items);
+        assert_eq!(s.memory_bytes(), items + s.table_bytes() + DEADLINE_BYTES);
+        assert!(s.table_bytes() > 0);
         assert_eq!(
             apply(&mut s, Command::Del { key: b("a") }, 0, u64::MAX),
             Outcome::Applied(true)
         );
         assert_eq!(s.sweep(10, 100, &mut ()), 1);
-        assert_eq!((s.memory_bytes(), s.len(), s.deadlines.len()), (0, 0, 0));
+        assert_eq!((s.items_bytes, s.len(), s.deadlines.len()), (0, 0, 0));
+        assert_eq!(s.memory_bytes(), s.table_bytes());
+    }
+
+    // Goal: the table's growth is known before an insert makes it, so a limit holds even
+    // when the insert doubles the table.
+    #[test]
+    fn table_growth_is_foreseen() {
+        let mut s = Shard::new(0);
+        for i in 0..100 {
+            let before = s.table_bytes();
+            let growth = s.insert_growth();
+            apply(&mut s, set(&format!("k{i}"), "v", 0, Condition::Always), 0, u64::MAX);
+            assert_eq!(s.table_bytes() - before, growth, "insert {i}");
+        }
+    }
+
+    // Goal: the estimate a write is checked with before its item exists is what the
+    // allocator then reports, for small and large items.
+    #[test]
+    fn item_estimate_matches_the_allocator() {
+        for len in [0, 1, 7, 8, 16, 40, 64, 100, 1000, 4096, 65_000] {
+            let item = Item::new(b"key", &vec![1u8; len]);
+            assert_eq!(item_estimate(3, len), item.heap_bytes(), "value of {len} bytes");
+        }
     }
 
     // Goal: the room limit refuses growth past the limit but allows shrinking writes and deletes.
@@ -522,7 +605,7 @@ mod tests {
     fn memory_room_refuses_growth_only() {
         let mut s = Shard::new(0);
         // Room for exactly one entry of a 1-byte key and a 10-byte value.
-        let room = charge(1, 10);
+        let room = item_estimate(1, 10) + s.insert_growth();
         assert_eq!(
             apply(&mut s, set("a", "0123456789", 0, Condition::Always), 0, room),
             Outcome::Applied(true)
@@ -532,7 +615,7 @@ mod tests {
             Outcome::OutOfMemory
         );
         assert_eq!(
-            apply(&mut s, set("a", "0123456789a", 0, Condition::Always), 0, 0),
+            apply(&mut s, set("a", &"x".repeat(40), 0, Condition::Always), 0, 0),
             Outcome::OutOfMemory
         );
         assert_eq!(

@@ -593,7 +593,7 @@ fn stage_log(wal: &WalState, cut: u64, dir: &Path) -> std::io::Result<Vec<Staged
 async fn write_shard(
     dir: &Path,
     header: &Header,
-    entries: &[(bytes::Bytes, bytes::Bytes, u64)],
+    entries: &[(crate::shard::Item, u64)],
 ) -> std::io::Result<u64> {
     let path = dir.join(file_name(header.shard));
     let tmp = path.with_extension("snap.tmp");
@@ -613,7 +613,7 @@ async fn write_shard(
 }
 
 /// Writes and syncs a shard's snapshot to `tmp`; returns its bytes.
-async fn write_tmp(tmp: &Path, header: &Header, entries: &[(bytes::Bytes, bytes::Bytes, u64)]) -> std::io::Result<u64> {
+async fn write_tmp(tmp: &Path, header: &Header, entries: &[(crate::shard::Item, u64)]) -> std::io::Result<u64> {
     let file = DmaFile::create(tmp).await?;
     let mut w = DmaStreamWriterBuilder::new(file)
         .with_buffer_size(WRITER_BUFFER_BYTES)
@@ -621,14 +621,14 @@ async fn write_tmp(tmp: &Path, header: &Header, entries: &[(bytes::Bytes, bytes:
     let mut buf = Vec::with_capacity(CHUNK_BYTES + 4096);
     header.encode(&mut buf);
     let mut total = 0u64;
-    for (key, value, expire_at_ms) in entries {
+    for (item, expire_at_ms) in entries {
         let fields = Fields {
             shard: header.shard,
             seq: header.seq,
             op: ChangeOp::Set,
             expire_at_ms: *expire_at_ms,
-            key,
-            value,
+            key: item.key(),
+            value: item.value(),
         };
         record::encode_fields(&fields, &mut buf);
         if buf.len() >= CHUNK_BYTES {
