@@ -113,25 +113,10 @@ pub struct SnapshotEntries {
     pub entries: Vec<(Item, u64)>,
 }
 
-/// A table slot: 16 bytes.
-struct Entry {
-    item: Item,
-    /// Absolute deadline in Unix ms; 0 = no expiry. Absolute so it survives restarts.
-    expire_at_ms: u64,
-}
+/// A table slot: the item's pointer, 8 bytes.
+type Entry = Item;
 
-impl Entry {
-    #[inline]
-    fn key(&self) -> &[u8] {
-        self.item.key()
-    }
-
-    fn live(&self, now_ms: u64) -> bool {
-        self.expire_at_ms == 0 || self.expire_at_ms > now_ms
-    }
-}
-
-fn rehash(e: &Entry) -> u64 {
+fn rehash(e: &Item) -> u64 {
     table_hash(crate::keyspace::Keyspace::hash(e.key()))
 }
 
@@ -166,7 +151,8 @@ const DEADLINE_BYTES: u64 = 24;
 
 /// What a new item of `key_len + value_len` bytes will cost in the heap, before it exists
 /// (for the memory limit; afterwards the allocator's own figure is used): the block's 24
-/// header bytes and the payload, rounded as glibc's malloc rounds a chunk.
+/// header bytes and the payload, rounded as glibc's malloc rounds a chunk. (Blocks of
+/// 128 KiB and more may be mapped pages instead; the estimate is then up to a page off.)
 pub fn item_estimate(key_len: usize, value_len: usize) -> u64 {
     let request = 24 + key_len as u64 + value_len as u64;
     ((request + 8 + 15) & !15).max(32)
@@ -269,13 +255,13 @@ impl Shard {
     pub fn apply(&mut self, h: u64, cmd: Command, now_ms: u64, room_bytes: u64, out: &mut impl ChangeSink) -> Outcome {
         match cmd {
             Command::Get { key } => {
-                Outcome::Value(self.live_entry(h, &key, now_ms, out).map(|e| e.item.value_bytes()))
+                Outcome::Value(self.live_entry(h, &key, now_ms, out).map(|e| e.value_bytes()))
             }
             Command::Exists { key } => Outcome::Applied(self.live_entry(h, &key, now_ms, out).is_some()),
             Command::Ttl { key } => Outcome::Ttl(match self.live_entry(h, &key, now_ms, out) {
                 None => -2,
-                Some(e) if e.expire_at_ms == 0 => -1,
-                Some(e) => (e.expire_at_ms - now_ms).min(i64::MAX as u64) as i64,
+                Some(e) if e.expire_at_ms() == 0 => -1,
+                Some(e) => (e.expire_at_ms() - now_ms).min(i64::MAX as u64) as i64,
             }),
             Command::Del { key } => Outcome::Applied(match self.table.find_entry(h, |e| e.key() == &key[..]) {
                 Ok(occ) => {
@@ -293,8 +279,9 @@ impl Shard {
                 let Some(e) = self.live_entry(h, &key, now_ms, out) else {
                     return Outcome::Applied(false);
                 };
-                let old = std::mem::replace(&mut e.expire_at_ms, new);
-                let item = e.item.clone();
+                let old = e.expire_at_ms();
+                e.set_expire_at_ms(new);
+                let item = e.clone();
                 move_deadline(&mut self.deadlines, &item, old, &item, new);
                 self.log.record(out, ChangeOp::Expire, item.key(), NO_VALUE, new, now_ms);
                 Outcome::Applied(true)
@@ -350,15 +337,15 @@ impl Shard {
                     return Outcome::Applied(false);
                 }
                 let e = occ.get_mut();
-                let old_bytes = e.item.heap_bytes();
-                let deadline_growth = u64::from(e.expire_at_ms == 0 && expire_at_ms != 0) * DEADLINE_BYTES;
+                let old_bytes = e.heap_bytes();
+                let deadline_growth = u64::from(e.expire_at_ms() == 0 && expire_at_ms != 0) * DEADLINE_BYTES;
                 let growth = item_estimate(key.len(), value.len()) + deadline_growth;
                 if growth.saturating_sub(old_bytes) > room_bytes {
                     return Outcome::OutOfMemory;
                 }
-                let old_item = std::mem::replace(&mut e.item, Item::new(key, value));
-                let old_deadline = std::mem::replace(&mut e.expire_at_ms, expire_at_ms);
-                let item = e.item.clone();
+                let old_item = std::mem::replace(e, Item::new(key, value, expire_at_ms));
+                let old_deadline = old_item.expire_at_ms();
+                let item = e.clone();
                 self.items_bytes = self.items_bytes - old_bytes + item.heap_bytes();
                 move_deadline(&mut self.deadlines, &old_item, old_deadline, &item, expire_at_ms);
                 self.log
@@ -372,14 +359,14 @@ impl Shard {
                 if item_estimate(key.len(), value.len()) + table_growth + deadline_bytes > room_bytes {
                     return Outcome::OutOfMemory;
                 }
-                let item = Item::new(key, value);
+                let item = Item::new(key, value, expire_at_ms);
                 if expire_at_ms != 0 {
                     self.deadlines.insert(Due(expire_at_ms, item.clone()));
                 }
                 self.log
                     .record(out, ChangeOp::Set, item.key(), item.value(), expire_at_ms, now_ms);
                 self.items_bytes += item.heap_bytes();
-                absent.into_table().insert_unique(h, Entry { item, expire_at_ms }, rehash);
+                absent.into_table().insert_unique(h, item, rehash);
             }
         }
         Outcome::Applied(true)
@@ -394,9 +381,9 @@ impl Shard {
         let (entry, _) = occ.remove();
         self.expired_lazy += 1;
         // Fields, not `self.forget`: the returned entry above keeps `self.table` borrowed.
-        self.items_bytes -= entry.item.heap_bytes();
-        if entry.expire_at_ms != 0 {
-            self.deadlines.remove(&Due(entry.expire_at_ms, entry.item.clone()));
+        self.items_bytes -= entry.heap_bytes();
+        if entry.expire_at_ms() != 0 {
+            self.deadlines.remove(&Due(entry.expire_at_ms(), entry.clone()));
         }
         self.log
             .record(out, ChangeOp::Expired, entry.key(), NO_VALUE, 0, now_ms);
@@ -405,9 +392,9 @@ impl Shard {
 
     /// Accounts for an entry that left the table.
     fn forget(&mut self, entry: &Entry) {
-        self.items_bytes -= entry.item.heap_bytes();
-        if entry.expire_at_ms != 0 {
-            self.deadlines.remove(&Due(entry.expire_at_ms, entry.item.clone()));
+        self.items_bytes -= entry.heap_bytes();
+        if entry.expire_at_ms() != 0 {
+            self.deadlines.remove(&Due(entry.expire_at_ms(), entry.clone()));
         }
     }
 
@@ -422,29 +409,26 @@ impl Shard {
             ChangeOp::Set => match self.table.find_entry(h, |e| e.key() == &c.key[..]) {
                 Ok(mut occ) => {
                     let e = occ.get_mut();
-                    let old_item = std::mem::replace(&mut e.item, Item::new(&c.key, &c.value));
-                    let old_deadline = std::mem::replace(&mut e.expire_at_ms, c.expire_at_ms);
-                    let item = e.item.clone();
+                    let old_item = std::mem::replace(e, Item::new(&c.key, &c.value, c.expire_at_ms));
+                    let old_deadline = old_item.expire_at_ms();
+                    let item = e.clone();
                     self.items_bytes = self.items_bytes - old_item.heap_bytes() + item.heap_bytes();
                     move_deadline(&mut self.deadlines, &old_item, old_deadline, &item, c.expire_at_ms);
                 }
                 Err(absent) => {
-                    let item = Item::new(&c.key, &c.value);
+                    let item = Item::new(&c.key, &c.value, c.expire_at_ms);
                     if c.expire_at_ms != 0 {
                         self.deadlines.insert(Due(c.expire_at_ms, item.clone()));
                     }
                     self.items_bytes += item.heap_bytes();
-                    let entry = Entry {
-                        item,
-                        expire_at_ms: c.expire_at_ms,
-                    };
-                    absent.into_table().insert_unique(h, entry, rehash);
+                    absent.into_table().insert_unique(h, item, rehash);
                 }
             },
             ChangeOp::Expire => {
                 if let Some(e) = self.table.find_mut(h, |e| e.key() == &c.key[..]) {
-                    let old = std::mem::replace(&mut e.expire_at_ms, c.expire_at_ms);
-                    let item = e.item.clone();
+                    let old = e.expire_at_ms();
+                    e.set_expire_at_ms(c.expire_at_ms);
+                    let item = e.clone();
                     move_deadline(&mut self.deadlines, &item, old, &item, c.expire_at_ms);
                 }
             }
@@ -475,7 +459,7 @@ impl Shard {
     pub fn entries(&self) -> SnapshotEntries {
         SnapshotEntries {
             seq: self.log.seq,
-            entries: self.table.iter().map(|e| (e.item.clone(), e.expire_at_ms)).collect(),
+            entries: self.table.iter().map(|e| (e.clone(), e.expire_at_ms())).collect(),
         }
     }
 
@@ -491,9 +475,9 @@ impl Shard {
                 break;
             };
             let h = table_hash(crate::keyspace::Keyspace::hash(item.key()));
-            if let Ok(occ) = self.table.find_entry(h, |e| e.item.same(&item)) {
+            if let Ok(occ) = self.table.find_entry(h, |e| e.same(&item)) {
                 let (entry, _) = occ.remove();
-                self.items_bytes -= entry.item.heap_bytes();
+                self.items_bytes -= entry.heap_bytes();
                 self.log
                     .record(out, ChangeOp::Expired, entry.key(), NO_VALUE, 0, now_ms);
             }
@@ -564,7 +548,7 @@ mod tests {
         apply(&mut s, set("a", "1", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("a", "12345", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("b", "x", 5, Condition::Always), 0, u64::MAX);
-        let items = Item::new(b"a", b"12345").heap_bytes() + Item::new(b"b", b"x").heap_bytes();
+        let items = Item::new(b"a", b"12345", 0).heap_bytes() + Item::new(b"b", b"x", 5).heap_bytes();
         assert_eq!(s.items_bytes, items);
         assert_eq!(s.memory_bytes(), items + s.table_bytes() + DEADLINE_BYTES);
         assert!(s.table_bytes() > 0);
@@ -595,7 +579,7 @@ mod tests {
     #[test]
     fn item_estimate_matches_the_allocator() {
         for len in [0, 1, 7, 8, 16, 40, 64, 100, 1000, 4096, 65_000] {
-            let item = Item::new(b"key", &vec![1u8; len]);
+            let item = Item::new(b"key", &vec![1u8; len], 0);
             assert_eq!(item_estimate(3, len), item.heap_bytes(), "value of {len} bytes");
         }
     }
