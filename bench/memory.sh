@@ -4,7 +4,9 @@
 # `user_<conn>_<i>` (about 16 B). Three workloads: 1,000,000 keys with 16 B values,
 # 1,000,000 with 64 B, 300,000 with 1 KiB. For each server: RSS before and after the
 # writes, RSS per key, server CPU per SET; for Flux-KV also Stats' memory_bytes beside the
-# RSS growth. Writes bench/results/memory.md and bench/results/memory.json.
+# RSS growth. RSS after is read 2 s after the writes, once both allocators (jemalloc in
+# both) have returned the pages freed during them. Writes bench/results/memory.md and
+# bench/results/memory.json.
 source "$(dirname "$0")/lib.sh"
 C=${C:-100}
 WORKLOADS=${WORKLOADS:-"16:1000000 64:1000000 1024:300000"}
@@ -23,6 +25,9 @@ run() {
   before=$(rss_kib "$pid")
   measure "$pid" "$WORK/run.json" "$BIN/flux-bench" --addr "127.0.0.1:$port" -c "$C" -n "$keys" \
     --value-bytes "$value" --json "$@"
+  # Both servers use jemalloc, which returns pages freed during the run (old hash tables,
+  # request buffers) within about a second.
+  sleep 2
   after=$(rss_kib "$pid")
   if [ "$server" = Flux-KV ]; then
     accounted=$(flux_stat "$port" cores.0.memory_bytes)
@@ -64,7 +69,8 @@ md = ["# Memory per key: Flux-KV beside Redis", "",
       f"Both servers on CPU {server_cpu} without persistence, Flux-KV with 1 shard core and the metrics endpoint off; "
       f"the same client (flux-bench, RESP mode for Redis) on CPU {client_cpu} writes distinct keys `user_<conn>_<i>` "
       f"with {c} connections. RSS is the server's resident set before and after the writes; `growth / key` is the "
-      "RSS growth per key written; `us/SET` is server CPU per request.", "",
+      "RSS growth per key written (RSS read 2 s after the writes, once the allocators returned freed pages); "
+      "`us/SET` is server CPU per request.", "",
       "| values | keys | Flux-KV RSS after | Redis RSS after | ratio | Flux-KV growth / key | Redis growth / key | Flux-KV memory_bytes / RSS growth | us/SET Flux-KV | us/SET Redis |",
       "|---|---|---|---|---|---|---|---|---|---|"]
 out = []

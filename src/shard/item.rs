@@ -14,6 +14,14 @@
 //! out without copying it ([`Item::value_bytes`]) and a snapshot hold the items it writes
 //! while the shard goes on changing.
 //!
+//! A value of [`OUTSIDE_VALUE_BYTES`] (1 KiB) or more gets its own allocation, and the
+//! block holds a pointer to it after the key. Inline, such a value pushes header, key and
+//! value together into the allocator's next size class, whose spacing is a quarter of the
+//! size there (a 1 KiB value with its key and header lands in the 1,280-byte class); on its
+//! own it costs its own size class, which is exact for the round sizes large values
+//! usually have, and the block stays in a small class. Below 1 KiB the classes are close
+//! enough that a second allocation would cost more than it saves.
+//!
 //! Everything but the deadline is immutable once built (a SET builds a new item). The
 //! deadline changes only on the owning core (EXPIRE); it is atomic so that an item can be
 //! shared with other threads (a value in flight to another core) soundly.
@@ -35,8 +43,21 @@ struct Header {
 }
 
 const HEADER_BYTES: usize = std::mem::size_of::<Header>();
-/// Bytes the allocator adds to every block (glibc malloc: an 8-byte chunk header).
-const ALLOC_HEADER_BYTES: u64 = 8;
+/// Values this long or longer live in their own allocation (see the module comment).
+pub const OUTSIDE_VALUE_BYTES: usize = 1024;
+const POINTER_BYTES: usize = std::mem::size_of::<*mut u8>();
+
+/// Whether a value of `value_len` bytes lives outside the block.
+#[inline]
+fn outside(value_len: usize) -> bool {
+    value_len >= OUTSIDE_VALUE_BYTES
+}
+
+/// Bytes after the header: the key, then the value or the pointer to it.
+#[inline]
+fn payload(key_len: usize, value_len: usize) -> usize {
+    key_len + if outside(value_len) { POINTER_BYTES } else { value_len }
+}
 /// More references than this means a leak somewhere; abort rather than overflow.
 const REFS_MAX: u32 = u32::MAX / 2;
 
@@ -56,10 +77,11 @@ impl Item {
     pub fn new(key: &[u8], value: &[u8], expire_at_ms: u64) -> Item {
         let key_len = u32::try_from(key.len()).expect("keys are bounded by limits.key_bytes_max");
         let value_len = u32::try_from(value.len()).expect("values are bounded by limits.value_bytes_max");
-        let layout = layout(key.len() + value.len());
-        // SAFETY: the layout has a non-zero size (the header); the block is checked for
-        // null, then fully written: the header, then exactly `key.len() + value.len()` bytes
-        // after it, from slices that cannot overlap a block allocated just now.
+        let layout = layout(payload(key.len(), value.len()));
+        // SAFETY: the layouts have non-zero sizes (the header; an outside value has at
+        // least OUTSIDE_VALUE_BYTES); each allocation is checked for null, then fully
+        // written: the header, the key, then the value or the pointer to it (unaligned,
+        // after a key of any length), from slices that cannot overlap blocks allocated now.
         unsafe {
             let block = alloc(layout).cast::<Header>();
             let Some(block) = NonNull::new(block) else {
@@ -74,7 +96,17 @@ impl Item {
             });
             let data = block.as_ptr().cast::<u8>().add(HEADER_BYTES);
             std::ptr::copy_nonoverlapping(key.as_ptr(), data, key.len());
-            std::ptr::copy_nonoverlapping(value.as_ptr(), data.add(key.len()), value.len());
+            if outside(value.len()) {
+                let value_layout = value_layout(value.len());
+                let own = alloc(value_layout);
+                if own.is_null() {
+                    handle_alloc_error(value_layout)
+                }
+                std::ptr::copy_nonoverlapping(value.as_ptr(), own, value.len());
+                data.add(key.len()).cast::<*mut u8>().write_unaligned(own);
+            } else {
+                std::ptr::copy_nonoverlapping(value.as_ptr(), data.add(key.len()), value.len());
+            }
             Item(block)
         }
     }
@@ -100,8 +132,18 @@ impl Item {
     #[inline]
     pub fn value(&self) -> &[u8] {
         let h = self.header();
-        // SAFETY: `value_len` initialised bytes follow the key, for the block's life.
-        unsafe { std::slice::from_raw_parts(self.data().add(h.key_len as usize), h.value_len as usize) }
+        let (key_len, value_len) = (h.key_len as usize, h.value_len as usize);
+        // SAFETY: `value_len` initialised bytes follow the key, or live at the pointer that
+        // follows it, for the block's life.
+        unsafe {
+            let at = self.data().add(key_len);
+            let start = if outside(value_len) {
+                at.cast::<*const u8>().read_unaligned()
+            } else {
+                at
+            };
+            std::slice::from_raw_parts(start, value_len)
+        }
     }
 
     #[inline]
@@ -130,10 +172,8 @@ impl Item {
 
     /// The block's size as the allocator sees it (what it costs in memory).
     pub fn heap_bytes(&self) -> u64 {
-        // SAFETY: the pointer is the start of a live block from the global allocator, the
-        // system's malloc (no other is installed), which is what malloc_usable_size expects.
-        let usable = unsafe { libc::malloc_usable_size(self.0.as_ptr().cast()) };
-        usable as u64 + ALLOC_HEADER_BYTES
+        let h = self.header();
+        estimate(h.key_len as usize, h.value_len as usize)
     }
 
     /// Whether `self` and `other` are the same block (not merely equal bytes).
@@ -150,7 +190,31 @@ impl Item {
     }
 }
 
-/// The layout of a block carrying `payload` bytes of key and value.
+/// What an item of this key and value costs in the heap: jemalloc's size classes for its
+/// block and, for a large value, the value's own allocation (the server's allocator, see
+/// `bin/flux-server.rs`; its small classes carry no per-block header, and large ones take
+/// whole pages). Known before the item exists, so a write is checked against the memory
+/// limit with the figure it will be accounted at.
+pub fn estimate(key_len: usize, value_len: usize) -> u64 {
+    let own = if outside(value_len) {
+        allocation_bytes(value_len)
+    } else {
+        0
+    };
+    allocation_bytes(HEADER_BYTES + payload(key_len, value_len)) + own
+}
+
+/// What an allocation of `bytes` costs: jemalloc's size class for it.
+pub fn allocation_bytes(bytes: usize) -> u64 {
+    // SAFETY: nallocx only computes a size class; callers never pass zero.
+    unsafe { tikv_jemalloc_sys::nallocx(bytes, 0) as u64 }
+}
+
+fn value_layout(value_len: usize) -> Layout {
+    Layout::from_size_align(value_len, 1).expect("value size fits a layout")
+}
+
+/// The layout of a block carrying `payload` bytes after its header.
 fn layout(payload: usize) -> Layout {
     Layout::from_size_align(HEADER_BYTES + payload, std::mem::align_of::<Header>()).expect("item size fits a layout")
 }
@@ -172,10 +236,16 @@ impl Drop for Item {
         }
         // As in `std::sync::Arc`: every other owner's use happens before the free.
         fence(Ordering::Acquire);
-        let h = self.header();
-        let layout = layout(h.key_len as usize + h.value_len as usize);
-        // SAFETY: this was the last reference; the block came from `alloc` with this layout.
-        unsafe { dealloc(self.0.as_ptr().cast(), layout) }
+        let (key_len, value_len) = (self.header().key_len as usize, self.header().value_len as usize);
+        // SAFETY: this was the last reference; the block (and an outside value) came from
+        // `alloc` with these layouts, and nothing reads them after this.
+        unsafe {
+            if outside(value_len) {
+                let own = self.data().add(key_len).cast::<*mut u8>().read_unaligned();
+                dealloc(own, value_layout(value_len));
+            }
+            dealloc(self.0.as_ptr().cast(), layout(payload(key_len, value_len)));
+        }
     }
 }
 
@@ -207,7 +277,12 @@ mod tests {
     // item), counts its references across threads, and reports what it costs.
     #[test]
     fn item_round_trip() {
-        for (k, v) in [(&b""[..], &b""[..]), (b"k", b""), (b"", b"v"), (b"user_1_2", b"value_3")] {
+        for (k, v) in [
+            (&b""[..], &b""[..]),
+            (b"k", b""),
+            (b"", b"v"),
+            (b"user_1_2", b"value_3"),
+        ] {
             let item = Item::new(k, v, 7);
             assert_eq!((item.key(), item.value(), item.expire_at_ms()), (k, v, 7));
         }
@@ -233,7 +308,21 @@ mod tests {
         assert_eq!(shared.header().refs.load(Ordering::Relaxed), 1);
 
         let small = Item::new(b"user_1_2", b"0123456789abcdef", 0);
-        assert_eq!(small.heap_bytes(), 64, "24 + 24 bytes in one 64-byte chunk");
+        assert_eq!(small.heap_bytes(), 48, "24 + 24 bytes: jemalloc's 48-byte class");
+        assert_eq!(estimate(0, 1000), 1024, "24 + 1000 bytes inline: the 1024-byte class");
+        assert_eq!(
+            estimate(15, 1024),
+            48 + 1024,
+            "15 + 8 bytes after the header, the value on its own"
+        );
+        for len in [1023, 1024, 5000, 1 << 20] {
+            let big = Item::new(b"a key", &vec![3u8; len], 0);
+            assert_eq!((big.key(), big.value()), (&b"a key"[..], &vec![3u8; len][..]), "{len}");
+            assert_eq!(big.heap_bytes(), estimate(5, len));
+            let value = big.value_bytes();
+            drop(big);
+            assert_eq!(value.len(), len);
+        }
         assert!(small.same(&small.clone()) && !small.same(&Item::new(b"user_1_2", b"0123456789abcdef", 0)));
     }
 }

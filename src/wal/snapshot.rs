@@ -590,11 +590,7 @@ fn stage_log(wal: &WalState, cut: u64, dir: &Path) -> std::io::Result<Vec<Staged
 
 /// Writes one shard's snapshot next to the old one, then renames it into place. A failed
 /// write (a full disk) removes its temporary file: it would hold space the node needs.
-async fn write_shard(
-    dir: &Path,
-    header: &Header,
-    entries: &[(crate::shard::Item, u64)],
-) -> std::io::Result<u64> {
+async fn write_shard(dir: &Path, header: &Header, entries: &[(crate::shard::Item, u64)]) -> std::io::Result<u64> {
     let path = dir.join(file_name(header.shard));
     let tmp = path.with_extension("snap.tmp");
     let written = write_tmp(&tmp, header, entries).await;
