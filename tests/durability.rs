@@ -425,3 +425,58 @@ fn damaged_snapshot_and_wrong_shard_count() {
     let r = off.connect().call(Op::Snapshot(proto::SnapshotRequest {}));
     assert_eq!(code(&r), Some(proto::ErrorCode::InvalidRequest));
 }
+
+// Goal: snapshots taken while every key is being overwritten as fast as the client can go
+// restore exactly: after a stop, the node comes back from those snapshots (and the log
+// after them) with every key's last value.
+#[test]
+fn snapshots_during_heavy_overwrites_restore_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--cores", "2"];
+    let mut server = TestServer::start_in(dir.path(), &args);
+    let keys = 20_000;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, addr) = (stop.clone(), server.addr);
+        std::thread::spawn(move || {
+            let mut c = common::Client::connect(addr);
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for chunk in (0..keys).collect::<Vec<_>>().chunks(500) {
+                    let entries = chunk
+                        .iter()
+                        .map(|&i| {
+                            (
+                                format!("ow{i}").into_bytes(),
+                                format!("{round}-{i}-{}", "x".repeat(i % 64)).into_bytes(),
+                            )
+                        })
+                        .collect();
+                    mset(&mut c, entries);
+                }
+                round += 1;
+            }
+            round
+        })
+    };
+    let mut admin = server.connect();
+    for _ in 0..3 {
+        let r = admin.call(Op::Snapshot(proto::SnapshotRequest {}));
+        assert!(code(&r).is_none(), "{r:?}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = writer.join().unwrap();
+    assert!(rounds >= 2, "the writer overwrote every key during the snapshots");
+    let mut c = server.connect();
+    let before: Vec<Option<Vec<u8>>> = (0..keys).map(|i| c.get(format!("ow{i}").as_bytes())).collect();
+    server.signal(libc::SIGTERM);
+    assert!(server.wait_exit(Duration::from_secs(10)).unwrap().success());
+
+    let server = TestServer::start_in(dir.path(), &["--cores", "1"]);
+    let log = server.log_text();
+    assert!(!log.contains("snapshots=0 "), "recovery used the snapshots: {log}");
+    let mut c = server.connect();
+    for (i, value) in before.iter().enumerate() {
+        assert_eq!(&c.get(format!("ow{i}").as_bytes()), value, "ow{i}");
+    }
+}
