@@ -16,6 +16,7 @@
 //!
 //! Layout (one concept per file):
 //! - [`config`]: one `Config` from defaults < TOML < `FLUX_*` env < flags.
+//! - [`alloc`]: the server's allocator (jemalloc, and glibc for huge blocks).
 //! - [`change`]: the shared vocabulary of writes (a change, its op, record fields, the clock);
 //!   a leaf every other data module depends on.
 //! - [`wire`]: the frame codec shared by server and clients; [`proto`]: the generated messages.
@@ -39,6 +40,7 @@
 //! - `src/bin/`: thin binaries: `flux-server`, `flux-cli`, `flux-bench`, `flux-cdc-tail`
 //!   (the tools themselves live in `tools`).
 
+pub mod alloc;
 pub mod auth;
 pub mod backup;
 pub mod cdc;

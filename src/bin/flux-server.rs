@@ -9,13 +9,13 @@ use flux_kv::server::{RingKind, Server};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 use signal_hook::iterator::Signals;
 
-/// jemalloc: its size classes carry no per-block header (a 48-byte item costs 48 bytes,
-/// not glibc's 64), and it returns freed pages to the system, so the node's resident memory
-/// follows what it stores; the store accounts items by its size classes (`shard/item.rs`).
+/// jemalloc, and glibc for huge blocks (see `flux_kv::alloc`); the store accounts items by
+/// the same rules (`shard/item.rs`).
 #[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+static ALLOCATOR: flux_kv::alloc::ServerAllocator = flux_kv::alloc::ServerAllocator;
 
 fn main() -> ExitCode {
+    flux_kv::alloc::init();
     let invocation = match Config::load(std::env::args()) {
         Ok(i) => i,
         Err(ConfigError::Usage(e)) => e.exit(),

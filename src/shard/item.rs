@@ -192,7 +192,7 @@ impl Item {
 
 /// What an item of this key and value costs in the heap: jemalloc's size classes for its
 /// block and, for a large value, the value's own allocation (the server's allocator, see
-/// `bin/flux-server.rs`; its small classes carry no per-block header, and large ones take
+/// `crate::alloc`: jemalloc's small classes carry no per-block header, and huge blocks take
 /// whole pages). Known before the item exists, so a write is checked against the memory
 /// limit with the figure it will be accounted at.
 pub fn estimate(key_len: usize, value_len: usize) -> u64 {
@@ -204,8 +204,12 @@ pub fn estimate(key_len: usize, value_len: usize) -> u64 {
     allocation_bytes(HEADER_BYTES + payload(key_len, value_len)) + own
 }
 
-/// What an allocation of `bytes` costs: jemalloc's size class for it.
+/// What an allocation of `bytes` costs under the server's allocator (`crate::alloc`):
+/// jemalloc's size class, or whole pages for a huge block.
 pub fn allocation_bytes(bytes: usize) -> u64 {
+    if bytes >= crate::alloc::HUGE_BYTES {
+        return crate::alloc::huge_block_bytes(bytes);
+    }
     // SAFETY: nallocx only computes a size class; callers never pass zero.
     unsafe { tikv_jemalloc_sys::nallocx(bytes, 0) as u64 }
 }
