@@ -206,6 +206,9 @@ pub struct Shard {
     deadlines: BTreeSet<Due>,
     /// Heap bytes of the items in the table, as the allocator counts them.
     items_bytes: u64,
+    /// The table's allocation for the capacity it had when last asked (its size class
+    /// comes from the allocator, so it is worked out only when the capacity changes).
+    table_cost: std::cell::Cell<(usize, u64)>,
     log: ChangeLog,
     /// Expired keys removed because a request touched them (lazy expiry), since start.
     expired_lazy: u64,
@@ -217,6 +220,7 @@ impl Shard {
             table: HashTable::new(),
             deadlines: BTreeSet::new(),
             items_bytes: 0,
+            table_cost: std::cell::Cell::new((0, 0)),
             log: ChangeLog { shard: id, seq: 0 },
             expired_lazy: 0,
         }
@@ -245,7 +249,15 @@ impl Shard {
     /// one below 8 buckets), each a slot and a control byte, plus one group of control
     /// bytes; the allocator rounds it up to its size class.
     pub(crate) fn table_bytes(&self) -> u64 {
-        table_allocation(self.buckets())
+        let capacity = self.table.capacity();
+        match self.table_cost.get() {
+            (c, bytes) if c == capacity => bytes,
+            _ => {
+                let bytes = table_allocation(self.buckets());
+                self.table_cost.set((capacity, bytes));
+                bytes
+            }
+        }
     }
 
     fn buckets(&self) -> u64 {
