@@ -13,6 +13,8 @@ pub enum ChangeOp {
     Del,
     Expire,
     Expired,
+    /// Removed to make room under `limits.eviction`.
+    Evicted,
 }
 
 /// One change's fields, borrowed from wherever they live (a shard entry, a snapshot copy, a

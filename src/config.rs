@@ -65,7 +65,8 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("limits.frame_bytes_max", "largest request frame; larger ones get FRAME_TOO_LARGE and the connection closes"),
     ("limits.key_bytes_max", "largest key; larger ones get KEY_TOO_LARGE"),
     ("limits.value_bytes_max", "largest value; larger ones get VALUE_TOO_LARGE"),
-    ("limits.memory_bytes_max", "memory for keys and values per node, split evenly over the cores; 0 = unlimited; over it writes get OUT_OF_MEMORY"),
+    ("limits.memory_bytes_max", "memory for keys and values per node, split evenly over the cores; 0 = unlimited; what a write that would exceed it does is limits.eviction"),
+    ("limits.eviction", "at limits.memory_bytes_max: none = writes that need memory get OUT_OF_MEMORY; lru = they evict the least recently used keys (approximate LRU, sampled), each eviction logged and published as EVICTED"),
     ("limits.connections_per_core_max", "open connections per core; further connections are closed at once"),
     ("limits.requests_in_flight_max", "unanswered requests per connection before the server stops reading from it"),
     ("limits.write_buffer_bytes_max", "encoded replies buffered per connection before they are sent"),
@@ -326,6 +327,7 @@ pub struct Limits {
     pub key_bytes_max: usize,
     pub value_bytes_max: usize,
     pub memory_bytes_max: u64,
+    pub eviction: Eviction,
     pub connections_per_core_max: usize,
     pub requests_in_flight_max: usize,
     pub write_buffer_bytes_max: usize,
@@ -333,6 +335,18 @@ pub struct Limits {
     pub batch_keys_max: usize,
     pub idle_timeout_ms: u64,
     pub frame_read_timeout_ms: u64,
+}
+
+/// What a write does when the node holds `limits.memory_bytes_max`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Eviction {
+    /// It is refused with OUT_OF_MEMORY; nothing is removed that a client did not remove.
+    None,
+    /// It evicts the least recently read or written keys until it fits (approximate LRU:
+    /// the oldest of a few random samples and the best candidates kept from earlier ones,
+    /// as Redis' allkeys-lru). Each evicted key is a log record and an EVICTED change.
+    Lru,
 }
 
 /// Executor and ring settings.
@@ -411,6 +425,7 @@ impl Default for Limits {
             key_bytes_max: DEFAULT_KEY_BYTES_MAX,
             value_bytes_max: DEFAULT_VALUE_BYTES_MAX,
             memory_bytes_max: 0,
+            eviction: Eviction::None,
             connections_per_core_max: DEFAULT_CONNECTIONS_PER_CORE_MAX,
             requests_in_flight_max: DEFAULT_REQUESTS_IN_FLIGHT_MAX,
             write_buffer_bytes_max: DEFAULT_WRITE_BUFFER_BYTES_MAX,
@@ -542,6 +557,12 @@ impl Config {
             if v == 0 {
                 return fail(format!("{name} must be at least 1"));
             }
+        }
+        if l.eviction != Eviction::None && l.memory_bytes_max == 0 {
+            return fail(
+                "limits.eviction = lru needs limits.memory_bytes_max (0 = unlimited: nothing would ever be evicted)"
+                    .into(),
+            );
         }
         if self.persistence.log_retry_interval_ms == 0 {
             return fail("persistence.log_retry_interval_ms must be at least 1".into());

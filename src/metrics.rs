@@ -176,6 +176,9 @@ pub struct Node {
     pub registration: Option<Arc<RegistrationState>>,
     /// limits.memory_bytes_max split over the cores; 0 = unlimited.
     pub memory_per_core_max: u64,
+    /// limits.eviction = lru: a core at its share evicts instead of refusing writes, so
+    /// being there is normal, not a reason to be unready.
+    pub evicting: bool,
 }
 
 impl Node {
@@ -206,9 +209,13 @@ impl Node {
                     "core {i}: the write-ahead log cannot be written ({}); writes are refused",
                     c.log_error
                 )),
-                Some(c) if self.memory_per_core_max > 0 && c.memory_bytes >= self.memory_per_core_max => why.push(
-                    format!("core {i}: at its share of limits.memory_bytes_max; writes that grow memory are refused"),
-                ),
+                Some(c)
+                    if self.memory_per_core_max > 0 && !self.evicting && c.memory_bytes >= self.memory_per_core_max =>
+                {
+                    why.push(format!(
+                        "core {i}: at its share of limits.memory_bytes_max; writes that grow memory are refused"
+                    ))
+                }
                 Some(_) => {}
             }
         }
@@ -253,6 +260,11 @@ impl Node {
             "flux_core_memory_limit_bytes",
             "Each core's share of limits.memory_bytes_max (0: no limit)",
             self.memory_per_core_max as f64,
+        )?;
+        gauge(
+            "flux_eviction_enabled",
+            "1 when limits.eviction = lru: at the memory limit, writes evict instead of failing",
+            f64::from(u8::from(self.evicting)),
         )?;
         let p = &self.persistence;
         gauge(
@@ -451,6 +463,12 @@ const CORE_FIGURES: &[(&str, &str, Kind, fn(&CoreStats) -> i64)] = &[
         "Bytes accounted to the core's shards",
         Kind::Gauge,
         |c| c.memory_bytes as i64,
+    ),
+    (
+        "flux_core_evicted_keys_total",
+        "Keys evicted to make room (limits.eviction = lru)",
+        Kind::Counter,
+        |c| c.keys_evicted as i64,
     ),
     (
         "flux_core_cdc_queue_events",

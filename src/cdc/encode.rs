@@ -86,18 +86,19 @@ fn op(op: ChangeOp) -> Op {
         ChangeOp::Del => Op::Del,
         ChangeOp::Expire => Op::Expire,
         ChangeOp::Expired => Op::Expired,
+        ChangeOp::Evicted => Op::Evicted,
     }
 }
 
 /// The old service's message for one event: `{"type":0|1,"key":"..","value":..}` with 0 =
-/// SET and 1 = DEL (value null). A key removed by expiry is a delete to those consumers;
-/// an expiry change has no equivalent there and yields no message.
+/// SET and 1 = DEL (value null). A key removed by expiry or eviction is a delete to those
+/// consumers; an expiry change has no equivalent there and yields no message.
 pub fn json(c: &Fields) -> Option<Vec<u8>> {
     // Field order as the old service wrote them; serde_json escapes the strings.
     let string = |b: &[u8]| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()).to_string();
     let (kind, value) = match c.op {
         ChangeOp::Set => (0, string(c.value)),
-        ChangeOp::Del | ChangeOp::Expired => (1, "null".to_string()),
+        ChangeOp::Del | ChangeOp::Expired | ChangeOp::Evicted => (1, "null".to_string()),
         ChangeOp::Expire => return None,
     };
     Some(format!(r#"{{"type":{kind},"key":{},"value":{value}}}"#, string(c.key)).into_bytes())
@@ -135,6 +136,10 @@ mod tests {
         );
         assert_eq!(
             json(&change(ChangeOp::Expired).fields()).unwrap(),
+            br#"{"type":1,"key":"k","value":null}"#
+        );
+        assert_eq!(
+            json(&change(ChangeOp::Evicted).fields()).unwrap(),
             br#"{"type":1,"key":"k","value":null}"#
         );
         assert!(json(&change(ChangeOp::Expire).fields()).is_none());

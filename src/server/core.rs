@@ -236,6 +236,7 @@ impl Core {
             forwarded_in: c.forwarded_in.get(),
             keys: store.keys(),
             memory_bytes: store.memory_bytes(),
+            keys_evicted: store.evicted(),
             cdc_queue_events,
             cdc_events_dropped,
             wal_bytes: self.wal.as_ref().map_or(0, |w| w.bytes.get()),
@@ -899,7 +900,9 @@ fn held_after(index: u32) -> Option<Duration> {
 }
 
 /// Active expiry: remove due keys in bounded steps; when a step hit its bound, go again
-/// right away (after yielding) instead of waiting a full interval.
+/// right away (after yielding) instead of waiting a full interval. With eviction on, the
+/// same steps bring a core that holds more than its memory share (after a restart with a
+/// lower limit) back under it, so no single write has to evict all of the excess.
 async fn sweep(core: Rc<Core>) {
     loop {
         // Removals are writes: none while capture holds writers or the log is failing.
@@ -914,9 +917,12 @@ async fn sweep(core: Rc<Core>) {
                 .capture
                 .as_ref()
                 .map_or(SWEEP_KEYS_MAX, |q| q.room().min(SWEEP_KEYS_MAX));
-            core.store.borrow_mut().sweep(now_ms(), max, &mut *recorder)
+            let mut store = core.store.borrow_mut();
+            let now = now_ms();
+            let expired = store.sweep(now, max, &mut *recorder);
+            Counters::add(&core.counters.expired_swept, expired as u64);
+            expired + store.evict_over(now, max - expired, &mut *recorder)
         };
-        Counters::add(&core.counters.expired_swept, removed as u64);
         if removed == SWEEP_KEYS_MAX {
             glommio::executor().yield_now().await;
         } else {

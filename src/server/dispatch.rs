@@ -647,7 +647,7 @@ fn respond(id: u64, kind: Kind, outcomes: &mut [Option<Outcome>]) -> Response {
         return error(
             id,
             ErrorCode::OutOfMemory,
-            "limits.memory_bytes_max reached; writes are refused".into(),
+            "limits.memory_bytes_max reached: the write does not fit (limits.eviction = none, or it needs more than the core can evict)".into(),
         );
     }
     let mut it = outcomes.iter_mut().map(|o| o.take().unwrap_or(Outcome::Applied(false)));

@@ -219,7 +219,7 @@ impl Server {
         }
         // Each core's store, built here so the logs can be replayed before any port opens.
         let mut stores: Vec<CoreStore> = (0..cores)
-            .map(|i| CoreStore::new(keyspace, i, config.limits.memory_bytes_max))
+            .map(|i| CoreStore::new(keyspace, i, config.limits.memory_bytes_max, config.limits.eviction))
             .collect();
         let started_ms = crate::change::now_ms();
         let wal_dir = config.data_dir.join("wal");
@@ -319,6 +319,7 @@ impl Server {
                 serving: serving_flag.clone(),
                 registration: registration.as_ref().map(|r| r.state.clone()),
                 memory_per_core_max: config.limits.memory_bytes_max / u64::from(cores),
+                evicting: config.limits.eviction != crate::config::Eviction::None,
             };
             Arc::new(node)
         });

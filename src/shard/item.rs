@@ -5,7 +5,7 @@
 //!  table slot: Item (8 B, a pointer)
 //!                 |
 //!                 v  one heap block
-//!  [ refs 4 | key_len 4 | value_len 4 | 4 | expire_at_ms 8 | key bytes | value bytes ]
+//!  [ refs 4 | key_len 4 | value_len 4 | touched 4 | expire_at_ms 8 | key bytes | value bytes ]
 //! ```
 //!
 //! Compared with a key `Bytes`, a value `Bytes` and a deadline in the slot (72 bytes and two
@@ -22,9 +22,14 @@
 //! usually have, and the block stays in a small class. Below 1 KiB the classes are close
 //! enough that a second allocation would cost more than it saves.
 //!
-//! Everything but the deadline is immutable once built (a SET builds a new item). The
-//! deadline changes only on the owning core (EXPIRE); it is atomic so that an item can be
-//! shared with other threads (a value in flight to another core) soundly.
+//! `touched` is when the item was last read or written, in [`TOUCH_TICK_MS`] ticks: what
+//! approximate-LRU eviction compares (`limits.eviction`). Four bytes that were padding, so
+//! it costs nothing; at 16 ms a tick it wraps after 2.2 years, and an item idle longer than
+//! that merely looks younger than it is.
+//!
+//! Everything but the deadline and `touched` is immutable once built (a SET builds a new
+//! item). Those two change only on the owning core (EXPIRE, reads); they are atomic so that
+//! an item can be shared with other threads (a value in flight to another core) soundly.
 
 use std::alloc::{alloc, dealloc, handle_alloc_error, Layout};
 use std::ptr::NonNull;
@@ -37,7 +42,8 @@ struct Header {
     refs: AtomicU32,
     key_len: u32,
     value_len: u32,
-    _pad: u32,
+    /// Last read or write, in ticks of [`TOUCH_TICK_MS`] (wrapping).
+    touched: AtomicU32,
     /// Absolute deadline in Unix ms; 0 = no expiry.
     expire_at_ms: AtomicU64,
 }
@@ -46,6 +52,16 @@ const HEADER_BYTES: usize = std::mem::size_of::<Header>();
 /// Values this long or longer live in their own allocation (see the module comment).
 pub const OUTSIDE_VALUE_BYTES: usize = 1024;
 const POINTER_BYTES: usize = std::mem::size_of::<*mut u8>();
+/// The resolution of an item's last-access time: fine enough to order what a core touched
+/// a moment ago against what it touched a second ago, coarse enough that 32 bits span
+/// years.
+pub const TOUCH_TICK_MS: u64 = 16;
+
+/// `now_ms` in [`TOUCH_TICK_MS`] ticks, wrapping in 32 bits.
+#[inline]
+pub fn tick(now_ms: u64) -> u32 {
+    (now_ms / TOUCH_TICK_MS) as u32
+}
 
 /// Whether a value of `value_len` bytes lives outside the block.
 #[inline]
@@ -73,8 +89,8 @@ unsafe impl Send for Item {}
 unsafe impl Sync for Item {}
 
 impl Item {
-    /// Copies `key` and `value` into one new block.
-    pub fn new(key: &[u8], value: &[u8], expire_at_ms: u64) -> Item {
+    /// Copies `key` and `value` into one new block, touched at tick `touched` ([`tick`]).
+    pub fn new(key: &[u8], value: &[u8], expire_at_ms: u64, touched: u32) -> Item {
         let key_len = u32::try_from(key.len()).expect("keys are bounded by limits.key_bytes_max");
         let value_len = u32::try_from(value.len()).expect("values are bounded by limits.value_bytes_max");
         let layout = layout(payload(key.len(), value.len()));
@@ -91,7 +107,7 @@ impl Item {
                 refs: AtomicU32::new(1),
                 key_len,
                 value_len,
-                _pad: 0,
+                touched: AtomicU32::new(touched),
                 expire_at_ms: AtomicU64::new(expire_at_ms),
             });
             let data = block.as_ptr().cast::<u8>().add(HEADER_BYTES);
@@ -156,6 +172,24 @@ impl Item {
     #[inline]
     pub fn set_expire_at_ms(&self, expire_at_ms: u64) {
         self.header().expire_at_ms.store(expire_at_ms, Ordering::Relaxed);
+    }
+
+    /// Records a read or write at tick `now` ([`tick`]). Only the owning core calls it.
+    #[inline]
+    pub fn touch(&self, now: u32) {
+        self.header().touched.store(now, Ordering::Relaxed);
+    }
+
+    /// The tick of the last read or write.
+    #[inline]
+    pub fn touched(&self) -> u32 {
+        self.header().touched.load(Ordering::Relaxed)
+    }
+
+    /// Ticks since the last read or write, as of tick `now`.
+    #[inline]
+    pub fn idle_ticks(&self, now: u32) -> u32 {
+        now.wrapping_sub(self.touched())
     }
 
     /// Whether the item has not expired at `now_ms`.
@@ -287,10 +321,10 @@ mod tests {
             (b"", b"v"),
             (b"user_1_2", b"value_3"),
         ] {
-            let item = Item::new(k, v, 7);
+            let item = Item::new(k, v, 7, 0);
             assert_eq!((item.key(), item.value(), item.expire_at_ms()), (k, v, 7));
         }
-        let item = Item::new(b"key", &[7u8; 1000], 0);
+        let item = Item::new(b"key", &[7u8; 1000], 0, 0);
         let value = item.value_bytes();
         assert_eq!(&value[..], &[7u8; 1000][..]);
         assert_eq!(value.as_ptr(), item.value().as_ptr(), "no copy");
@@ -299,7 +333,7 @@ mod tests {
         drop(item);
         assert_eq!(value.len(), 1000, "the value outlives the item that made it");
 
-        let shared = Item::new(b"k", b"v", 0);
+        let shared = Item::new(b"k", b"v", 0, 0);
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let mine = shared.clone();
@@ -311,7 +345,7 @@ mod tests {
         }
         assert_eq!(shared.header().refs.load(Ordering::Relaxed), 1);
 
-        let small = Item::new(b"user_1_2", b"0123456789abcdef", 0);
+        let small = Item::new(b"user_1_2", b"0123456789abcdef", 0, 0);
         assert_eq!(small.heap_bytes(), 48, "24 + 24 bytes: jemalloc's 48-byte class");
         assert_eq!(estimate(0, 1000), 1024, "24 + 1000 bytes inline: the 1024-byte class");
         assert_eq!(
@@ -320,13 +354,16 @@ mod tests {
             "15 + 8 bytes after the header, the value on its own"
         );
         for len in [1023, 1024, 5000, 1 << 20] {
-            let big = Item::new(b"a key", &vec![3u8; len], 0);
+            let big = Item::new(b"a key", &vec![3u8; len], 0, 0);
             assert_eq!((big.key(), big.value()), (&b"a key"[..], &vec![3u8; len][..]), "{len}");
             assert_eq!(big.heap_bytes(), estimate(5, len));
             let value = big.value_bytes();
             drop(big);
             assert_eq!(value.len(), len);
         }
-        assert!(small.same(&small.clone()) && !small.same(&Item::new(b"user_1_2", b"0123456789abcdef", 0)));
+        small.touch(tick(1_000));
+        assert_eq!(small.idle_ticks(tick(1_000 + 10 * TOUCH_TICK_MS)), 10);
+        assert_eq!(small.idle_ticks(0), u32::MAX - tick(1_000) + 1, "ages wrap");
+        assert!(small.same(&small.clone()) && !small.same(&Item::new(b"user_1_2", b"0123456789abcdef", 0, 0)));
     }
 }

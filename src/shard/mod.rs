@@ -13,11 +13,20 @@
 //! deadline (16 bytes each: the deadline and the item's handle), so the active sweep pops
 //! only keys that are due, with a bound on work per call, and a read of an expired key
 //! removes it on the spot (lazy expiry).
+//!
+//! Eviction (`limits.eviction = lru`) is approximate LRU, as Redis does it: each item
+//! carries the tick it was last read or written, an eviction samples a few random table
+//! buckets, keeps the least recently used it has seen in a small pool, and removes the
+//! oldest of the pool. No list threads the items, so LRU costs no memory per key; the pool
+//! carries good candidates over from one eviction to the next, which makes a handful of
+//! samples behave like many.
 
 mod item;
 mod store;
 
 pub use item::Item;
+
+use item::tick;
 pub use store::CoreStore;
 
 use std::collections::BTreeSet;
@@ -165,7 +174,25 @@ pub fn item_estimate(key_len: usize, value_len: usize) -> u64 {
     item::estimate(key_len, value_len)
 }
 
-/// The value of a change that has none (DEL, EXPIRE, EXPIRED).
+/// Random buckets one eviction looks at before it chooses (Redis' maxmemory-samples).
+const EVICTION_SAMPLES: usize = 5;
+/// Candidates a shard keeps between evictions, the least recently used it has sampled.
+const EVICTION_POOL: usize = 16;
+/// Buckets a sample scans from its random start for an occupied one: a sparse table (many
+/// keys deleted; it does not shrink) costs a bounded scan, not a walk of the table.
+const SAMPLE_SCAN_MAX: usize = 64;
+
+/// An item an eviction sampled: where it sat and when it was touched, so that an item
+/// moved (the table grew), replaced or touched since is recognised and passed over. No
+/// reference is held: a candidate never keeps a deleted value alive.
+#[derive(Clone, Copy, Debug)]
+struct Candidate {
+    bucket: usize,
+    address: usize,
+    touched: u32,
+}
+
+/// The value of a change that has none (DEL, EXPIRE, EXPIRED, EVICTED).
 const NO_VALUE: &[u8] = &[];
 
 /// One shard's change sequence: gap-free from 1, counted even when nothing records.
@@ -212,6 +239,13 @@ pub struct Shard {
     log: ChangeLog,
     /// Expired keys removed because a request touched them (lazy expiry), since start.
     expired_lazy: u64,
+    /// Keys evicted since start.
+    evicted: u64,
+    /// Eviction candidates, at most [`EVICTION_POOL`].
+    pool: Vec<Candidate>,
+    /// What the last write refused with `OutOfMemory` lacked, in bytes: what eviction must
+    /// free for it to fit.
+    shortfall_bytes: u64,
 }
 
 impl Shard {
@@ -223,11 +257,23 @@ impl Shard {
             table_cost: std::cell::Cell::new((0, 0)),
             log: ChangeLog { shard: id, seq: 0 },
             expired_lazy: 0,
+            evicted: 0,
+            pool: Vec::new(),
+            shortfall_bytes: 0,
         }
     }
 
     pub fn expired_lazy(&self) -> u64 {
         self.expired_lazy
+    }
+
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// What the last write refused with [`Outcome::OutOfMemory`] lacked, in bytes.
+    pub fn shortfall_bytes(&self) -> u64 {
+        self.shortfall_bytes
     }
 
     pub fn len(&self) -> usize {
@@ -261,11 +307,7 @@ impl Shard {
     }
 
     fn buckets(&self) -> u64 {
-        match self.table.capacity() as u64 {
-            0 => 0,
-            c if c < 8 => c + 1,
-            c => c / 7 * 8,
-        }
+        self.table.num_buckets() as u64
     }
 
     /// What inserting one more entry costs beyond its item: nothing while the table has
@@ -280,11 +322,11 @@ impl Shard {
     /// Applies one command at time `now_ms`. `h` is [`table_hash`] of the key's routing hash.
     /// A write may grow this shard's memory by at most `room_bytes` (what is left of its
     /// core's share of `limits.memory_bytes_max`). Changes go to `out`.
-    pub fn apply(&mut self, h: u64, cmd: Command, now_ms: u64, room_bytes: u64, out: &mut impl ChangeSink) -> Outcome {
+    pub fn apply(&mut self, h: u64, cmd: &Command, now_ms: u64, room_bytes: u64, out: &mut impl ChangeSink) -> Outcome {
         match cmd {
-            Command::Get { key } => Outcome::Value(self.live_entry(h, &key, now_ms, out).map(|e| e.value_bytes())),
-            Command::Exists { key } => Outcome::Applied(self.live_entry(h, &key, now_ms, out).is_some()),
-            Command::Ttl { key } => Outcome::Ttl(match self.live_entry(h, &key, now_ms, out) {
+            Command::Get { key } => Outcome::Value(self.live_entry(h, key, now_ms, out).map(|e| e.value_bytes())),
+            Command::Exists { key } => Outcome::Applied(self.live_entry(h, key, now_ms, out).is_some()),
+            Command::Ttl { key } => Outcome::Ttl(match self.live_entry(h, key, now_ms, out) {
                 None => -2,
                 Some(e) if e.expire_at_ms() == 0 => -1,
                 Some(e) => (e.expire_at_ms() - now_ms).min(i64::MAX as u64) as i64,
@@ -301,8 +343,8 @@ impl Shard {
                 Err(_) => false,
             }),
             Command::Expire { key, ttl_ms } => {
-                let new = deadline(now_ms, ttl_ms);
-                let Some(e) = self.live_entry(h, &key, now_ms, out) else {
+                let new = deadline(now_ms, *ttl_ms);
+                let Some(e) = self.live_entry(h, key, now_ms, out) else {
                     return Outcome::Applied(false);
                 };
                 let old = e.expire_at_ms();
@@ -320,10 +362,10 @@ impl Shard {
                 condition,
             } => self.set(
                 h,
-                &key,
-                &value,
-                deadline(now_ms, ttl_ms),
-                condition,
+                key,
+                value,
+                deadline(now_ms, *ttl_ms),
+                *condition,
                 now_ms,
                 room_bytes,
                 out,
@@ -368,9 +410,10 @@ impl Shard {
                 let deadline_growth = u64::from(e.expire_at_ms() == 0 && expire_at_ms != 0) * DEADLINE_BYTES;
                 let growth = item_estimate(key.len(), value.len()) + deadline_growth;
                 if growth.saturating_sub(old_bytes) > room_bytes {
+                    self.shortfall_bytes = growth - old_bytes - room_bytes;
                     return Outcome::OutOfMemory;
                 }
-                let old_item = std::mem::replace(e, Item::new(key, value, expire_at_ms));
+                let old_item = std::mem::replace(e, Item::new(key, value, expire_at_ms, tick(now_ms)));
                 let old_deadline = old_item.expire_at_ms();
                 let item = e.clone();
                 self.items_bytes = self.items_bytes - old_bytes + item.heap_bytes();
@@ -383,10 +426,12 @@ impl Shard {
                     return Outcome::Applied(false);
                 }
                 let deadline_bytes = u64::from(expire_at_ms != 0) * DEADLINE_BYTES;
-                if item_estimate(key.len(), value.len()) + table_growth + deadline_bytes > room_bytes {
+                let growth = item_estimate(key.len(), value.len()) + table_growth + deadline_bytes;
+                if growth > room_bytes {
+                    self.shortfall_bytes = growth - room_bytes;
                     return Outcome::OutOfMemory;
                 }
-                let item = Item::new(key, value, expire_at_ms);
+                let item = Item::new(key, value, expire_at_ms, tick(now_ms));
                 if expire_at_ms != 0 {
                     self.deadlines.insert(Due(expire_at_ms, item.clone()));
                 }
@@ -403,7 +448,9 @@ impl Shard {
     fn live_entry(&mut self, h: u64, key: &[u8], now_ms: u64, out: &mut impl ChangeSink) -> Option<&mut Entry> {
         let occ = self.table.find_entry(h, |e| e.key() == key).ok()?;
         if occ.get().live(now_ms) {
-            return Some(occ.into_mut());
+            let e = occ.into_mut();
+            e.touch(tick(now_ms));
+            return Some(e);
         }
         let (entry, _) = occ.remove();
         self.expired_lazy += 1;
@@ -425,25 +472,111 @@ impl Shard {
         }
     }
 
+    /// Removes the least recently used of the entries sampled now and kept from earlier
+    /// samples, recording an EVICTED change; returns the bytes it freed, or `None` when the
+    /// shard is empty.
+    pub fn evict(&mut self, now_ms: u64, rng: &mut fastrand::Rng, out: &mut impl ChangeSink) -> Option<u64> {
+        if self.table.is_empty() {
+            self.pool.clear();
+            return None;
+        }
+        let now = tick(now_ms);
+        loop {
+            self.sample(now, rng);
+            // Sampling a non-empty table finds at least one entry, unless the table is so
+            // sparse that no scan met one: then take the first entry there is.
+            if self.pool.is_empty() {
+                let bucket = self.table.iter_buckets().next()?;
+                let e = self.table.get_bucket(bucket)?;
+                self.pool.push(Candidate {
+                    bucket,
+                    address: e.address(),
+                    touched: e.touched(),
+                });
+            }
+            let oldest = (0..self.pool.len()).max_by_key(|&i| now.wrapping_sub(self.pool[i].touched))?;
+            let c = self.pool.swap_remove(oldest);
+            // Still the same item, untouched since it was sampled?
+            let current = self
+                .table
+                .get_bucket(c.bucket)
+                .is_some_and(|e| e.address() == c.address && e.touched() == c.touched);
+            if !current {
+                continue;
+            }
+            let before = self.memory_bytes();
+            let Ok(occ) = self.table.get_bucket_entry(c.bucket) else {
+                continue;
+            };
+            let (entry, _) = occ.remove();
+            self.forget(&entry);
+            // A key past its deadline that no sweep reached yet expired; it was not evicted.
+            let op = if entry.live(now_ms) {
+                self.evicted += 1;
+                ChangeOp::Evicted
+            } else {
+                ChangeOp::Expired
+            };
+            self.log.record(out, op, entry.key(), NO_VALUE, 0, now_ms);
+            return Some(before - self.memory_bytes());
+        }
+    }
+
+    /// Adds [`EVICTION_SAMPLES`] random entries to the pool, keeping it to the
+    /// [`EVICTION_POOL`] least recently used.
+    fn sample(&mut self, now: u32, rng: &mut fastrand::Rng) {
+        let buckets = self.table.num_buckets();
+        for _ in 0..EVICTION_SAMPLES {
+            let start = rng.usize(..buckets);
+            let Some((bucket, e)) = (0..SAMPLE_SCAN_MAX.min(buckets))
+                .map(|i| (start + i) % buckets)
+                .find_map(|b| self.table.get_bucket(b).map(|e| (b, e)))
+            else {
+                continue;
+            };
+            let address = e.address();
+            if self.pool.iter().any(|c| c.address == address) {
+                continue;
+            }
+            let c = Candidate {
+                bucket,
+                address,
+                touched: e.touched(),
+            };
+            if self.pool.len() < EVICTION_POOL {
+                self.pool.push(c);
+                continue;
+            }
+            let idle = |c: &Candidate| now.wrapping_sub(c.touched);
+            let youngest = (0..self.pool.len())
+                .min_by_key(|&i| idle(&self.pool[i]))
+                .expect("the pool is full");
+            if idle(&c) > idle(&self.pool[youngest]) {
+                self.pool[youngest] = c;
+            }
+        }
+    }
+
     /// Re-applies a logged change during recovery: no change is recorded, no limit applies
     /// (what was acknowledged comes back), and the shard's seq continues from the record's.
     /// A key whose deadline passed while the node was down is restored all the same: the
     /// sweep (or the first read) then removes it with an EXPIRED change, so the log and the
-    /// change stream say it went.
-    pub fn restore(&mut self, h: u64, c: &Change) {
+    /// change stream say it went. Restored items count as touched at `now_ms`.
+    pub fn restore(&mut self, h: u64, c: &Change, now_ms: u64) {
+        let touched = tick(now_ms);
         self.log.seq = self.log.seq.max(c.seq);
         match c.op {
             ChangeOp::Set => match self.table.find_entry(h, |e| e.key() == &c.key[..]) {
                 Ok(mut occ) => {
                     let e = occ.get_mut();
-                    let old_item = std::mem::replace(e, Item::new(&c.key, &c.value, c.expire_at_ms));
+                    let old_item = std::mem::replace(e, Item::new(&c.key, &c.value, c.expire_at_ms, touched));
                     let old_deadline = old_item.expire_at_ms();
                     let item = e.clone();
                     self.items_bytes = self.items_bytes - old_item.heap_bytes() + item.heap_bytes();
                     move_deadline(&mut self.deadlines, &old_item, old_deadline, &item, c.expire_at_ms);
                 }
                 Err(absent) => {
-                    let item = Item::new(&c.key, &c.value, c.expire_at_ms);
+                    let item = Item::new(&c.key, &c.value, c.expire_at_ms, touched);
                     if c.expire_at_ms != 0 {
                         self.deadlines.insert(Due(c.expire_at_ms, item.clone()));
                     }
@@ -459,7 +592,7 @@ impl Shard {
                     move_deadline(&mut self.deadlines, &item, old, &item, c.expire_at_ms);
                 }
             }
-            ChangeOp::Del | ChangeOp::Expired => {
+            ChangeOp::Del | ChangeOp::Expired | ChangeOp::Evicted => {
                 if let Ok(occ) = self.table.find_entry(h, |e| e.key() == &c.key[..]) {
                     let (entry, _) = occ.remove();
                     self.forget(&entry);
@@ -563,7 +696,7 @@ mod tests {
     }
     fn apply(s: &mut Shard, cmd: Command, now_ms: u64, room: u64) -> Outcome {
         let h = table_hash(crate::keyspace::Keyspace::hash(cmd.key()));
-        s.apply(h, cmd, now_ms, room, &mut ())
+        s.apply(h, &cmd, now_ms, room, &mut ())
     }
 
     // Goal: memory accounting follows the items as the allocator counts them, the table
@@ -575,7 +708,7 @@ mod tests {
         apply(&mut s, set("a", "1", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("a", "12345", 0, Condition::Always), 0, u64::MAX);
         apply(&mut s, set("b", "x", 5, Condition::Always), 0, u64::MAX);
-        let items = Item::new(b"a", b"12345", 0).heap_bytes() + Item::new(b"b", b"x", 5).heap_bytes();
+        let items = Item::new(b"a", b"12345", 0, 0).heap_bytes() + Item::new(b"b", b"x", 5, 0).heap_bytes();
         assert_eq!(s.items_bytes, items);
         assert_eq!(s.memory_bytes(), items + s.table_bytes() + DEADLINE_BYTES);
         assert!(s.table_bytes() > 0);
@@ -660,7 +793,7 @@ mod tests {
         let mut out: Vec<Change> = Vec::new();
         let mut apply = |cmd: Command, now_ms: u64| {
             let h = table_hash(crate::keyspace::Keyspace::hash(cmd.key()));
-            s.apply(h, cmd, now_ms, u64::MAX, &mut out)
+            s.apply(h, &cmd, now_ms, u64::MAX, &mut out)
         };
         apply(set("a", "1", 0, Condition::Always), 10);
         apply(set("a", "x", 0, Condition::IfAbsent), 11);
@@ -687,5 +820,77 @@ mod tests {
                 (5, ChangeOp::Expired, b("a"), 0),
             ]
         );
+    }
+
+    // Goal: eviction removes the least recently used: of 2,000 keys written in order, the
+    // 200 read since survive 1,000 evictions, and the evicted are far more often the oldest
+    // written than chance would make them. Each eviction is one EVICTED change, the accounting follows, and an evicted
+    // key comes back from the log as gone.
+    #[test]
+    fn eviction_takes_the_least_recently_used() {
+        let mut s = Shard::new(0);
+        let mut rng = fastrand::Rng::with_seed(7);
+        for i in 0..2_000u64 {
+            apply(
+                &mut s,
+                set(&format!("k{i}"), "v", 0, Condition::Always),
+                i * 20,
+                u64::MAX,
+            );
+        }
+        let later = 2_000 * 20;
+        for i in (0..2_000).step_by(10) {
+            assert!(matches!(
+                apply(&mut s, get(&format!("k{i}")), later, u64::MAX),
+                Outcome::Value(Some(_))
+            ));
+        }
+        let mut out: Vec<Change> = Vec::new();
+        for _ in 0..1_000 {
+            let before = s.memory_bytes();
+            let freed = s.evict(later, &mut rng, &mut out).expect("keys are left");
+            assert_eq!(before - s.memory_bytes(), freed);
+        }
+        assert_eq!((s.len(), s.evicted(), out.len()), (1_000, 1_000, 1_000));
+        let read_survived = (0..2_000)
+            .step_by(10)
+            .filter(|i| s.table.iter().any(|e| e.key() == format!("k{i}").as_bytes()))
+            .count();
+        assert_eq!(read_survived, 200, "keys read recently were all kept");
+        let evicted_index = |c: &Change| -> u64 { std::str::from_utf8(&c.key[1..]).unwrap().parse().unwrap() };
+        let old_half = out.iter().filter(|c| evicted_index(c) < 1_100).count();
+        // Exact LRU would take all 1,000 from the 1,100 oldest unread, random choice about
+        // 611 (1,100 of the 1,800 unread); five samples and the pool take about 850.
+        assert!(old_half > 800, "{old_half} of 1,000 evicted from the 1,100 oldest");
+        assert!(out.iter().all(|c| c.op == ChangeOp::Evicted && c.value.is_empty()));
+        let seqs: Vec<u64> = out.iter().map(|c| c.seq).collect();
+        assert_eq!(seqs, (2_001..=3_000).collect::<Vec<_>>(), "gap-free after the writes");
+
+        let mut restored = Shard::new(0);
+        let c = &out[0];
+        let h = table_hash(crate::keyspace::Keyspace::hash(&c.key));
+        restored.restore(
+            h,
+            &Change {
+                op: ChangeOp::Set,
+                ..c.clone()
+            },
+            0,
+        );
+        restored.restore(h, c, 0);
+        assert!(restored.is_empty(), "EVICTED replays as a removal");
+    }
+
+    // Goal: a key past its deadline that eviction picks is reported EXPIRED, not EVICTED;
+    // an empty shard has nothing to evict.
+    #[test]
+    fn eviction_of_an_expired_key_is_expiry() {
+        let mut s = Shard::new(0);
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut out: Vec<Change> = Vec::new();
+        assert_eq!(s.evict(0, &mut rng, &mut out), None);
+        apply(&mut s, set("k", "v", 5, Condition::Always), 0, u64::MAX);
+        assert!(s.evict(10, &mut rng, &mut out).is_some());
+        assert_eq!((out[0].op, s.evicted(), s.deadlines.len()), (ChangeOp::Expired, 0, 0));
     }
 }

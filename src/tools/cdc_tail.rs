@@ -247,6 +247,7 @@ fn print_event(out: &mut impl Write, e: &ChangeEvent, json: bool) -> std::io::Re
         Ok(Op::Del) => "DEL",
         Ok(Op::Expire) => "EXPIRE",
         Ok(Op::Expired) => "EXPIRED",
+        Ok(Op::Evicted) => "EVICTED",
         Err(_) => "UNKNOWN",
     };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();

@@ -616,13 +616,13 @@ fn write_value(out: &mut impl Write, v: Option<&Bytes>, raw: bool) -> std::io::R
 fn write_stats(out: &mut impl Write, cores: &[crate::proto::CoreStats]) -> std::io::Result<()> {
     writeln!(
         out,
-        "{:>4} {:>10} {:>8} {:>14} {:>12} {:>12} {:>12} {:>14}",
-        "core", "accepted", "open", "requests", "fwd_out", "fwd_in", "keys", "memory_bytes"
+        "{:>4} {:>10} {:>8} {:>14} {:>12} {:>12} {:>12} {:>14} {:>12}",
+        "core", "accepted", "open", "requests", "fwd_out", "fwd_in", "keys", "memory_bytes", "evicted"
     )?;
     for c in cores {
         writeln!(
             out,
-            "{:>4} {:>10} {:>8} {:>14} {:>12} {:>12} {:>12} {:>14}",
+            "{:>4} {:>10} {:>8} {:>14} {:>12} {:>12} {:>12} {:>14} {:>12}",
             c.core,
             c.connections_accepted,
             c.connections_open,
@@ -630,7 +630,8 @@ fn write_stats(out: &mut impl Write, cores: &[crate::proto::CoreStats]) -> std::
             c.forwarded_out,
             c.forwarded_in,
             c.keys,
-            c.memory_bytes
+            c.memory_bytes,
+            c.keys_evicted
         )?;
     }
     Ok(())

@@ -119,6 +119,7 @@ fn op_code(op: ChangeOp) -> u8 {
         ChangeOp::Del => 1,
         ChangeOp::Expire => 2,
         ChangeOp::Expired => 3,
+        ChangeOp::Evicted => 4,
     }
 }
 
@@ -128,6 +129,7 @@ fn op_from(b: u8) -> Option<ChangeOp> {
         1 => ChangeOp::Del,
         2 => ChangeOp::Expire,
         3 => ChangeOp::Expired,
+        4 => ChangeOp::Evicted,
         _ => return None,
     })
 }
@@ -175,5 +177,23 @@ mod tests {
         flipped[first_len + 30] ^= 1;
         assert!(matches!(decode(&flipped[first_len..], 1 << 20), Read::Bad(_)));
         assert!(matches!(decode(&log[first_len..log.len() - 10], 1 << 20), Read::Bad(_)));
+    }
+
+    // Goal: every op keeps its frozen code (the log outlives the binary that wrote it) and
+    // reads back as itself; an unknown code is damage, not a guess.
+    #[test]
+    fn ops_keep_their_codes() {
+        let ops = [
+            ChangeOp::Set,
+            ChangeOp::Del,
+            ChangeOp::Expire,
+            ChangeOp::Expired,
+            ChangeOp::Evicted,
+        ];
+        for (code, op) in ops.into_iter().enumerate() {
+            assert_eq!(op_code(op), code as u8);
+            assert_eq!(op_from(code as u8), Some(op));
+        }
+        assert_eq!(op_from(ops.len() as u8), None);
     }
 }
