@@ -524,30 +524,37 @@ impl Shard {
 
     /// Adds [`EVICTION_SAMPLES`] random entries to the pool, keeping it to the
     /// [`EVICTION_POOL`] least recently used.
+    ///
+    /// The samples are found first (table reads only), then their ticks are read together:
+    /// each read is a cache miss on an item somewhere in the heap, and with no branch
+    /// between them that depends on one, the CPU waits for all at once rather than in turn.
     fn sample(&mut self, now: u32, rng: &mut fastrand::Rng) {
         let buckets = self.table.num_buckets();
-        for _ in 0..EVICTION_SAMPLES {
+        // hashbrown's bucket counts are powers of two.
+        debug_assert!(buckets.is_power_of_two());
+        let mut found: [Option<(usize, &Item)>; EVICTION_SAMPLES] = [None; EVICTION_SAMPLES];
+        for slot in &mut found {
             let start = rng.usize(..buckets);
-            let Some((bucket, e)) = (0..SAMPLE_SCAN_MAX.min(buckets))
-                .map(|i| (start + i) % buckets)
-                .find_map(|b| self.table.get_bucket(b).map(|e| (b, e)))
-            else {
-                continue;
-            };
-            let address = e.address();
-            if self.pool.iter().any(|c| c.address == address) {
+            *slot = (0..SAMPLE_SCAN_MAX.min(buckets))
+                .map(|i| (start + i) & (buckets - 1))
+                .find_map(|b| self.table.get_bucket(b).map(|e| (b, e)));
+        }
+        let sampled = found.map(|hit| {
+            hit.map(|(bucket, e)| Candidate {
+                bucket,
+                address: e.address(),
+                touched: e.touched(),
+            })
+        });
+        let idle = |c: &Candidate| now.wrapping_sub(c.touched);
+        for c in sampled.into_iter().flatten() {
+            if self.pool.iter().any(|p| p.address == c.address) {
                 continue;
             }
-            let c = Candidate {
-                bucket,
-                address,
-                touched: e.touched(),
-            };
             if self.pool.len() < EVICTION_POOL {
                 self.pool.push(c);
                 continue;
             }
-            let idle = |c: &Candidate| now.wrapping_sub(c.touched);
             let youngest = (0..self.pool.len())
                 .min_by_key(|&i| idle(&self.pool[i]))
                 .expect("the pool is full");
