@@ -296,6 +296,7 @@ impl Client {
             value: value.into(),
             ttl_ms,
             condition,
+            ..Default::default()
         });
         match self.call_key(&key, op).await? {
             R::Set(s) => Ok(s.applied),

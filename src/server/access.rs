@@ -163,7 +163,9 @@ fn needed_role(op: &Op) -> Option<Role> {
     match op {
         Op::Ping(_) | Op::Hello(_) | Op::Auth(_) => None,
         Op::Get(_) | Op::Exists(_) | Op::Ttl(_) | Op::Mget(_) => Some(Role::Read),
-        Op::Set(_) | Op::Del(_) | Op::Expire(_) | Op::Mset(_) => Some(Role::Write),
+        Op::Set(_) | Op::Del(_) | Op::Expire(_) | Op::Mset(_) | Op::Incr(_) | Op::Append(_) | Op::Persist(_) => {
+            Some(Role::Write)
+        }
         Op::Stats(_) | Op::Snapshot(_) | Op::Backup(_) | Op::BackupRead(_) | Op::BackupEnd(_) => Some(Role::Admin),
     }
 }
@@ -179,6 +181,9 @@ fn keys(op: &Op) -> Box<dyn Iterator<Item = &Bytes> + '_> {
         Op::Ttl(r) => Box::new(std::iter::once(&r.key)),
         Op::Mget(r) => Box::new(r.keys.iter()),
         Op::Mset(r) => Box::new(r.entries.iter().map(|e| &e.key)),
+        Op::Incr(r) => Box::new(std::iter::once(&r.key)),
+        Op::Append(r) => Box::new(std::iter::once(&r.key)),
+        Op::Persist(r) => Box::new(std::iter::once(&r.key)),
         Op::Ping(_)
         | Op::Stats(_)
         | Op::Hello(_)

@@ -358,7 +358,7 @@ impl Core {
     /// that exists (deleting nothing keeps working on a read-only core).
     fn would_change(&self, hash: u64, cmd: &Command, now_ms: u64) -> bool {
         match cmd {
-            Command::Del { key } | Command::Expire { key, .. } => {
+            Command::Del { key } | Command::Expire { key, .. } | Command::Persist { key } => {
                 let exists = Command::Exists { key: key.clone() };
                 let outcome = self
                     .store
@@ -482,7 +482,9 @@ fn not_durable(outcomes: Vec<Outcome>, wrote: &[bool]) -> Vec<Outcome> {
         .zip(wrote)
         .map(|(o, &w)| match o {
             // A write that changed nothing has no record to wait for.
-            Outcome::Applied(true) if w => Outcome::StorageUnavailable,
+            Outcome::Applied(true) | Outcome::Int(_) | Outcome::Old { applied: true, .. } if w => {
+                Outcome::StorageUnavailable
+            }
             o => o,
         })
         .collect()

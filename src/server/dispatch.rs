@@ -45,6 +45,9 @@ enum Kind {
     Ttl,
     MGet,
     MSet,
+    Incr,
+    Append,
+    Persist,
 }
 
 /// Key operations bound for one other core: (routing hash, command) in apply order, and the
@@ -169,6 +172,9 @@ fn op_kind(op: Option<&Op>) -> usize {
         Some(Op::Snapshot(_)) => 11,
         Some(Op::Auth(_)) => 12,
         Some(Op::Backup(_) | Op::BackupRead(_) | Op::BackupEnd(_)) => 13,
+        Some(Op::Incr(_)) => 14,
+        Some(Op::Append(_)) => 15,
+        Some(Op::Persist(_)) => 16,
         None => OP_INVALID,
     }
 }
@@ -179,7 +185,8 @@ fn changed(r: &Response) -> bool {
         Some(R::Set(s)) => s.applied,
         Some(R::Del(d)) => d.existed,
         Some(R::Expire(e)) => e.applied,
-        Some(R::Mset(_)) => true,
+        Some(R::Mset(_) | R::Incr(_) | R::Append(_)) => true,
+        Some(R::Persist(p)) => p.applied,
         _ => false,
     }
 }
@@ -299,9 +306,22 @@ impl Batch<'_> {
                         value: r.value,
                         ttl_ms: r.ttl_ms,
                         condition,
+                        keep_ttl: r.keep_ttl,
+                        return_old: r.return_old,
                     },
                 )
             }
+            Op::Incr(r) => self.route(Kind::Incr, Command::Incr { key: r.key, by: r.by }),
+            Op::Append(r) => {
+                let value_bytes_max = self.core.config.limits.value_bytes_max;
+                let cmd = Command::Append {
+                    key: r.key,
+                    value: r.value,
+                    value_bytes_max,
+                };
+                self.route(Kind::Append, cmd)
+            }
+            Op::Persist(r) => self.route(Kind::Persist, Command::Persist { key: r.key }),
             // Applied in slices: other connections' requests may run between two slices,
             // so a large MSET is not isolated (it never was across cores).
             Op::Mget(r) => {
@@ -319,6 +339,8 @@ impl Batch<'_> {
                         value: e.value,
                         ttl_ms: 0,
                         condition: Condition::Always,
+                        keep_ttl: false,
+                        return_old: false,
                     };
                     self.route(Kind::MSet, cmd);
                 }
@@ -403,6 +425,13 @@ impl Batch<'_> {
             Op::Exists(r) => key(&r.key),
             Op::Ttl(r) => key(&r.key),
             Op::Expire(r) => key(&r.key),
+            Op::Incr(r) => key(&r.key),
+            Op::Persist(r) => key(&r.key),
+            Op::Append(r) => key(&r.key).and_then(|()| value(&r.value)),
+            Op::Set(r) if r.keep_ttl && r.ttl_ms != 0 => Err(err(
+                ErrorCode::InvalidRequest,
+                "keep_ttl and ttl_ms together: choose one".into(),
+            )),
             Op::Set(r) => {
                 if proto::SetCondition::try_from(r.condition).is_err() {
                     return Err(err(
@@ -650,12 +679,59 @@ fn respond(id: u64, kind: Kind, outcomes: &mut [Option<Outcome>]) -> Response {
             "limits.memory_bytes_max reached: the write does not fit (limits.eviction = none, or it needs more than the core can evict)".into(),
         );
     }
+    match outcomes.first() {
+        Some(Some(Outcome::NotInteger)) => {
+            return error(
+                id,
+                ErrorCode::NotAnInteger,
+                "value is not an integer or out of range".into(),
+            )
+        }
+        Some(Some(Outcome::Overflow)) => {
+            return error(
+                id,
+                ErrorCode::NotAnInteger,
+                "increment or decrement would overflow".into(),
+            )
+        }
+        Some(Some(Outcome::TooLarge)) => {
+            return error(
+                id,
+                ErrorCode::ValueTooLarge,
+                "the appended value would exceed limits.value_bytes_max".into(),
+            )
+        }
+        _ => {}
+    }
     let mut it = outcomes.iter_mut().map(|o| o.take().unwrap_or(Outcome::Applied(false)));
     let mut one = || it.next().unwrap_or(Outcome::Applied(false));
     let applied = |o: Outcome| matches!(o, Outcome::Applied(true));
     let result = match kind {
         Kind::Get => R::Get(get_response(one())),
-        Kind::Set => R::Set(proto::SetResponse {
+        Kind::Set => R::Set(match one() {
+            Outcome::Old { applied, old } => proto::SetResponse {
+                applied,
+                old_found: old.is_some(),
+                old_value: old.unwrap_or_default(),
+            },
+            o => proto::SetResponse {
+                applied: applied(o),
+                ..Default::default()
+            },
+        }),
+        Kind::Incr => R::Incr(proto::IncrResponse {
+            value: match one() {
+                Outcome::Int(n) => n,
+                _ => 0,
+            },
+        }),
+        Kind::Append => R::Append(proto::AppendResponse {
+            length: match one() {
+                Outcome::Int(n) => n as u64,
+                _ => 0,
+            },
+        }),
+        Kind::Persist => R::Persist(proto::PersistResponse {
             applied: applied(one()),
         }),
         Kind::Del => R::Del(proto::DelResponse {

@@ -66,6 +66,27 @@ pub enum Command {
         value: Bytes,
         ttl_ms: u64,
         condition: Condition,
+        /// Keep the key's current expiry (`ttl_ms` is then ignored).
+        keep_ttl: bool,
+        /// Answer with the value the key held before ([`Outcome::Old`]).
+        return_old: bool,
+    },
+    /// Adds `by` to the key's value read as a decimal i64 (a missing key is 0); the result
+    /// is stored as decimal text, with the key's expiry kept. A SET change like any other.
+    Incr {
+        key: Bytes,
+        by: i64,
+    },
+    /// Appends to the key's value (a missing key is empty), keeping its expiry; the result
+    /// may be at most `value_bytes_max` long.
+    Append {
+        key: Bytes,
+        value: Bytes,
+        value_bytes_max: usize,
+    },
+    /// Removes the key's expiry; applies only when it had one.
+    Persist {
+        key: Bytes,
     },
     Del {
         key: Bytes,
@@ -85,7 +106,15 @@ pub enum Command {
 impl Command {
     /// Whether it may change the key (reads only ever remove an expired one).
     pub fn writes(&self) -> bool {
-        matches!(self, Command::Set { .. } | Command::Del { .. } | Command::Expire { .. })
+        matches!(
+            self,
+            Command::Set { .. }
+                | Command::Del { .. }
+                | Command::Expire { .. }
+                | Command::Incr { .. }
+                | Command::Append { .. }
+                | Command::Persist { .. }
+        )
     }
 
     pub fn key(&self) -> &Bytes {
@@ -95,6 +124,9 @@ impl Command {
             | Command::Del { key }
             | Command::Exists { key }
             | Command::Expire { key, .. }
+            | Command::Incr { key, .. }
+            | Command::Append { key, .. }
+            | Command::Persist { key }
             | Command::Ttl { key } => key,
         }
     }
@@ -109,6 +141,16 @@ pub enum Outcome {
     Applied(bool),
     /// TTL: remaining ms, -1 for no expiry, -2 for no such key.
     Ttl(i64),
+    /// INCR: the new value; APPEND: the new length.
+    Int(i64),
+    /// SET with `return_old`: whether it applied, and the value before (None: no key).
+    Old { applied: bool, old: Option<Bytes> },
+    /// INCR of a value that is not a decimal i64.
+    NotInteger,
+    /// INCR whose result would not fit an i64.
+    Overflow,
+    /// APPEND whose result would exceed `limits.value_bytes_max`.
+    TooLarge,
     /// A write that would grow memory past the limit was refused.
     OutOfMemory,
     /// A write refused, before it was applied, because the core cannot write its log.
@@ -360,38 +402,96 @@ impl Shard {
                 value,
                 ttl_ms,
                 condition,
-            } => self.set(
-                h,
+                keep_ttl,
+                return_old,
+            } => {
+                let expire_at_ms = (!keep_ttl).then(|| deadline(now_ms, *ttl_ms));
+                let how = SetHow {
+                    condition: *condition,
+                    return_old: *return_old,
+                };
+                self.set(h, key, value, expire_at_ms, how, now_ms, room_bytes, out)
+            }
+            Command::Incr { key, by } => {
+                let current = match self.live_entry(h, key, now_ms, out) {
+                    None => 0,
+                    Some(e) => match parse_i64(e.value()) {
+                        Some(n) => n,
+                        None => return Outcome::NotInteger,
+                    },
+                };
+                let Some(n) = current.checked_add(*by) else {
+                    return Outcome::Overflow;
+                };
+                let digits = n.to_string();
+                match self.set(h, key, digits.as_bytes(), None, SetHow::ALWAYS, now_ms, room_bytes, out) {
+                    Outcome::Applied(true) => Outcome::Int(n),
+                    other => other,
+                }
+            }
+            Command::Append {
                 key,
                 value,
-                deadline(now_ms, *ttl_ms),
-                *condition,
-                now_ms,
-                room_bytes,
-                out,
-            ),
+                value_bytes_max,
+            } => {
+                let joined = match self.live_entry(h, key, now_ms, out) {
+                    None => value.to_vec(),
+                    Some(e) if e.value().len() + value.len() > *value_bytes_max => return Outcome::TooLarge,
+                    Some(e) => [e.value(), value].concat(),
+                };
+                if joined.len() > *value_bytes_max {
+                    return Outcome::TooLarge;
+                }
+                match self.set(h, key, &joined, None, SetHow::ALWAYS, now_ms, room_bytes, out) {
+                    Outcome::Applied(true) => Outcome::Int(joined.len() as i64),
+                    other => other,
+                }
+            }
+            Command::Persist { key } => {
+                let Some(e) = self.live_entry(h, key, now_ms, out) else {
+                    return Outcome::Applied(false);
+                };
+                let old = e.expire_at_ms();
+                if old == 0 {
+                    return Outcome::Applied(false);
+                }
+                e.set_expire_at_ms(0);
+                let item = e.clone();
+                move_deadline(&mut self.deadlines, &item, old, &item, 0);
+                self.log.record(out, ChangeOp::Expire, item.key(), NO_VALUE, 0, now_ms);
+                Outcome::Applied(true)
+            }
         }
     }
 
     /// One probe for every case: overwrite in place (live or expired), or insert. The key
-    /// and value are copied once, into the new item.
+    /// and value are copied once, into the new item. `expire_at_ms` None keeps the live
+    /// key's expiry (none for a new key).
     #[allow(clippy::too_many_arguments)]
     fn set(
         &mut self,
         h: u64,
         key: &[u8],
         value: &[u8],
-        expire_at_ms: u64,
-        condition: Condition,
+        expire_at_ms: Option<u64>,
+        how: SetHow,
         now_ms: u64,
         room_bytes: u64,
         out: &mut impl ChangeSink,
     ) -> Outcome {
         let table_growth = self.insert_growth();
+        let answer = |applied: bool, old: Option<Bytes>| match how.return_old {
+            true => Outcome::Old { applied, old },
+            false => Outcome::Applied(applied),
+        };
+        let mut old = None;
         match self.table.find_entry(h, |e| e.key() == key) {
             Ok(mut occ) => {
                 let live = occ.get().live(now_ms);
-                let blocked = match condition {
+                if live && how.return_old {
+                    old = Some(occ.get().value_bytes());
+                }
+                let blocked = match how.condition {
                     Condition::Always => false,
                     Condition::IfAbsent => live,
                     Condition::IfPresent => !live,
@@ -403,8 +503,10 @@ impl Shard {
                         self.log
                             .record(out, ChangeOp::Expired, entry.key(), NO_VALUE, 0, now_ms);
                     }
-                    return Outcome::Applied(false);
+                    return answer(false, old);
                 }
+                let kept = if live { occ.get().expire_at_ms() } else { 0 };
+                let expire_at_ms = expire_at_ms.unwrap_or(kept);
                 let e = occ.get_mut();
                 let old_bytes = e.heap_bytes();
                 let deadline_growth = u64::from(e.expire_at_ms() == 0 && expire_at_ms != 0) * DEADLINE_BYTES;
@@ -422,9 +524,10 @@ impl Shard {
                     .record(out, ChangeOp::Set, item.key(), item.value(), expire_at_ms, now_ms);
             }
             Err(absent) => {
-                if condition == Condition::IfPresent {
-                    return Outcome::Applied(false);
+                if how.condition == Condition::IfPresent {
+                    return answer(false, None);
                 }
+                let expire_at_ms = expire_at_ms.unwrap_or(0);
                 let deadline_bytes = u64::from(expire_at_ms != 0) * DEADLINE_BYTES;
                 let growth = item_estimate(key.len(), value.len()) + table_growth + deadline_bytes;
                 if growth > room_bytes {
@@ -441,7 +544,7 @@ impl Shard {
                 absent.into_table().insert_unique(h, item, rehash);
             }
         }
-        Outcome::Applied(true)
+        answer(true, old)
     }
 
     /// The entry for `key` if it exists and has not expired; an expired one is removed now.
@@ -674,6 +777,35 @@ fn move_deadline(deadlines: &mut BTreeSet<Due>, old: &Item, old_deadline: u64, n
     }
 }
 
+/// When a SET applies, and whether it answers with the value before.
+#[derive(Clone, Copy)]
+struct SetHow {
+    condition: Condition,
+    return_old: bool,
+}
+
+impl SetHow {
+    const ALWAYS: SetHow = SetHow {
+        condition: Condition::Always,
+        return_old: false,
+    };
+}
+
+/// A value as INCR reads it, exactly as Redis does: optional '-', then digits without a
+/// leading zero (or "0" alone), fitting an i64. No sign '+', no spaces.
+pub fn parse_i64(b: &[u8]) -> Option<i64> {
+    let digits = b.strip_prefix(b"-").unwrap_or(b);
+    let canonical = match digits {
+        [b'0'] => digits.len() == b.len(),
+        [first, ..] => (b'1'..=b'9').contains(first) && digits.len() <= 19,
+        [] => false,
+    };
+    if !canonical || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(b).ok()?.parse().ok()
+}
+
 /// Absolute deadline for a relative TTL; 0 (no expiry) stays 0.
 fn deadline(now_ms: u64, ttl_ms: u64) -> u64 {
     if ttl_ms == 0 {
@@ -696,6 +828,8 @@ mod tests {
             value: b(v),
             ttl_ms,
             condition,
+            keep_ttl: false,
+            return_old: false,
         }
     }
     fn get(k: &str) -> Command {
@@ -899,5 +1033,103 @@ mod tests {
         apply(&mut s, set("k", "v", 5, Condition::Always), 0, u64::MAX);
         assert!(s.evict(10, &mut rng, &mut out).is_some());
         assert_eq!((out[0].op, s.evicted(), s.deadlines.len()), (ChangeOp::Expired, 0, 0));
+    }
+
+    // Goal: INCR, APPEND, PERSIST and SET's KEEPTTL/GET behave as Redis' do, atomically in
+    // the shard: INCR and APPEND keep the key's expiry and record an ordinary SET of the
+    // result; a value that is not a canonical integer or an overflow changes nothing.
+    #[test]
+    fn read_modify_writes() {
+        let mut s = Shard::new(0);
+        let mut out: Vec<Change> = Vec::new();
+        let mut run = |s: &mut Shard, cmd: Command, now_ms: u64| {
+            let h = table_hash(crate::keyspace::Keyspace::hash(cmd.key()));
+            s.apply(h, &cmd, now_ms, u64::MAX, &mut out)
+        };
+        let incr = |k: &str, by: i64| Command::Incr { key: b(k), by };
+        assert_eq!(run(&mut s, incr("n", 5), 0), Outcome::Int(5));
+        assert_eq!(run(&mut s, incr("n", -7), 0), Outcome::Int(-2));
+        run(
+            &mut s,
+            Command::Expire {
+                key: b("n"),
+                ttl_ms: 100,
+            },
+            0,
+        );
+        assert_eq!(run(&mut s, incr("n", 1), 10), Outcome::Int(-1));
+        assert_eq!(
+            run(&mut s, Command::Ttl { key: b("n") }, 10),
+            Outcome::Ttl(90),
+            "INCR keeps the TTL"
+        );
+        run(&mut s, set("big", &i64::MAX.to_string(), 0, Condition::Always), 10);
+        assert_eq!(run(&mut s, incr("big", 1), 10), Outcome::Overflow);
+        for bad in ["x", "+1", "01", "-0", " 1", "1 ", "", "99999999999999999999"] {
+            run(&mut s, set("bad", bad, 0, Condition::Always), 10);
+            assert_eq!(run(&mut s, incr("bad", 1), 10), Outcome::NotInteger, "{bad:?}");
+        }
+        assert_eq!(parse_i64(b"-9223372036854775808"), Some(i64::MIN));
+
+        let append = |k: &str, v: &str| Command::Append {
+            key: b(k),
+            value: b(v),
+            value_bytes_max: 8,
+        };
+        assert_eq!(run(&mut s, append("a", "abc"), 10), Outcome::Int(3));
+        assert_eq!(run(&mut s, append("a", "de"), 10), Outcome::Int(5));
+        assert_eq!(run(&mut s, append("a", "fghi"), 10), Outcome::TooLarge);
+        assert_eq!(run(&mut s, get("a"), 10), Outcome::Value(Some(b("abcde"))));
+
+        assert_eq!(
+            run(&mut s, Command::Persist { key: b("a") }, 10),
+            Outcome::Applied(false)
+        );
+        assert_eq!(
+            run(&mut s, Command::Persist { key: b("n") }, 10),
+            Outcome::Applied(true)
+        );
+        assert_eq!(run(&mut s, Command::Ttl { key: b("n") }, 10), Outcome::Ttl(-1));
+
+        let set_with = |k: &str, v: &str, ttl_ms: u64, keep_ttl: bool, condition: Condition| Command::Set {
+            key: b(k),
+            value: b(v),
+            ttl_ms,
+            condition,
+            keep_ttl,
+            return_old: true,
+        };
+        assert_eq!(
+            run(&mut s, set_with("t", "1", 50, false, Condition::Always), 10),
+            Outcome::Old {
+                applied: true,
+                old: None
+            }
+        );
+        assert_eq!(
+            run(&mut s, set_with("t", "2", 0, true, Condition::Always), 20),
+            Outcome::Old {
+                applied: true,
+                old: Some(b("1"))
+            }
+        );
+        assert_eq!(
+            run(&mut s, Command::Ttl { key: b("t") }, 20),
+            Outcome::Ttl(40),
+            "KEEPTTL"
+        );
+        assert_eq!(
+            run(&mut s, set_with("t", "3", 0, false, Condition::IfAbsent), 20),
+            Outcome::Old {
+                applied: false,
+                old: Some(b("2"))
+            }
+        );
+
+        // Every change is an ordinary op: INCR and APPEND are SETs of the result.
+        let ops: Vec<(ChangeOp, Bytes)> = out.iter().map(|c| (c.op, c.value.clone())).collect();
+        assert_eq!(&ops[..2], &[(ChangeOp::Set, b("5")), (ChangeOp::Set, b("-2"))]);
+        assert!(ops.contains(&(ChangeOp::Set, b("abcde"))));
+        assert!(!ops.iter().any(|(_, v)| v == &b("abcdefghi")));
     }
 }

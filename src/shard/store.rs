@@ -236,6 +236,8 @@ mod tests {
                 value: Bytes::from_static(b"v"),
                 ttl_ms: 0,
                 condition: Condition::Always,
+                keep_ttl: false,
+                return_old: false,
             };
             if store.apply(hash, set, 0, &mut ()) == Outcome::Applied(true) {
                 applied += 1;
@@ -260,6 +262,8 @@ mod tests {
                     value: Bytes::new(),
                     ttl_ms: 10,
                     condition: Condition::Always,
+                    keep_ttl: false,
+                    return_old: false,
                 },
                 0,
                 &mut (),
@@ -289,6 +293,8 @@ mod tests {
             value: Bytes::copy_from_slice(value),
             ttl_ms: 0,
             condition: Condition::Always,
+            keep_ttl: false,
+            return_old: false,
         }
     }
 
