@@ -53,6 +53,7 @@ fn set_conditions() {
         value: b(b"x"),
         ttl_ms: 0,
         condition: 9,
+        ..Default::default()
     });
     assert_eq!(code(&c.call(op)), Some(ErrorCode::InvalidRequest));
     assert_eq!(c.get(b"c").as_deref(), Some(&b"third"[..]));

@@ -24,6 +24,7 @@ fn request() -> impl Strategy<Value = Request> {
             value: v.into(),
             ttl_ms,
             condition,
+            ..Default::default()
         })),
         key().prop_map(|k| Op::Del(proto::DelRequest { key: k.into() })),
         proptest::collection::vec(key(), 0..20).prop_map(|keys| Op::Mget(proto::MGetRequest {

@@ -346,6 +346,7 @@ impl Client {
             value: b(value),
             ttl_ms,
             condition: cond as i32,
+            ..Default::default()
         });
         match self.call(op) {
             Response {
