@@ -29,6 +29,8 @@ ensure_packages() {
   command -v openssl >/dev/null || missing+=(openssl)               # certificates for bench/tls.sh
   # The independent client in tests/security.rs: Debian's python3 with its protobuf module.
   /usr/bin/python3 -c 'import google.protobuf' 2>/dev/null || missing+=(python3 python3-protobuf)
+  # redis-py, a Redis client nobody here wrote, for tests/resp.rs.
+  /usr/bin/python3 -c 'import redis' 2>/dev/null || missing+=(python3-redis)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq

@@ -116,6 +116,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cdc.overflow", "at cdc.retention_bytes_max (or, persistence off, a full queue): block (writers wait, nothing lost) or drop (the oldest unconfirmed changes are given up, counted in Stats, a visible seq gap)"),
     ("cdc.log_sync_interval_ms", "with fsync everysec or no, how often the log is synced while changes wait for it (an event is published only once its record is synced)"),
     ("cdc.blocked_ms_max", "change capture without a broker connection for longer than this makes the node not ready (/readyz 503), though it keeps serving"),
+    ("resp.listen", "address of the Redis protocol (RESP2) port, served by every core like the protobuf port (SO_REUSEPORT), with the same limits, log, change capture, auth and TLS; empty = off"),
     ("metrics.listen", "HTTP address of /metrics (Prometheus), /healthz and /readyz, served by the control core; empty = off"),
     ("cdc.reconnect_delay_max_ms", "longest pause between reconnection attempts to the broker"),
 ];
@@ -144,6 +145,15 @@ pub struct Config {
     pub auth: Auth,
     pub tls: Tls,
     pub metrics: Metrics,
+    pub resp: Resp,
+}
+
+/// The Redis protocol front end (src/server/resp.rs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Resp {
+    /// Empty = off.
+    pub listen: String,
 }
 
 /// The HTTP endpoint for Prometheus and health checks (src/metrics.rs).
@@ -414,6 +424,7 @@ impl Default for Config {
             auth: Auth::default(),
             tls: Tls::default(),
             metrics: Metrics::default(),
+            resp: Resp::default(),
         }
     }
 }
@@ -519,6 +530,9 @@ impl Config {
     /// Checks what serde cannot: relations between values and their ranges.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError::Invalid(m));
+        if !self.resp.listen.is_empty() && self.resp.listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(format!("resp.listen: {:?} is not an IP:port address", self.resp.listen));
+        }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return fail(format!(
                 "metrics.listen: {:?} is not an IP:port address",

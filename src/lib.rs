@@ -53,6 +53,7 @@ pub mod fuzz;
 pub mod keyspace;
 pub mod logging;
 pub mod metrics;
+pub mod resp;
 pub mod server;
 pub mod shard;
 pub mod systemd;

@@ -104,6 +104,7 @@ fn main() -> ExitCode {
         listen = %server.local_addr(),
         port = server.local_addr().port(),
         core_ports = ?server.core_ports(),
+        resp = %server.resp_addr().map_or("off".to_string(), |a| a.to_string()),
         metrics = %server.metrics_addr().map_or("off".to_string(), |a| a.to_string()),
         net,
         "flux-server ready"

@@ -14,6 +14,10 @@
 //! decrypted into the same input buffer the plaintext path reads into, and each batch of
 //! replies is encrypted into one buffer and sent with one write. Everything else (framing,
 //! dispatch, limits) cannot tell the two apart.
+//!
+//! The same loop serves the Redis port ([`Front::Resp`]): only taking requests off the
+//! input and writing replies differ (`super::resp`); batching, backpressure, timeouts,
+//! shutdown, TLS and authentication are shared.
 
 use std::io::{self, BufRead, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -29,9 +33,19 @@ use rustls::ServerConnection;
 use super::access::{self, Session};
 use super::core::{Core, Counters};
 use super::dispatch;
+use super::resp as redis;
 use super::uring::{set_nodelay, Ring};
 use crate::proto::{ErrorCode, Response};
-use crate::wire;
+use crate::{resp, wire};
+
+/// The protocol a listener speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Front {
+    /// Length-prefixed protobuf (proto/flux.proto).
+    Protobuf,
+    /// Redis' RESP2 (`resp.listen`).
+    Resp,
+}
 
 /// Read buffer size, and its smallest growth step (a large frame grows it by doubling).
 const READ_CHUNK_BYTES: usize = 16 << 10;
@@ -41,7 +55,7 @@ const BUFFER_SHRINK_BYTES: usize = 1 << 20;
 const DRAIN_IDLE: Duration = Duration::from_millis(100);
 
 /// Serves one accepted connection until the peer closes it, it misbehaves, or shutdown.
-pub async fn serve(core: Rc<Core>, fd: OwnedFd) {
+pub async fn serve(core: Rc<Core>, fd: OwnedFd, front: Front) {
     if let Err(e) = set_nodelay(&fd) {
         tracing::debug!(error = %e, "TCP_NODELAY failed");
     }
@@ -81,6 +95,8 @@ pub async fn serve(core: Rc<Core>, fd: OwnedFd) {
         frame_started: None,
         session,
         tls,
+        front,
+        parser: resp::Parser::default(),
     };
     match conn.run().await {
         Ok(()) => {}
@@ -100,6 +116,9 @@ struct Connection {
     session: Session,
     /// The TLS session, on a TLS port.
     tls: Option<Box<Tls>>,
+    front: Front,
+    /// The command being read, on the Redis port.
+    parser: resp::Parser,
 }
 
 /// Ciphertext read per receive on a TLS connection: one TLS record at most is 16 KiB plus
@@ -140,9 +159,11 @@ impl Connection {
                 );
             }
             let why = access::PROTECTED_MODE.to_string();
-            self.write(vec![dispatch::error(0, ErrorCode::PermissionDenied, why)])
-                .await?;
+            self.refuse(ErrorCode::PermissionDenied, why).await?;
             return self.close().await;
+        }
+        if self.front == Front::Resp {
+            return self.run_resp().await;
         }
         let limits = &self.core.config.limits;
         let (frames_max, frame_bytes_max) = (limits.requests_in_flight_max, limits.frame_bytes_max);
@@ -179,36 +200,117 @@ impl Connection {
             }
             if let Some(e) = too_large {
                 // The stream cannot be resynchronised without reading the whole frame.
-                self.write(vec![dispatch::error(0, ErrorCode::FrameTooLarge, e.to_string())])
-                    .await?;
+                self.refuse(ErrorCode::FrameTooLarge, e.to_string()).await?;
                 return Ok(());
             }
             if batch_full {
                 continue;
             }
-            match self.read(&mut draining).await? {
-                Input::Data => {}
-                Input::Closed => {
-                    if !self.input.is_empty() {
-                        tracing::debug!(
-                            core = self.core.index,
-                            bytes = self.input.len(),
-                            "peer closed mid-frame"
-                        );
+            if !self.read_more(&mut draining).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// The loop of [`Connection::run`] on the Redis port: commands instead of frames.
+    async fn run_resp(&mut self) -> io::Result<()> {
+        let limits = &self.core.config.limits;
+        let commands_max = limits.requests_in_flight_max;
+        let parse_limits = resp::Limits {
+            // MSET of batch_keys_max pairs, with its name.
+            args_max: limits.batch_keys_max.saturating_mul(2).saturating_add(1),
+            command_bytes_max: limits.frame_bytes_max,
+        };
+        let mut draining = false;
+        loop {
+            let mut batch = redis::Batch::new();
+            let mut commands = 0;
+            let mut bad = None;
+            while commands < commands_max {
+                match self.parser.take(&mut self.input, parse_limits) {
+                    Ok(Some(args)) => {
+                        commands += 1;
+                        self.frame_started = None;
+                        if draining {
+                            resp::error(&mut self.output, "ERR the server is shutting down");
+                        } else {
+                            batch.push(&self.core, args);
+                        }
                     }
-                    return Ok(());
+                    Ok(None) => break,
+                    Err(e) => {
+                        bad = Some(e);
+                        break;
+                    }
                 }
-                Input::IdleTimeout => {
-                    Counters::add(&self.core.counters.connections_timed_out, 1);
-                    return Ok(());
+            }
+            if commands > 0 {
+                Counters::add(&self.core.counters.requests, commands as u64);
+                let quit = batch.quit;
+                if !batch.is_empty() {
+                    let mut out = std::mem::take(&mut self.output);
+                    batch.run(&self.core, &mut self.session, &mut out).await;
+                    self.output = out;
                 }
-                Input::FrameTimeout => {
-                    Counters::add(&self.core.counters.connections_timed_out, 1);
-                    let limit = self.core.config.limits.frame_read_timeout_ms;
-                    let why = format!("the frame did not arrive within limits.frame_read_timeout_ms ({limit} ms)");
-                    self.write(vec![dispatch::error(0, ErrorCode::TimedOut, why)]).await?;
-                    return Ok(());
+                self.flush().await?;
+                if quit || self.session.close {
+                    return self.close().await;
                 }
+            }
+            if let Some(e) = bad {
+                // Redis replies and closes: the stream cannot be trusted past the error.
+                self.refuse(ErrorCode::InvalidRequest, e.to_string()).await?;
+                return self.close().await;
+            }
+            if commands == commands_max {
+                continue;
+            }
+            if !self.read_more(&mut draining).await? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Reads more input; false when the connection should end (closed, or a timeout, which
+    /// is answered first).
+    async fn read_more(&mut self, draining: &mut bool) -> io::Result<bool> {
+        match self.read(draining).await? {
+            Input::Data => Ok(true),
+            Input::Closed => {
+                if !self.input.is_empty() {
+                    tracing::debug!(
+                        core = self.core.index,
+                        bytes = self.input.len(),
+                        "peer closed mid-frame"
+                    );
+                }
+                Ok(false)
+            }
+            Input::IdleTimeout => {
+                Counters::add(&self.core.counters.connections_timed_out, 1);
+                Ok(false)
+            }
+            Input::FrameTimeout => {
+                Counters::add(&self.core.counters.connections_timed_out, 1);
+                let limit = self.core.config.limits.frame_read_timeout_ms;
+                let why = format!("the frame did not arrive within limits.frame_read_timeout_ms ({limit} ms)");
+                self.refuse(ErrorCode::TimedOut, why).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Sends a connection-level error in the port's protocol.
+    async fn refuse(&mut self, code: ErrorCode, why: String) -> io::Result<()> {
+        match self.front {
+            Front::Protobuf => self.write(vec![dispatch::error(0, code, why)]).await,
+            Front::Resp => {
+                let text = match code {
+                    ErrorCode::PermissionDenied => format!("DENIED {why}"),
+                    _ => format!("ERR {why}"),
+                };
+                resp::error(&mut self.output, &text);
+                self.flush().await
             }
         }
     }
@@ -233,7 +335,11 @@ impl Connection {
         // Room for at least a chunk (many small pipelined frames per read), and for a large
         // frame growth by at most what has arrived (doubling), never by what a header
         // claims: a peer must send the bytes before the server holds memory for them.
-        let missing = wire::bytes_needed(&self.input).saturating_sub(self.input.len());
+        let needed = match self.front {
+            Front::Protobuf => wire::bytes_needed(&self.input),
+            Front::Resp => self.parser.bytes_needed(),
+        };
+        let missing = needed.saturating_sub(self.input.len());
         self.input.reserve(READ_CHUNK_BYTES.max(missing.min(self.input.len())));
         let input = std::mem::take(&mut self.input);
         // The read stays in flight across the shutdown notice, so no byte the kernel already

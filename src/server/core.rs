@@ -16,7 +16,7 @@ use glommio::sync::{Gate, Semaphore};
 use glommio::{spawn_local, timer::sleep};
 
 use super::access::{AccessControl, Throttle};
-use super::connection;
+use super::connection::{self, Front};
 use super::dispatch::{slice_point, SLICE_KEYS};
 use super::forward::Outboxes;
 use super::listener::CoreListeners;
@@ -786,10 +786,11 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         })
         .detach();
     }
-    let CoreListeners { shared, own } = listeners;
-    for listener in std::iter::once(shared).chain(own) {
+    let CoreListeners { shared, own, resp } = listeners;
+    let ports = std::iter::once(shared).chain(own).map(|l| (l, Front::Protobuf));
+    for (listener, front) in ports.chain(resp.map(|l| (l, Front::Resp))) {
         core.tasks
-            .spawn(accept_loop(core.clone(), listener))
+            .spawn(accept_loop(core.clone(), listener, front))
             .map_err(|e| e.to_string())?
             .detach();
     }
@@ -819,7 +820,7 @@ async fn drain_held(core: Rc<Core>) {
     }
 }
 
-async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
+async fn accept_loop(core: Rc<Core>, listener: OwnedFd, front: Front) {
     let max = core.config.limits.connections_per_core_max as u64;
     let mut refusals = Throttle::default();
     loop {
@@ -849,7 +850,7 @@ async fn accept_loop(core: Rc<Core>, listener: OwnedFd) {
             }
             continue; // dropping fd closes it
         }
-        match core.tasks.spawn(connection::serve(core.clone(), fd)) {
+        match core.tasks.spawn(connection::serve(core.clone(), fd, front)) {
             Ok(task) => task.detach(),
             Err(_) => return, // the gate closed: shutting down
         };

@@ -82,9 +82,19 @@ struct Batch<'a> {
 /// A write is acknowledged only once the log holds it: when the log fails first, its
 /// response becomes STORAGE_UNAVAILABLE (reads in the same batch are answered normally).
 pub async fn execute(core: &Rc<Core>, session: &mut Session, frames: impl Iterator<Item = Bytes>) -> Vec<Response> {
-    let decoded = std::time::Instant::now();
     let batch_keys_max = core.config.limits.batch_keys_max;
     let requests: Vec<_> = frames.map(|p| decode(p, batch_keys_max)).collect();
+    execute_requests(core, session, requests).await
+}
+
+/// [`execute`] for requests already decoded (or refused while decoding): the Redis front
+/// end builds them from commands.
+pub async fn execute_requests(
+    core: &Rc<Core>,
+    session: &mut Session,
+    requests: Vec<Result<Request, Box<Response>>>,
+) -> Vec<Response> {
+    let decoded = std::time::Instant::now();
     let kinds: Vec<u8> = requests
         .iter()
         .map(|r| r.as_ref().map_or(OP_INVALID, |r| op_kind(r.op.as_ref())) as u8)

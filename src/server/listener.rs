@@ -23,12 +23,17 @@ pub const BACKLOG: i32 = 1024;
 pub struct CoreListeners {
     pub shared: OwnedFd,
     pub own: Option<OwnedFd>,
+    /// This core's socket on the Redis port (`resp.listen`), shared like `shared`.
+    pub resp: Option<OwnedFd>,
 }
 
 impl CoreListeners {
     /// Starts accepting connections into the kernel's backlog.
     pub fn listen(&self) -> io::Result<()> {
-        for fd in std::iter::once(&self.shared).chain(self.own.as_ref()) {
+        for fd in std::iter::once(&self.shared)
+            .chain(self.own.as_ref())
+            .chain(self.resp.as_ref())
+        {
             socket2::SockRef::from(fd).listen(BACKLOG)?;
         }
         Ok(())
@@ -67,9 +72,35 @@ pub fn bind_all(
             let own_addr = SocketAddr::new(bound.ip(), port);
             Some(exclusive_listener(own_addr)?.into())
         };
-        out.push(CoreListeners { shared: s.into(), own });
+        out.push(CoreListeners {
+            shared: s.into(),
+            own,
+            resp: None,
+        });
     }
     Ok((out, bound, orphans))
+}
+
+/// Binds `resp_addr` for every core, as [`bind_all`] binds the main address, and hands each
+/// core its socket; returns the address bound (its port, when 0 was asked).
+pub fn bind_resp(resp_addr: SocketAddr, listeners: &mut [CoreListeners]) -> io::Result<SocketAddr> {
+    if resp_addr.port() != 0 {
+        refuse_if_in_use(resp_addr)?;
+    }
+    let first = reuseport_listener(resp_addr)?;
+    let bound = first
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::other("listener has no IP address"))?;
+    let mut next = Some(first);
+    for l in listeners.iter_mut() {
+        let s = match next.take() {
+            Some(s) => s,
+            None => reuseport_listener(bound)?,
+        };
+        l.resp = Some(s.into());
+    }
+    Ok(bound)
 }
 
 /// SO_REUSEPORT lets any process of the same user join a port silently; bind the address

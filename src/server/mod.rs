@@ -23,6 +23,7 @@ mod dispatch;
 mod forward;
 mod listener;
 pub mod lock;
+mod resp;
 mod uring;
 mod wake;
 
@@ -60,6 +61,7 @@ const FAILED_START_WAIT: Duration = Duration::from_millis(1_500);
 /// A running node.
 pub struct Server {
     local_addr: SocketAddr,
+    resp_addr: Option<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     core_ports: Vec<u16>,
     node_id: String,
@@ -156,7 +158,16 @@ impl Server {
             .listen
             .parse()
             .map_err(|_| StartError::Invalid(format!("bad listen address {}", config.listen)))?;
-        let (listeners, local_addr, orphans) = listener::bind_all(listen, cpus.len(), config.core_port_base)?;
+        let (mut listeners, local_addr, orphans) = listener::bind_all(listen, cpus.len(), config.core_port_base)?;
+        let resp_addr = match config.resp.listen.as_str() {
+            "" => None,
+            addr => {
+                let addr: SocketAddr = addr
+                    .parse()
+                    .map_err(|_| StartError::Invalid(format!("bad resp.listen address {addr}")))?;
+                Some(listener::bind_resp(addr, &mut listeners)?)
+            }
+        };
         let core_ports: Vec<u16> = match config.core_port_base {
             0 => Vec::new(),
             base => (0..cores as u16).map(|i| base + i).collect(),
@@ -470,6 +481,7 @@ impl Server {
         serving_flag.store(true, Ordering::Relaxed);
         Ok(Server {
             local_addr,
+            resp_addr,
             metrics_addr,
             core_ports,
             node_id,
@@ -489,6 +501,11 @@ impl Server {
     /// The shared address every core listens on (with the real port when 0 was asked).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the Redis protocol is served (`resp.listen`), when on.
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp_addr
     }
 
     /// Where /metrics, /healthz and /readyz are served (`metrics.listen`), when on.

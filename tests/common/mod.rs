@@ -27,6 +27,8 @@ pub struct TestServer {
     pub addr: SocketAddr,
     /// The metrics endpoint (/metrics, /healthz, /readyz), unless turned off.
     pub metrics: Option<SocketAddr>,
+    /// The Redis protocol port, when `--resp-listen` was given.
+    pub resp: Option<SocketAddr>,
     pub core_ports: Vec<u16>,
     pub log: Arc<Mutex<Vec<String>>>,
     /// The data directory (a fresh temporary one unless the test passed its own).
@@ -128,6 +130,7 @@ impl TestServer {
         };
         let addr = field(&ready, "listen").parse().expect("listen address in ready line");
         let metrics = field(&ready, "metrics").parse().ok();
+        let resp = field(&ready, "resp").parse().ok();
         let core_ports = field(&ready, "core_ports")
             .trim_matches(|c| c == '[' || c == ']')
             .split(',')
@@ -138,6 +141,7 @@ impl TestServer {
             child,
             addr,
             metrics,
+            resp,
             core_ports,
             log,
             dir: dir.to_path_buf(),
