@@ -83,3 +83,7 @@ write("snapshot", "two_keys", header + record(1, 2, 0, 0, b"a", b"1") + record(1
 
 body = b"FLUXCKP1" + struct.pack("<IQ", 4, 1767225600000) + b"".join(struct.pack("<Q", s) for s in (1, 2, 3, 4))
 write("checkpoint", "four_shards", body + struct.pack("<I", crc32c(body)))
+
+write("resp_commands", "pipeline", b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n*2\r\n$3\r\nGET\r\n$1\r\nk\r\nPING\r\n")
+write("resp_commands", "inline", b"SET \"a b\" 'c\\'d' \"\\x41\\n\"\r\nMSET x 1 y 2\r\n")
+write("resp_commands", "replies", b"+OK\r\n-ERR no\r\n:5\r\n$1\r\nv\r\n$-1\r\n*2\r\n$1\r\na\r\n$-1\r\n")

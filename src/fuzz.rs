@@ -20,6 +20,42 @@ const FRAME_BYTES_MAX: usize = 1 << 16;
 const BATCH_KEYS_MAX: usize = 64;
 const RECORD_BODY_BYTES_MAX: usize = 1 << 16;
 
+/// The Redis port's read path: commands taken off a stream that arrives in pieces (the
+/// split point comes from the data), then the replies a client would read. Every command
+/// must respect the limits, and a stream fed whole must yield what it yields in pieces.
+pub fn resp_stream(data: &[u8]) {
+    let limits = crate::resp::Limits {
+        args_max: 2 * BATCH_KEYS_MAX + 1,
+        command_bytes_max: FRAME_BYTES_MAX,
+    };
+    let take_all = |chunks: &mut dyn Iterator<Item = &[u8]>| {
+        let mut parser = crate::resp::Parser::default();
+        let mut buf = BytesMut::new();
+        let mut commands = Vec::new();
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            loop {
+                match parser.take(&mut buf, limits) {
+                    Ok(Some(args)) => {
+                        assert!(args.len() <= limits.args_max);
+                        assert!(args.iter().map(|a| a.len()).sum::<usize>() <= FRAME_BYTES_MAX);
+                        commands.push(args);
+                    }
+                    Ok(None) => break,
+                    Err(e) => return (commands, Some(e)),
+                }
+            }
+        }
+        (commands, None)
+    };
+    let whole = take_all(&mut std::iter::once(data));
+    let step = usize::from(data.first().copied().unwrap_or(1)).max(1);
+    let pieces = take_all(&mut data.chunks(step));
+    assert_eq!(whole, pieces, "the same stream in pieces of {step} parses differently");
+    let mut buf = BytesMut::from(data);
+    while let Ok(Some(_)) = crate::resp::take_reply(&mut buf) {}
+}
+
 /// The server's read path: frames, the batch-size scan, then the Request decoder.
 pub fn request_stream(data: &[u8]) {
     let mut buf = BytesMut::from(data);

@@ -59,7 +59,7 @@ impl Parser {
                 return Ok(None);
             }
             if input[0] != b'*' {
-                return match self.inline(input)? {
+                return match self.inline(input, limits)? {
                     Some(args) if args.is_empty() => continue,
                     other => Ok(other),
                 };
@@ -88,7 +88,7 @@ impl Parser {
     fn multibulk(&mut self, input: &[u8], limits: Limits) -> Result<bool, ProtocolError> {
         if self.count.is_none() {
             let Some((n, next)) = number_line(input, 1)? else {
-                return self.wait(input.len() + 1, limits);
+                return self.wait(input.len() + 1);
             };
             if n < 0 || n as usize > limits.args_max {
                 return bad("invalid multibulk length");
@@ -100,20 +100,27 @@ impl Parser {
         let count = self.count.unwrap_or(0);
         while self.args.len() < count {
             let Some(&first) = input.get(self.pos) else {
-                return self.wait(self.pos + 1, limits);
+                return self.wait(self.pos + 1);
             };
             if first != b'$' {
                 return bad(format!("expected '$', got '{}'", char::from(first).escape_default()));
             }
             let Some((len, start)) = number_line(input, self.pos + 1)? else {
-                return self.wait(input.len() + 1, limits);
+                return self.wait(input.len() + 1);
             };
             if len < 0 || len as usize > limits.command_bytes_max {
                 return bad("invalid bulk length");
             }
             let end = start + len as usize;
+            // The whole command counts, whether or not its bytes are here yet.
+            if end > limits.command_bytes_max {
+                return bad(format!(
+                    "command exceeds limits.frame_bytes_max ({})",
+                    limits.command_bytes_max
+                ));
+            }
             if input.len() < end + 2 {
-                return self.wait(end + 2, limits);
+                return self.wait(end + 2);
             }
             if &input[end..end + 2] != b"\r\n" {
                 return bad("expected CRLF after a bulk string");
@@ -125,20 +132,14 @@ impl Parser {
         Ok(true)
     }
 
-    /// Records that `needed` bytes must arrive first; refuses a command larger than allowed.
-    fn wait(&mut self, needed: usize, limits: Limits) -> Result<bool, ProtocolError> {
-        if needed > limits.command_bytes_max.saturating_add(2) {
-            return bad(format!(
-                "command exceeds limits.frame_bytes_max ({})",
-                limits.command_bytes_max
-            ));
-        }
+    /// Records that the input must hold `needed` bytes before parsing can go on.
+    fn wait(&mut self, needed: usize) -> Result<bool, ProtocolError> {
         self.needed = needed;
         Ok(false)
     }
 
     /// One inline line, split as Redis' sdssplitargs does.
-    fn inline(&mut self, input: &mut BytesMut) -> Result<Option<Vec<Bytes>>, ProtocolError> {
+    fn inline(&mut self, input: &mut BytesMut, limits: Limits) -> Result<Option<Vec<Bytes>>, ProtocolError> {
         let Some(nl) = input.iter().position(|&b| b == b'\n') else {
             if input.len() > INLINE_BYTES_MAX {
                 return bad("too big inline request");
@@ -153,7 +154,11 @@ impl Parser {
         let line = input.split_to(nl + 1);
         let line = line.strip_suffix(b"\n").unwrap_or(&line);
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        split_args(line).map(Some)
+        let args = split_args(line)?;
+        if args.len() > limits.args_max {
+            return bad("too many arguments in inline request");
+        }
+        Ok(Some(args))
     }
 }
 
@@ -332,8 +337,8 @@ const REPLY_DEPTH_MAX: usize = 8;
 
 fn reply_at(buf: &[u8], at: &mut usize, depth: usize) -> Result<Option<Reply>, ProtocolError> {
     let Some(&kind) = buf.get(*at) else { return Ok(None) };
-    let line_end = match buf[*at..].windows(2).position(|w| w == b"\r\n") {
-        Some(p) => *at + p,
+    let line_end = match buf[*at + 1..].windows(2).position(|w| w == b"\r\n") {
+        Some(p) => *at + 1 + p,
         None => return Ok(None),
     };
     let line = &buf[*at + 1..line_end];
@@ -444,6 +449,10 @@ mod tests {
         assert_eq!(err(b"set \"a\n"), "unbalanced quotes in request");
         assert_eq!(err(b"set \"a\"b\n"), "unbalanced quotes in request");
         assert_eq!(err(&vec![b'a'; INLINE_BYTES_MAX + 1]), "too big inline request");
+        assert_eq!(
+            err(&[&b"a ".repeat(17)[..], b"\n"].concat()),
+            "too many arguments in inline request"
+        );
         assert!(err(b"*2\r\n$1020\r\n").contains("frame_bytes_max"));
         // A partial command says what it needs next.
         let mut p = Parser::default();

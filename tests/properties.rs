@@ -121,6 +121,25 @@ proptest! {
         fuzz::log_records(&data);
         fuzz::snapshot(&data);
         fuzz::checkpoint(&data);
+        fuzz::resp_stream(&data);
+    }
+
+    // Goal: valid Redis commands with random bytes flipped, fed in pieces, never panic the
+    // Redis port's parser and parse the same as fed whole.
+    #[test]
+    fn mutated_resp_never_panics(args in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 1..6), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4)) {
+        let mut stream = format!("*{}\r\n", args.len()).into_bytes();
+        for a in &args {
+            stream.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            stream.extend_from_slice(a);
+            stream.extend_from_slice(b"\r\n");
+        }
+        stream.extend_from_slice(b"PING \"inline\" 'x'\r\n");
+        for (at, byte) in flips {
+            let i = at.index(stream.len());
+            stream[i] ^= byte;
+        }
+        fuzz::resp_stream(&stream);
     }
 
     // Goal: valid frames with random bytes flipped never panic the server's read path.
