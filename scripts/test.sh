@@ -31,6 +31,8 @@ ensure_packages() {
   /usr/bin/python3 -c 'import google.protobuf' 2>/dev/null || missing+=(python3 python3-protobuf)
   # redis-py, a Redis client nobody here wrote, for tests/resp.rs.
   /usr/bin/python3 -c 'import redis' 2>/dev/null || missing+=(python3-redis)
+  # xxh3 for the Python client's shard-aware routing (tests/python_client.rs).
+  /usr/bin/python3 -c 'import xxhash' 2>/dev/null || missing+=(python3-xxhash)
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq
