@@ -18,6 +18,11 @@
 # (per-request figures kept, /metrics scraped every second from the client CPU, more often
 # than Prometheus' usual 15 s) and off (figures not kept), alternating REPEAT times each;
 # medians go to the "Metrics on and off" section.
+#
+# Last, Redis' own benchmark against both servers over RESP (Flux-KV's `resp.listen`):
+# Redis and a 1-core Flux-KV each on SERVER_CPU, redis-benchmark on CLIENT_CPU, no
+# persistence; `-t set` then `-t get`, -c 100 -n 500000, -r 1000000 (distinct keys), with
+# and without -P 16; REPEAT alternating rounds, medians, server CPU per request.
 source "$(dirname "$0")/lib.sh"
 N=${N:-500000}
 C=${C:-100}
@@ -114,10 +119,35 @@ for p in 1 16; do
   done
 done
 
+RROWS="$WORK/resp.tsv"
+: >"$RROWS"
+# resp_run SERVER PID PORT TEST PIPELINE: one redis-benchmark line, recorded.
+resp_run() {
+  measure "$2" "$WORK/rb.csv" redis-benchmark -p "$3" -t "$4" -c "$C" -n "$N" -r 1000000 -P "$5" --csv
+  printf '%s	%s	%s	%s	%s
+' "$1" "$4" "$5" "$(redis_rps "$WORK/rb.csv")" "$SERVER_CPU_PCT" >>"$RROWS"
+  log "redis-benchmark: $(tail -1 "$RROWS")"
+}
+for rep in $(seq 1 "$REPEAT"); do
+  for p in 1 16; do
+    start_redis
+    resp_run Redis "$REDIS_PID" "$REDIS_PORT" set "$p"
+    resp_run Redis "$REDIS_PID" "$REDIS_PORT" get "$p"
+    stop_pid "$REDIS_PID"
+    rport=$(free_port)
+    METRICS_LISTEN= start_flux resp --cores 1 --cpus "$SERVER_CPU" --persistence-enabled false \
+      --resp-listen "127.0.0.1:$rport"
+    wait_port "$rport"
+    resp_run Flux-KV "$FLUX_PID" "$rport" set "$p"
+    resp_run Flux-KV "$FLUX_PID" "$rport" get "$p"
+    stop_pid "$FLUX_PID"
+  done
+done
+
 python3 - "$ROWS" "$RESULTS" "$N" "$C" "$NPROC" "$CLIENT_CPU" "$SERVER_CPU" \
-  "$(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2)" "$(uname -r)" "$MROWS" "$REPEAT" <<'PY'
+  "$(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2)" "$(uname -r)" "$MROWS" "$REPEAT" "$RROWS" <<'PY'
 import json, sys, datetime, statistics
-rows_file, results, n, c, nproc, client_cpu, server_cpu, redis_version, kernel, metrics_file, repeat = sys.argv[1:]
+rows_file, results, n, c, nproc, client_cpu, server_cpu, redis_version, kernel, metrics_file, repeat, resp_file = sys.argv[1:]
 keys = ["server", "client", "workload", "pipeline", "rps", "server_cpu", "client_cpu", "p50", "p99", "p999"]
 rows = []
 for line in open(rows_file):
@@ -189,7 +219,30 @@ for p in (1, 16):
     (on, on_us, on_p99), (off, off_us, off_p99) = med["on"], med["off"]
     md.append(f"| {p} | {on:,.0f} | {off:,.0f} | {on/off:.3f}x | {on_us:.2f} | {off_us:.2f} | {on_p99:.0f} / {off_p99:.0f} |")
 md += ["", "Every run: " + ", ".join(f"{r['metrics']} P{r['pipeline']} {r['rps']:,}" for r in mrows) + "."]
+
+rrows = []
+for line in open(resp_file):
+    if line.strip():
+        server, test, p, rps, cpu = line.rstrip("\n").split("\t")
+        rrows.append({"server": server, "test": test, "pipeline": int(p), "rps": int(rps), "server_cpu": float(cpu)})
+md += ["", "## Redis' own benchmark, over RESP", "",
+       f"`redis-benchmark -t set|get -c {c} -n {n} -r 1000000 [-P 16]` on CPU {client_cpu} against Redis and against "
+       f"Flux-KV's Redis port (`resp.listen`, 1 shard core), each alone on CPU {server_cpu}, no persistence; SET runs "
+       f"first, so GET finds the keys it wrote (about 40 % of the key space). {repeat} alternating rounds, medians; "
+       "`us/req` is server CPU per request.", "",
+       "| command | pipeline | Flux-KV requests/s | Redis requests/s | Flux-KV / Redis | us/req Flux-KV | us/req Redis |",
+       "|---|---|---|---|---|---|---|"]
+for test in ("set", "get"):
+    for p in (1, 16):
+        med = {}
+        for server in ("Flux-KV", "Redis"):
+            rs = [r for r in rrows if r["server"] == server and r["test"] == test and r["pipeline"] == p]
+            med[server] = (statistics.median(r["rps"] for r in rs),
+                           statistics.median(10000 * r["server_cpu"] / r["rps"] for r in rs))
+        (f, fu), (r_, ru) = med["Flux-KV"], med["Redis"]
+        md.append(f"| {test.upper()} | {p} | {f:,.0f} | {r_:,.0f} | {f / r_:.2f}x | {fu:.2f} | {ru:.2f} |")
+md += ["", "Every run: " + ", ".join(f"{r['server']} {r['test'].upper()} P{r['pipeline']} {r['rps']:,}" for r in rrows) + "."]
 open(f"{results}/vs-redis.md", "w").write("\n".join(md) + "\n")
-json.dump({"runs": rows, "metrics": mrows}, open(f"{results}/vs-redis.json", "w"), indent=1)
+json.dump({"runs": rows, "metrics": mrows, "resp": rrows}, open(f"{results}/vs-redis.json", "w"), indent=1)
 print("\n".join(md))
 PY
