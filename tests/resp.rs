@@ -2,6 +2,8 @@
 //! python3-redis) beside a real Redis, redis-benchmark and redis-cli (redis-tools).
 mod common;
 
+use common::pki::Ca;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
@@ -380,4 +382,29 @@ fn read_modify_writes_survive_a_restart() {
     assert_eq!(replies[0], Reply::Bulk(Some(bytes::Bytes::from_static(b"42"))));
     assert_eq!(replies[1], Reply::Bulk(Some(bytes::Bytes::from_static(b"abcd"))));
     assert!(matches!(replies[2], Reply::Integer(t) if (990..=1000).contains(&t)));
+}
+
+// Goal: the Redis port speaks TLS with the node's certificate, like the protobuf port:
+// redis-cli --tls with the CA gets its replies, and a plaintext client gets none.
+#[test]
+fn tls_on_the_redis_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "resp");
+    let pair = ca.server("server");
+    let (_server, resp) = flux(&["--tls-cert-file", pair.cert(), "--tls-key-file", pair.key()]);
+    let cli = |args: &[&str]| {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &resp.port().to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    assert_eq!(cli(&["--tls", "--cacert", ca.cert(), "set", "k", "v"]).trim(), "OK");
+    assert_eq!(cli(&["--tls", "--cacert", ca.cert(), "get", "k"]).trim(), "v");
+    let (replies, _) = send_and_read(resp, b"PING\r\n");
+    assert!(
+        replies.is_empty(),
+        "plaintext got a RESP reply from a TLS port: {replies:?}"
+    );
 }
