@@ -547,6 +547,16 @@ impl Shard {
         answer(true, old)
     }
 
+    /// Loads the table group a key with table hash `h` probes first, and asks the CPU to
+    /// fetch every item whose tag matches, without waiting for them: a later operation on
+    /// the key then finds both in cache. Reads nothing the result depends on.
+    pub fn prefetch(&self, h: u64) {
+        self.table.find(h, |e| {
+            item::prefetch(e);
+            false
+        });
+    }
+
     /// The entry for `key` if it exists and has not expired; an expired one is removed now.
     fn live_entry(&mut self, h: u64, key: &[u8], now_ms: u64, out: &mut impl ChangeSink) -> Option<&mut Entry> {
         let occ = self.table.find_entry(h, |e| e.key() == key).ok()?;
@@ -1131,5 +1141,20 @@ mod tests {
         assert_eq!(&ops[..2], &[(ChangeOp::Set, b("5")), (ChangeOp::Set, b("-2"))]);
         assert!(ops.contains(&(ChangeOp::Set, b("abcde"))));
         assert!(!ops.iter().any(|(_, v)| v == &b("abcdefghi")));
+    }
+
+    // Goal: a prefetch is only a hint: on an empty table, for absent and present keys, it
+    // changes nothing a later operation sees.
+    #[test]
+    fn prefetch_changes_nothing() {
+        let mut s = Shard::new(0);
+        let h = |k: &str| table_hash(crate::keyspace::Keyspace::hash(k.as_bytes()));
+        s.prefetch(h("k"));
+        apply(&mut s, set("k", "v", 0, Condition::Always), 0, u64::MAX);
+        let before = (s.len(), s.memory_bytes(), s.seq());
+        s.prefetch(h("k"));
+        s.prefetch(h("absent"));
+        assert_eq!((s.len(), s.memory_bytes(), s.seq()), before);
+        assert_eq!(apply(&mut s, get("k"), 0, u64::MAX), Outcome::Value(Some(b("v"))));
     }
 }

@@ -133,6 +133,13 @@ impl CoreStore {
         evicted
     }
 
+    /// Starts loading what an operation on the key with routing hash `hash` will touch
+    /// (`Shard::prefetch`); this core must own the key.
+    pub fn prefetch(&self, hash: u64) {
+        let shard = self.keyspace.shard_of_hash(hash);
+        self.shards[self.keyspace.local_index(shard)].prefetch(table_hash(hash));
+    }
+
     /// Removes at most `max_keys` expired keys across this core's shards. Returns how many
     /// were removed; equal to `max_keys` means more may be due.
     pub fn sweep(&mut self, now_ms: u64, max_keys: usize, out: &mut impl ChangeSink) -> usize {
