@@ -202,17 +202,18 @@ pub fn split_args(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
         }
         let mut arg = Vec::new();
         match line[i] {
-            b'"' => {
+            quote @ (b'"' | b'\'') => {
                 i += 1;
+                let double = quote == b'"';
                 loop {
                     match line.get(i..) {
                         None | Some([]) => return unbalanced(),
-                        Some([b'\\', b'x', h, l, ..]) if h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
+                        Some([b'\\', b'x', h, l, ..]) if double && h.is_ascii_hexdigit() && l.is_ascii_hexdigit() => {
                             let hex = std::str::from_utf8(&line[i + 2..i + 4]).unwrap_or("0");
                             arg.push(u8::from_str_radix(hex, 16).unwrap_or(0));
                             i += 4;
                         }
-                        Some([b'\\', c, ..]) => {
+                        Some([b'\\', c, ..]) if double => {
                             arg.push(match c {
                                 b'n' => b'\n',
                                 b'r' => b'\r',
@@ -223,30 +224,11 @@ pub fn split_args(line: &[u8]) -> Result<Vec<Bytes>, ProtocolError> {
                             });
                             i += 2;
                         }
-                        Some([b'"', rest @ ..]) => {
-                            if rest.first().is_some_and(|c| !c.is_ascii_whitespace()) {
-                                return unbalanced();
-                            }
-                            i += 1;
-                            break;
-                        }
-                        Some([c, ..]) => {
-                            arg.push(*c);
-                            i += 1;
-                        }
-                    }
-                }
-            }
-            b'\'' => {
-                i += 1;
-                loop {
-                    match line.get(i..) {
-                        None | Some([]) => return unbalanced(),
                         Some([b'\\', b'\'', ..]) => {
                             arg.push(b'\'');
                             i += 2;
                         }
-                        Some([b'\'', rest @ ..]) => {
+                        Some([c, rest @ ..]) if *c == quote => {
                             if rest.first().is_some_and(|c| !c.is_ascii_whitespace()) {
                                 return unbalanced();
                             }
