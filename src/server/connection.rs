@@ -248,9 +248,13 @@ impl Connection {
                 Counters::add(&self.core.counters.requests, commands as u64);
                 let quit = batch.quit;
                 if !batch.is_empty() {
-                    let mut out = std::mem::take(&mut self.output);
-                    batch.run(&self.core, &mut self.session, &mut out).await;
-                    self.output = out;
+                    let mut replies = batch.run(&self.core, &mut self.session).await;
+                    let flush_at = self.core.config.limits.write_buffer_bytes_max;
+                    while replies.next_into(&self.core, &mut self.output) {
+                        if self.output.len() >= flush_at {
+                            self.flush().await?;
+                        }
+                    }
                 }
                 self.flush().await?;
                 if quit || self.session.close {

@@ -99,21 +99,43 @@ impl Batch {
         self.steps.push(step);
     }
 
-    /// Runs the requests and appends every reply, in command order, to `out`.
-    pub async fn run(self, core: &Rc<Core>, session: &mut Session, out: &mut Vec<u8>) {
+    /// Runs the requests; the replies are then written one by one ([`Replies::next_into`]),
+    /// so the connection can send them in bounded pieces.
+    pub async fn run(self, core: &Rc<Core>, session: &mut Session) -> Replies {
         let responses = if self.requests.is_empty() {
             Vec::new()
         } else {
             dispatch::execute_requests(core, session, self.requests).await
         };
-        for step in self.steps {
-            match step {
-                Step::Reply(bytes) => out.extend_from_slice(&bytes),
-                Step::Run {
-                    shape,
-                    requests,
-                    sections,
-                } => render(core, shape, &responses[requests], &sections, out),
+        Replies {
+            steps: self.steps.into_iter(),
+            responses,
+        }
+    }
+}
+
+/// A batch's answers, in command order, not yet encoded.
+pub struct Replies {
+    steps: std::vec::IntoIter<Step>,
+    responses: Vec<Response>,
+}
+
+impl Replies {
+    /// Appends the next command's reply to `out`; false when there is none left.
+    pub fn next_into(&mut self, core: &Core, out: &mut Vec<u8>) -> bool {
+        match self.steps.next() {
+            None => false,
+            Some(Step::Reply(bytes)) => {
+                out.extend_from_slice(&bytes);
+                true
+            }
+            Some(Step::Run {
+                shape,
+                requests,
+                sections,
+            }) => {
+                render(core, shape, &self.responses[requests], &sections, out);
+                true
             }
         }
     }
