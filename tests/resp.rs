@@ -408,3 +408,46 @@ fn tls_on_the_redis_port() {
         "plaintext got a RESP reply from a TLS port: {replies:?}"
     );
 }
+
+// Goal: INCR, APPEND and a Redis SET reach the change stream (real RabbitMQ) as ordinary SET
+// events carrying the resulting values, PERSIST as an EXPIRE to 0, in the order applied.
+#[test]
+fn read_modify_writes_are_set_events() {
+    let exchange = common::cdc::unique("test.resp");
+    let tail = common::cdc::Tail::start(&[
+        "--exchange",
+        &exchange,
+        "--json",
+        "--count",
+        "6",
+        "--idle-timeout",
+        "30s",
+    ]);
+    let (_server, resp) = flux(&["--cdc-enabled", "true", "--cdc-exchange", &exchange]);
+    let (replies, _) = send_and_read(
+        resp,
+        b"INCR n\r\nINCRBY n 41\r\nAPPEND s ab\r\nAPPEND s cd\r\nSET t v EX 100\r\nPERSIST t\r\nQUIT\r\n",
+    );
+    assert_eq!(replies[1], Reply::Integer(42));
+    let out = tail.finish();
+    assert!(out.success, "{}", out.stderr);
+    let events: Vec<(String, String, String)> = out
+        .events
+        .iter()
+        .map(|e| {
+            let s = |f: &str| e[f].as_str().unwrap().to_string();
+            (s("op"), s("key"), s("value"))
+        })
+        .collect();
+    let of = |key: &str| -> Vec<(String, String)> {
+        events
+            .iter()
+            .filter(|e| e.1 == key)
+            .map(|e| (e.0.clone(), e.2.clone()))
+            .collect()
+    };
+    let pair = |op: &str, v: &str| (op.to_string(), v.to_string());
+    assert_eq!(of("n"), vec![pair("SET", "1"), pair("SET", "42")]);
+    assert_eq!(of("s"), vec![pair("SET", "ab"), pair("SET", "abcd")]);
+    assert_eq!(of("t"), vec![pair("SET", "v"), pair("EXPIRE", "")]);
+}
