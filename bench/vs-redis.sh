@@ -22,7 +22,8 @@
 # Last, Redis' own benchmark against both servers over RESP (Flux-KV's `resp.listen`):
 # Redis and a 1-core Flux-KV each on SERVER_CPU, redis-benchmark on CLIENT_CPU, no
 # persistence; `-t set` then `-t get`, -c 100 -n 500000, -r 1000000 (distinct keys), with
-# and without -P 16; REPEAT alternating rounds, medians, server CPU per request.
+# and without -P 16; RESP_REPEAT (default 5: single runs swing by a quarter here)
+# alternating rounds, medians, server CPU per request.
 source "$(dirname "$0")/lib.sh"
 N=${N:-500000}
 C=${C:-100}
@@ -128,7 +129,8 @@ resp_run() {
 ' "$1" "$4" "$5" "$(redis_rps "$WORK/rb.csv")" "$SERVER_CPU_PCT" >>"$RROWS"
   log "redis-benchmark: $(tail -1 "$RROWS")"
 }
-for rep in $(seq 1 "$REPEAT"); do
+RESP_REPEAT=${RESP_REPEAT:-5}
+for rep in $(seq 1 "$RESP_REPEAT"); do
   for p in 1 16; do
     start_redis
     resp_run Redis "$REDIS_PID" "$REDIS_PORT" set "$p"
@@ -145,9 +147,9 @@ for rep in $(seq 1 "$REPEAT"); do
 done
 
 python3 - "$ROWS" "$RESULTS" "$N" "$C" "$NPROC" "$CLIENT_CPU" "$SERVER_CPU" \
-  "$(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2)" "$(uname -r)" "$MROWS" "$REPEAT" "$RROWS" <<'PY'
+  "$(redis-server --version | grep -o 'v=[0-9.]*' | cut -d= -f2)" "$(uname -r)" "$MROWS" "$REPEAT" "$RROWS" "$RESP_REPEAT" <<'PY'
 import json, sys, datetime, statistics
-rows_file, results, n, c, nproc, client_cpu, server_cpu, redis_version, kernel, metrics_file, repeat, resp_file = sys.argv[1:]
+rows_file, results, n, c, nproc, client_cpu, server_cpu, redis_version, kernel, metrics_file, repeat, resp_file, resp_repeat = sys.argv[1:]
 keys = ["server", "client", "workload", "pipeline", "rps", "server_cpu", "client_cpu", "p50", "p99", "p999"]
 rows = []
 for line in open(rows_file):
@@ -228,7 +230,7 @@ for line in open(resp_file):
 md += ["", "## Redis' own benchmark, over RESP", "",
        f"`redis-benchmark -t set|get -c {c} -n {n} -r 1000000 [-P 16]` on CPU {client_cpu} against Redis and against "
        f"Flux-KV's Redis port (`resp.listen`, 1 shard core), each alone on CPU {server_cpu}, no persistence; SET runs "
-       f"first, so GET finds the keys it wrote (about 40 % of the key space). {repeat} alternating rounds, medians; "
+       f"first, so GET finds the keys it wrote (about 40 % of the key space). {resp_repeat} alternating rounds, medians; "
        "`us/req` is server CPU per request.", "",
        "| command | pipeline | Flux-KV requests/s | Redis requests/s | Flux-KV / Redis | us/req Flux-KV | us/req Redis |",
        "|---|---|---|---|---|---|---|"]
