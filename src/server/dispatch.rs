@@ -162,26 +162,32 @@ fn prefetch(core: &Core, requests: &[Result<Request, Box<Response>>]) {
     if requests.len() == 1 && single(&requests[0]) {
         return;
     }
-    let keys = requests
-        .iter()
-        .flatten()
-        .flat_map(|r| -> Box<dyn Iterator<Item = &Bytes> + '_> {
-            match &r.op {
-                Some(Op::Get(r)) => Box::new(std::iter::once(&r.key)),
-                Some(Op::Set(r)) => Box::new(std::iter::once(&r.key)),
-                Some(Op::Del(r)) => Box::new(std::iter::once(&r.key)),
-                Some(Op::Exists(r)) => Box::new(std::iter::once(&r.key)),
-                Some(Op::Incr(r)) => Box::new(std::iter::once(&r.key)),
-                Some(Op::Mget(r)) => Box::new(r.keys.iter()),
-                Some(Op::Mset(r)) => Box::new(r.entries.iter().map(|e| &e.key)),
-                _ => Box::new(std::iter::empty()),
-            }
-        });
     let store = core.store.borrow();
-    for key in keys.take(PREFETCH_KEYS_MAX) {
+    let mut budget = PREFETCH_KEYS_MAX;
+    let mut ahead = |key: &Bytes| {
+        if budget == 0 {
+            return false;
+        }
+        budget -= 1;
         let hash = Keyspace::hash(key);
         if core.keyspace.core_of_shard(core.keyspace.shard_of_hash(hash)) == core.index {
             store.prefetch(hash);
+        }
+        true
+    };
+    for r in requests.iter().flatten() {
+        let more = match &r.op {
+            Some(Op::Get(r)) => ahead(&r.key),
+            Some(Op::Set(r)) => ahead(&r.key),
+            Some(Op::Del(r)) => ahead(&r.key),
+            Some(Op::Exists(r)) => ahead(&r.key),
+            Some(Op::Incr(r)) => ahead(&r.key),
+            Some(Op::Mget(r)) => r.keys.iter().all(&mut ahead),
+            Some(Op::Mset(r)) => r.entries.iter().all(|e| ahead(&e.key)),
+            _ => true,
+        };
+        if !more {
+            return;
         }
     }
 }
