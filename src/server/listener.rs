@@ -161,6 +161,32 @@ pub fn wait_for_orphans(addr: SocketAddr) {
     }
 }
 
+/// Starts every core's listeners on `addr`. A killed instance's listeners can still be
+/// there when they were not seen at bind time (they go within about a second, as the
+/// kernel cancels the dead process's io_uring requests): a listen refused with
+/// EADDRINUSE while no live process holds the port is tried again, for at most
+/// [`ORPHANS_WAIT`]. A port a live process holds is refused at once, naming it.
+pub fn listen_all(listeners: &[CoreListeners], addr: SocketAddr) -> io::Result<()> {
+    let started = std::time::Instant::now();
+    for l in listeners {
+        loop {
+            match l.listen() {
+                Ok(()) => break,
+                Err(e) => {
+                    only_orphans(addr, e)?;
+                    if started.elapsed() > ORPHANS_WAIT {
+                        return Err(io::Error::other(format!(
+                            "cannot listen on {addr}: an exited process's listeners did not go within {ORPHANS_WAIT:?}"
+                        )));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Pids of the processes that hold a listening TCP socket on `port` (any address), read
 /// from /proc; `None` when /proc cannot tell.
 fn listening_pids(port: u16) -> Option<Vec<u32>> {

@@ -341,10 +341,8 @@ impl Server {
         if orphans {
             listener::wait_for_orphans(local_addr);
         }
-        for l in &listeners {
-            l.listen()
-                .map_err(|e| StartError::Invalid(format!("cannot listen on {local_addr}: {e}")))?;
-        }
+        // Its errors name the address.
+        listener::listen_all(&listeners, local_addr).map_err(|e| StartError::Invalid(e.to_string()))?;
         let boot = Arc::new(core::Boot {
             config,
             keyspace,
