@@ -178,7 +178,7 @@ class Client(_Ops):
         self.host, self.timeout, self.token = host, timeout, token
         self.next_id = 1
         self.main = self._open(port)
-        self.hello = self._call(self.main, pb.Request(hello=pb.HelloRequest()))
+        self.hello = self._call(self.main, hello=pb.HelloRequest())
         self.cores = {}
         self.route = None
         if shard_aware and self.hello.core_ports:
@@ -191,7 +191,8 @@ class Client(_Ops):
         conn = _Conn(self.host, port, self.timeout)
         if self.token is not None:
             user, secret = self.token
-            self._call(conn, pb.Request(auth=pb.AuthRequest(user=user, token=secret.encode() if isinstance(secret, str) else secret)))
+            token = secret.encode() if isinstance(secret, str) else secret
+            self._call(conn, auth=pb.AuthRequest(user=user, token=token))
         return conn
 
     def _conn_for(self, key):
@@ -206,17 +207,8 @@ class Client(_Ops):
         rid, self.next_id = self.next_id, self.next_id + 1
         return pb.Request(id=rid, **op)
 
-    def _call(self, conn, req):
-        if not req.id:
-            req.id, self.next_id = self.next_id, self.next_id + 1
-        conn.send([req])
-        resp = conn.recv()
-        if resp.HasField("error"):
-            raise _error(resp.error)
-        return getattr(resp, resp.WhichOneof("result"))
-
-    def _run(self, key, **op):
-        conn = self._conn_for(key)
+    def _exchange(self, conn, **op):
+        """One request on `conn`, answered: its Response, or the server's error raised."""
         req = self._request(**op)
         conn.send([req])
         resp = conn.recv()
@@ -224,7 +216,15 @@ class Client(_Ops):
             raise ConnectionClosed("reply %d answers no request in flight (expected %d)" % (resp.id, req.id))
         if resp.HasField("error"):
             raise _error(resp.error)
-        return _value(resp)
+        return resp
+
+    def _call(self, conn, **op):
+        """The result message itself (HelloResponse, AuthResponse), for set-up requests."""
+        resp = self._exchange(conn, **op)
+        return getattr(resp, resp.WhichOneof("result"))
+
+    def _run(self, key, **op):
+        return _value(self._exchange(self._conn_for(key), **op))
 
     def pipeline(self):
         """Requests queued and sent together; `execute()` (or leaving the `with` block)
