@@ -25,10 +25,25 @@ pub fn huge_block_bytes(size: usize) -> u64 {
 /// Pins glibc's mmap threshold at [`HUGE_BYTES`], so every block handed to it is mapped
 /// on its own (and grown with `mremap`) rather than carved from its heap once the dynamic
 /// threshold has risen. Call once at start, before other threads.
+///
+/// Also turns transparent huge pages off for the process, as Redis' `disable-thp` does.
+/// Where the host sets them to `always`, a 2 MiB page is made resident whole as soon as
+/// one byte of it is touched, so resident memory runs up to twice what the store holds
+/// (measured: 31 MB resident for 15 MB of 16-byte items), `limits.memory_bytes_max` no
+/// longer bounds the process, and khugepaged's compaction adds latency spikes.
 pub fn init() {
-    // SAFETY: mallopt only sets a glibc malloc parameter.
+    // SAFETY: mallopt only sets a glibc malloc parameter; prctl(PR_SET_THP_DISABLE) only
+    // sets a flag on this process' address space.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, HUGE_BYTES as libc::c_int);
+        if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
+            // Logging is not set up yet this early.
+            eprintln!(
+                "flux-server: cannot turn transparent huge pages off ({}): resident memory may exceed \
+                 limits.memory_bytes_max",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 
