@@ -15,6 +15,12 @@ pub enum ChangeOp {
     Expired,
     /// Removed to make room under `limits.eviction`.
     Evicted,
+    /// Copied in by a slot migration (the key's value and expiry at its source node): not a
+    /// client's write, which the source node already reported.
+    MigrationSet,
+    /// Removed by a slot migration: the copy a node drops once its slot has moved away, or
+    /// a stale copy an importing node clears. Not a client's delete.
+    MigrationDel,
 }
 
 /// One change's fields, borrowed from wherever they live (a shard entry, a snapshot copy, a

@@ -95,6 +95,9 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cluster.etcd_tls_key_file", "PEM private key of cluster.etcd_tls_cert_file"),
     ("cluster.etcd_user", "etcd user name when etcd has authentication on; empty = none"),
     ("cluster.etcd_password_file", "file holding the etcd user's password (e.g. a systemd credential: %d/etcd-password)"),
+    ("cluster.slots", "slots the cluster divides keys into (a power of two, at least shards); fixed when the first node creates the cluster, and a node with another value refuses to join"),
+    ("cluster.peer_token_file", "token file (user:secret) of an admin user this node authenticates with when it copies a slot from another node (needed when the nodes have auth on)"),
+    ("cluster.migration_dirty_keys_max", "most distinct keys written to a slot while it is being copied out; beyond it the copy starts again"),
     ("persistence.enabled", "write every change to a per-core write-ahead log under data_dir/wal and replay it at start"),
     ("persistence.fsync", "always (acknowledge once durable; one disk write per executor round), everysec, or no"),
     ("persistence.snapshot_log_bytes_min", "a core snapshots its shards (and deletes the log they cover) once its log exceeds both this and its last snapshot's size"),
@@ -382,6 +385,9 @@ pub struct Cluster {
     pub etcd_tls_key_file: String,
     pub etcd_user: String,
     pub etcd_password_file: String,
+    pub slots: u32,
+    pub peer_token_file: String,
+    pub migration_dirty_keys_max: usize,
 }
 
 impl Default for Cluster {
@@ -397,6 +403,9 @@ impl Default for Cluster {
             etcd_tls_key_file: String::new(),
             etcd_user: String::new(),
             etcd_password_file: String::new(),
+            slots: crate::cluster::slots::SLOTS_DEFAULT,
+            peer_token_file: String::new(),
+            migration_dirty_keys_max: 1_000_000,
         }
     }
 }
@@ -586,6 +595,17 @@ impl Config {
                 "persistence.snapshot_log_bytes_min: {} is below 65536 (snapshots would never stop)",
                 self.persistence.snapshot_log_bytes_min
             ));
+        }
+        let slots = self.cluster.slots;
+        if !slots.is_power_of_two() || slots < self.shards || slots > crate::cluster::slots::SLOTS_MAX {
+            return fail(format!(
+                "cluster.slots: {slots} must be a power of two between shards ({}) and {}",
+                self.shards,
+                crate::cluster::slots::SLOTS_MAX
+            ));
+        }
+        if self.cluster.migration_dirty_keys_max == 0 {
+            return fail("cluster.migration_dirty_keys_max must be at least 1".into());
         }
         if self.cluster.lease_ttl_ms < 1_000 {
             return fail(format!(

@@ -30,7 +30,8 @@
 //! - [`client`]: async (tokio) client: pipelined connections, shard-aware routing.
 //! - [`cdc`]: change capture: per-core lock-free queues, the control core's forwarder, the
 //!   checkpoint; the write-ahead log is its spool.
-//! - [`cluster`]: etcd registration (node side) and rendezvous routing (client side).
+//! - [`cluster`]: etcd registration, the slot table and slot migration (node side), and
+//!   slot routing (client side).
 //! - [`wal`]: the per-core write-ahead log and recovery.
 //! - [`backup`]: backups as files: the manifest, the offline checker, restore.
 //! - [`server`]: executors, pinning, mesh, listeners, connections, dispatch. glommio and

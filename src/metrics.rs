@@ -48,9 +48,9 @@ pub struct CoreFigures {
 }
 
 /// Request kinds the per-core figures are kept for (index = position).
-pub const OPS: [&str; 18] = [
+pub const OPS: [&str; 19] = [
     "get", "set", "del", "exists", "expire", "ttl", "mget", "mset", "ping", "stats", "hello", "snapshot", "auth",
-    "backup", "incr", "append", "persist", "invalid",
+    "backup", "incr", "append", "persist", "slot", "invalid",
 ];
 /// The kind of a request that did not decode (or had no op).
 pub const OP_INVALID: usize = OPS.len() - 1;

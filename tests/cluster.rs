@@ -1,5 +1,6 @@
-//! Registration in a real etcd (Debian's etcd-server, one per test on free ports) and the
-//! cluster-aware client, with several server processes on 127.0.0.1.
+//! Registration and the slot table in a real etcd (Debian's etcd-server, one per test on
+//! free ports), slot migration, and the cluster-aware client, with several server
+//! processes on 127.0.0.1.
 mod common;
 
 use std::net::TcpListener;
@@ -8,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use common::{eventually, TestServer};
 use flux_kv::client::{ClientConfig, Cluster};
-use flux_kv::cluster::{rendezvous, NodeInfo};
+use flux_kv::cluster::slots::Table;
+use flux_kv::cluster::NodeInfo;
 
 /// One etcd member with its own ports and data dir; restartable on the same ports.
 struct Etcd {
@@ -70,6 +72,15 @@ impl Etcd {
         }
     }
 
+    /// The slot table, read straight from etcd.
+    fn table(&self, rt: &tokio::runtime::Runtime) -> Option<Table> {
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect([self.endpoint()], None).await.ok()?;
+            let r = c.get("/flux/slots", None).await.ok()?;
+            Some(Table::decode(r.kvs().first()?.value()).unwrap())
+        })
+    }
+
     /// The registered nodes, read straight from etcd.
     fn nodes(&self, rt: &tokio::runtime::Runtime) -> Vec<NodeInfo> {
         rt.block_on(async {
@@ -114,16 +125,55 @@ fn ids(nodes: &[NodeInfo]) -> Vec<String> {
     v
 }
 
-// Goal: three nodes register with correct JSON; a client writes 10,000 keys through the
-// cluster and reads them all back, each stored on the node rendezvous hashing chose
-// (checked with per-node Stats); kill -9 of a node removes its key within TTL + 2 s and the
-// client stops routing to it; SIGTERM removes a node's key at once.
+/// Runs flux-cli against the cluster; panics with its stderr unless it succeeds.
+fn cli(etcd: &Etcd, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_flux-cli"))
+        .args(["--etcd", &etcd.endpoint(), "--timeout", "10s"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "flux-cli {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Keys held by a node (all cores).
+fn held(s: &TestServer) -> u64 {
+    s.stats().iter().map(|c| c.keys).sum()
+}
+
+/// The node owning `key`'s slot in `table`.
+fn owner(table: &Table, key: &[u8]) -> String {
+    let slot = flux_kv::cluster::slots::slot_of(flux_kv::keyspace::Keyspace::hash(key), table.slots());
+    table.owner(slot).to_string()
+}
+
+/// Starts the first node (which creates the slot table and owns every slot), then the
+/// others, and waits until all are registered.
+fn cluster_of(etcd: &Etcd, rt: &tokio::runtime::Runtime, ids_: &[&str]) -> Vec<TestServer> {
+    let mut servers = vec![node(etcd, ids_[0])];
+    assert!(eventually(Duration::from_secs(10), || etcd.nodes(rt).len() == 1));
+    for id in &ids_[1..] {
+        servers.push(node(etcd, id));
+    }
+    assert!(eventually(Duration::from_secs(10), || etcd.nodes(rt).len() == ids_.len()));
+    servers
+}
+
+// Goal: three nodes register with correct JSON; the first creates the slot table with
+// every slot, `cluster rebalance` spreads them; a client writes 10,000 keys through the
+// cluster and reads them all back, each stored on the node that owns its slot (checked
+// with per-node Stats); kill -9 of a node removes its key within TTL + 2 s, and its keys
+// then fail fast with an error naming it; SIGTERM removes a node's key at once.
 #[test]
 fn three_nodes_route_keys_and_leave() {
     let rt = common::rt();
     let etcd = Etcd::start();
-    let mut servers = vec![node(&etcd, "n1"), node(&etcd, "n2"), node(&etcd, "n3")];
-    assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 3));
+    let mut servers = cluster_of(&etcd, &rt, &["n1", "n2", "n3"]);
     for info in etcd.nodes(&rt) {
         let i: usize = info.node_id[1..].parse().unwrap();
         let s = &servers[i - 1];
@@ -134,6 +184,13 @@ fn three_nodes_route_keys_and_leave() {
         );
         assert!(info.core_ports.is_empty());
         assert!(info.started_at_ms > 0);
+    }
+    let table = etcd.table(&rt).expect("the first node created the table");
+    assert_eq!((table.slots(), table.slots_of("n1").len()), (4096, 4096));
+    cli(&etcd, &["cluster", "rebalance"]);
+    let table = etcd.table(&rt).unwrap();
+    for id in ["n1", "n2", "n3"] {
+        assert!((1365..=1366).contains(&table.slots_of(id).len()), "{id}");
     }
 
     let cluster = rt
@@ -151,12 +208,8 @@ fn three_nodes_route_keys_and_leave() {
     });
     for (i, s) in servers.iter().enumerate() {
         let id = format!("n{}", i + 1);
-        let expected = keys
-            .iter()
-            .filter(|k| rendezvous(["n1", "n2", "n3"], k.as_bytes()) == Some(id.as_str()))
-            .count();
-        let held: u64 = s.stats().iter().map(|c| c.keys).sum();
-        assert_eq!(held, expected as u64, "{id} holds the keys rendezvous hashing gives it");
+        let expected = keys.iter().filter(|k| owner(&table, k.as_bytes()) == id).count();
+        assert_eq!(held(s), expected as u64, "{id} holds the keys of its slots");
         assert!(expected > 2_500, "{id}: {expected}");
     }
 
@@ -164,36 +217,26 @@ fn three_nodes_route_keys_and_leave() {
     servers[2].signal(libc::SIGKILL);
     let killed = Instant::now();
     servers[2].wait_exit(Duration::from_secs(5));
-    // Until its lease expires n3 is still a member: its keys fail fast with a clear error.
-    let n3_key = keys
-        .iter()
-        .find(|k| rendezvous(["n1", "n2", "n3"], k.as_bytes()) == Some("n3"))
-        .unwrap();
-    if cluster.node_for(n3_key.as_bytes()).as_deref() == Some("n3") {
-        let started = Instant::now();
-        let err = rt.block_on(cluster.get(n3_key.clone())).unwrap_err();
-        assert!(
-            started.elapsed() < Duration::from_secs(2),
-            "took {:?}",
-            started.elapsed()
-        );
-        assert!(err.to_string().contains("node n3"), "the error names the node: {err}");
-    }
+    // n3 still owns its slots: its keys fail fast with an error naming it.
+    let n3_key = keys.iter().find(|k| owner(&table, k.as_bytes()) == "n3").unwrap();
+    let started = Instant::now();
+    let err = rt.block_on(cluster.get(n3_key.clone())).unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("n3"), "the error names the node: {err}");
     assert!(eventually(Duration::from_secs(4), || ids(&etcd.nodes(&rt)) == ["n1", "n2"]));
     assert!(killed.elapsed() < Duration::from_secs(4));
     assert!(rt.block_on(cluster.wait_for(Duration::from_secs(2), |n| n.len() == 2)));
-    rt.block_on(async {
-        // Keys n3 held now route to the remaining nodes: answered (not found), no hang.
-        let started = Instant::now();
-        for k in keys
-            .iter()
-            .filter(|k| rendezvous(["n1", "n2", "n3"], k.as_bytes()) == Some("n3"))
-            .take(100)
-        {
-            assert_eq!(cluster.get(k.clone()).await.unwrap(), None);
-        }
-        assert!(started.elapsed() < Duration::from_secs(5));
-    });
+    let err = rt.block_on(cluster.get(n3_key.clone())).unwrap_err();
+    assert!(err.to_string().contains("n3"), "{err}");
+    let status = cli(&etcd, &["cluster", "status"]);
+    assert!(
+        status.contains("node n3 slots 136") && status.contains("NOT REGISTERED"),
+        "{status}"
+    );
 
     // SIGTERM: the lease is revoked first, so the key disappears at once.
     servers[1].signal(libc::SIGTERM);
@@ -209,8 +252,9 @@ fn three_nodes_route_keys_and_leave() {
 }
 
 // Goal: etcd away for longer than the lease TTL, then back: a registered node registers
-// again by itself, a node started while etcd was down registers once etcd is up, and a
-// client that was following the members sees both.
+// again by itself; a node started while etcd was down serves no key (CLUSTER_DOWN, since
+// it cannot know which slots are its) and joins once etcd is up; a client that was
+// following the members sees both.
 #[test]
 fn registration_survives_etcd_outage() {
     let rt = common::rt();
@@ -223,8 +267,15 @@ fn registration_survives_etcd_outage() {
         .unwrap();
     assert_eq!(ids(&cluster.nodes()), ["a"]);
     etcd.stop();
-    let b = node(&etcd, "b"); // starts and serves without etcd
-    b.connect().set(b"k", b"v");
+    let b = node(&etcd, "b"); // starts without etcd
+    let r = b
+        .connect()
+        .call(flux_kv::proto::request::Op::Set(flux_kv::proto::SetRequest {
+            key: common::b(b"k"),
+            value: common::b(b"v"),
+            ..Default::default()
+        }));
+    assert_eq!(common::code(&r), Some(flux_kv::proto::ErrorCode::ClusterDown), "{r:?}");
     std::thread::sleep(Duration::from_millis(3_000)); // longer than the 2 s TTL
     etcd.restart();
     assert!(
@@ -237,6 +288,15 @@ fn registration_survives_etcd_outage() {
         "the client sees {:?}",
         ids(&cluster.nodes())
     );
+    // b owns nothing yet: the key goes to a, through either node.
+    rt.block_on(cluster.set("k", "v")).unwrap();
+    let r = b
+        .connect()
+        .call(flux_kv::proto::request::Op::Get(flux_kv::proto::GetRequest {
+            key: common::b(b"k"),
+        }));
+    let e = r.error.expect("b does not own the slot");
+    assert_eq!((e.code(), e.node_id.as_str()), (flux_kv::proto::ErrorCode::Moved, "a"));
 }
 
 // Goal: a second live node with the same node_id refuses to register and says why.
@@ -264,33 +324,26 @@ fn duplicate_node_id_is_refused() {
 }
 
 // Goal: flux-cli and flux-bench find the nodes through --etcd: `nodes` lists the members,
-// keys go to the node rendezvous hashing picks, and a bench run spreads over both nodes.
+// keys go to the node owning their slot, and a bench run spreads over both nodes.
 #[test]
 fn cli_and_bench_through_etcd() {
     let rt = common::rt();
     let etcd = Etcd::start();
-    let servers = [node(&etcd, "c1"), node(&etcd, "c2")];
-    assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 2));
-    let cli = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_flux-cli"))
-            .args(["--etcd", &etcd.endpoint()])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let nodes = cli(&["nodes"]);
+    let servers = cluster_of(&etcd, &rt, &["c1", "c2"]);
+    cli(&etcd, &["cluster", "rebalance"]);
+    let nodes = cli(&etcd, &["nodes"]);
     assert!(
         nodes.contains(&format!("c1 {}", servers[0].addr)) && nodes.contains(&format!("c2 {}", servers[1].addr)),
         "{nodes}"
     );
-    assert_eq!(cli(&["set", "routed", "yes"]), "OK\n");
-    assert_eq!(cli(&["get", "routed"]), "\"yes\"\n");
-    let owner = rendezvous(["c1", "c2"], b"routed").unwrap();
-    let i = if owner == "c1" { 0 } else { 1 };
+    assert_eq!(cli(&etcd, &["set", "routed", "yes"]), "OK\n");
+    assert_eq!(cli(&etcd, &["get", "routed"]), "\"yes\"\n");
+    let i = if owner(&etcd.table(&rt).unwrap(), b"routed") == "c1" {
+        0
+    } else {
+        1
+    };
     assert_eq!(servers[i].connect().get(b"routed").as_deref(), Some(&b"yes"[..]));
-    assert_eq!(servers[1 - i].connect().get(b"routed"), None);
 
     let out = Command::new(env!("CARGO_BIN_EXE_flux-bench"))
         .args(["--etcd", &etcd.endpoint(), "-c", "4", "-n", "2000", "--json"])
@@ -302,7 +355,7 @@ fn cli_and_bench_through_etcd() {
         (v["requests"].as_u64(), v["errors"].as_u64(), v["nodes"].as_u64()),
         (Some(2000), Some(0), Some(2))
     );
-    let held: Vec<u64> = servers.iter().map(|s| s.stats().iter().map(|c| c.keys).sum()).collect();
+    let held: Vec<u64> = servers.iter().map(held).collect();
     assert_eq!(held.iter().sum::<u64>(), 2001, "2,000 bench keys and `routed`");
     assert!(held.iter().all(|h| *h > 500), "{held:?}");
 }

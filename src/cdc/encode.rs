@@ -87,19 +87,22 @@ fn op(op: ChangeOp) -> Op {
         ChangeOp::Expire => Op::Expire,
         ChangeOp::Expired => Op::Expired,
         ChangeOp::Evicted => Op::Evicted,
+        ChangeOp::MigrationSet => Op::MigrationSet,
+        ChangeOp::MigrationDel => Op::MigrationDel,
     }
 }
 
 /// The old service's message for one event: `{"type":0|1,"key":"..","value":..}` with 0 =
 /// SET and 1 = DEL (value null). A key removed by expiry or eviction is a delete to those
-/// consumers; an expiry change has no equivalent there and yields no message.
+/// consumers; an expiry change has no equivalent there and yields no message, nor does a
+/// slot migration's copy or drop (the key's value did not change).
 pub fn json(c: &Fields) -> Option<Vec<u8>> {
     // Field order as the old service wrote them; serde_json escapes the strings.
     let string = |b: &[u8]| serde_json::Value::String(String::from_utf8_lossy(b).into_owned()).to_string();
     let (kind, value) = match c.op {
         ChangeOp::Set => (0, string(c.value)),
         ChangeOp::Del | ChangeOp::Expired | ChangeOp::Evicted => (1, "null".to_string()),
-        ChangeOp::Expire => return None,
+        ChangeOp::Expire | ChangeOp::MigrationSet | ChangeOp::MigrationDel => return None,
     };
     Some(format!(r#"{{"type":{kind},"key":{},"value":{value}}}"#, string(c.key)).into_bytes())
 }

@@ -109,6 +109,9 @@ async fn write_loop(
     }
     alive.store(false, Ordering::Relaxed);
     fail_all(&pending, "connection closed while writing");
+    // The connection was dropped (or failed): say so to the node, whose close then ends
+    // the reader and frees the socket. Without it a dropped client's socket stayed open.
+    let _ = write.shutdown().await;
 }
 
 async fn read_loop(mut read: ReadHalf<Stream>, pending: Pending, alive: Arc<AtomicBool>) {

@@ -8,7 +8,7 @@
 //! - MGET and MSET are split per owning core and reassembled in order.
 //! - A missing key is `None`, never an empty value; server errors keep their code and text.
 //! - [`Cluster`] finds the nodes through etcd and routes each key to its node by
-//!   rendezvous hashing (see `cluster.rs` for the rule and what membership changes mean).
+//!   the slot table (see `cluster.rs` for the rule and how moving slots are followed).
 //!
 //! A complete program is in `examples/quickstart.rs` (`cargo run --example quickstart`).
 //!
@@ -101,6 +101,9 @@ pub enum Error {
     /// Membership could not be read from etcd, or no node is registered.
     #[error("cluster: {0}")]
     Cluster(String),
+    /// The node does not own the key's slot: `node_id` at `addr` does (MOVED).
+    #[error("slot {slot} moved to {node_id} at {addr}")]
+    Moved { slot: u32, node_id: String, addr: String },
 }
 
 impl Error {
@@ -108,6 +111,7 @@ impl Error {
     pub fn code(&self) -> Option<ErrorCode> {
         match self {
             Error::Server { code, .. } => Some(*code),
+            Error::Moved { .. } => Some(ErrorCode::Moved),
             _ => None,
         }
     }
@@ -461,6 +465,36 @@ impl Client {
         }
     }
 
+    /// The next part of a migrating slot (admin; see SLOT_EXPORT in proto/flux.proto).
+    pub async fn slot_export(&self, req: proto::SlotExportRequest) -> Result<proto::SlotExportResponse, Error> {
+        match self.call_on(None, Op::SlotExport(req)).await? {
+            R::SlotExport(r) => Ok(r),
+            other => Err(unexpected("SlotExport", &other)),
+        }
+    }
+
+    /// Writes entries of a slot this node imports (admin); returns how many it applied.
+    pub async fn slot_import(&self, slot: u32, entries: Vec<proto::SlotEntry>) -> Result<u64, Error> {
+        match self
+            .call_on(None, Op::SlotImport(proto::SlotImportRequest { slot, entries }))
+            .await?
+        {
+            R::SlotImport(r) => Ok(r.applied),
+            other => Err(unexpected("SlotImport", &other)),
+        }
+    }
+
+    /// Drops up to `keys_max` keys of a slot the node does not serve (admin).
+    pub async fn slot_purge(&self, slot: u32, keys_max: u32) -> Result<u64, Error> {
+        match self
+            .call_on(None, Op::SlotPurge(proto::SlotPurgeRequest { slot, keys_max }))
+            .await?
+        {
+            R::SlotPurge(r) => Ok(r.removed),
+            other => Err(unexpected("SlotPurge", &other)),
+        }
+    }
+
     /// Removes a staged backup from the node.
     pub async fn backup_end(&self, backup_id: &str) -> Result<(), Error> {
         let op = Op::BackupEnd(proto::BackupEndRequest {
@@ -498,6 +532,13 @@ impl Client {
 fn ok(resp: Response) -> Result<R, Error> {
     if let Some(e) = resp.error {
         let code = ErrorCode::try_from(e.code).unwrap_or(ErrorCode::Unknown);
+        if code == ErrorCode::Moved {
+            return Err(Error::Moved {
+                slot: e.slot,
+                node_id: e.node_id,
+                addr: e.addr,
+            });
+        }
         return Err(Error::Server {
             code,
             message: e.message,

@@ -1,11 +1,17 @@
-//! Cluster membership through etcd: nodes register themselves under
-//! `<prefix>/nodes/<node_id>` with a lease; clients read and watch that prefix and route
-//! each key to a node by rendezvous hashing (then to the owner core inside the node).
+//! Clusters through etcd: nodes register under `<prefix>/nodes/<node_id>` with a lease,
+//! and the slot table at `<prefix>/slots` says which node owns each slot of keys. Clients
+//! read and watch both and send each key to its slot's owner (then to the owner core
+//! inside the node).
 //!
-//! - `registration.rs`: the node side, on the control core.
-//! - [`rendezvous`]: the routing rule, shared by every client.
+//! - `registration.rs`: a node's membership, on the control core.
+//! - `slots.rs`: the table, its format, its transactional updates and rebalance plans.
+//! - `gate.rs`: what a node may do with each slot, checked on every key operation.
+//! - `follower.rs`: a node following the table, and importing slots that move to it.
 
+pub mod follower;
+pub mod gate;
 pub mod registration;
+pub mod slots;
 
 use std::time::Duration;
 
@@ -13,7 +19,6 @@ use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::tls::ClientFiles;
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// What a node publishes about itself at `<prefix>/nodes/<node_id>` (JSON).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,41 +92,4 @@ impl EtcdAccess {
 /// The key under which `node_id` registers.
 pub fn node_key(prefix: &str, node_id: &str) -> String {
     format!("{}/nodes/{node_id}", prefix.trim_end_matches('/'))
-}
-
-/// Rendezvous (highest random weight) hashing: the node that owns `key` is the one with the
-/// highest `score(node_id, key) = xxh3_64(key, seed = xxh3_64(node_id))`, ties going to the
-/// greater node_id. Adding or removing a node moves only the keys that node wins or owned.
-/// Clients in any language compute the same with any xxh3 implementation.
-pub fn rendezvous<'a>(node_ids: impl IntoIterator<Item = &'a str>, key: &[u8]) -> Option<&'a str> {
-    node_ids.into_iter().max_by_key(|id| (score(id, key), *id))
-}
-
-pub fn score(node_id: &str, key: &[u8]) -> u64 {
-    xxh3_64_with_seed(key, xxh3_64(node_id.as_bytes()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    // Goal: rendezvous hashing spreads keys over nodes and moves only the removed node's
-    // keys when a node leaves.
-    #[test]
-    fn rendezvous_is_stable_and_spreads() {
-        let nodes = ["n1", "n2", "n3"];
-        let keys: Vec<Vec<u8>> = (0..3000).map(|i| format!("k{i}").into_bytes()).collect();
-        let owner: Vec<&str> = keys.iter().map(|k| rendezvous(nodes, k).unwrap()).collect();
-        for n in nodes {
-            let share = owner.iter().filter(|o| **o == n).count();
-            assert!((800..1200).contains(&share), "{n}: {share}");
-        }
-        let after: Vec<&str> = keys.iter().map(|k| rendezvous(["n1", "n3"], k).unwrap()).collect();
-        for (before, after) in owner.iter().zip(&after) {
-            if *before != "n2" {
-                assert_eq!(before, after, "a key not on the removed node moved");
-            }
-        }
-        assert_eq!(rendezvous([], b"k"), None);
-    }
 }

@@ -166,7 +166,14 @@ fn needed_role(op: &Op) -> Option<Role> {
         Op::Set(_) | Op::Del(_) | Op::Expire(_) | Op::Mset(_) | Op::Incr(_) | Op::Append(_) | Op::Persist(_) => {
             Some(Role::Write)
         }
-        Op::Stats(_) | Op::Snapshot(_) | Op::Backup(_) | Op::BackupRead(_) | Op::BackupEnd(_) => Some(Role::Admin),
+        Op::Stats(_)
+        | Op::Snapshot(_)
+        | Op::Backup(_)
+        | Op::BackupRead(_)
+        | Op::BackupEnd(_)
+        | Op::SlotExport(_)
+        | Op::SlotImport(_)
+        | Op::SlotPurge(_) => Some(Role::Admin),
     }
 }
 
@@ -184,6 +191,7 @@ fn keys(op: &Op) -> Box<dyn Iterator<Item = &Bytes> + '_> {
         Op::Incr(r) => Box::new(std::iter::once(&r.key)),
         Op::Append(r) => Box::new(std::iter::once(&r.key)),
         Op::Persist(r) => Box::new(std::iter::once(&r.key)),
+        Op::SlotImport(r) => Box::new(r.entries.iter().map(|e| &e.key)),
         Op::Ping(_)
         | Op::Stats(_)
         | Op::Hello(_)
@@ -191,7 +199,9 @@ fn keys(op: &Op) -> Box<dyn Iterator<Item = &Bytes> + '_> {
         | Op::Auth(_)
         | Op::Backup(_)
         | Op::BackupRead(_)
-        | Op::BackupEnd(_) => Box::new(std::iter::empty()),
+        | Op::BackupEnd(_)
+        | Op::SlotExport(_)
+        | Op::SlotPurge(_) => Box::new(std::iter::empty()),
     }
 }
 
@@ -199,6 +209,7 @@ fn err(code: ErrorCode, message: String) -> proto::Error {
     proto::Error {
         code: code as i32,
         message,
+        ..Default::default()
     }
 }
 

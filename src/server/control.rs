@@ -24,6 +24,7 @@ pub struct Placement {
 pub fn spawn(
     forwarder: Option<Forwarder>,
     registration: Option<Registration>,
+    follower: Option<crate::cluster::follower::Follower>,
     metrics: Option<(std::net::TcpListener, Arc<crate::metrics::Node>)>,
     placement: Placement,
     stop: Arc<AtomicBool>,
@@ -62,6 +63,11 @@ pub fn spawn(
                     r.run(stop.clone()).await;
                 }
             };
+            let follow = async {
+                if let Some(f) = follower {
+                    f.run(stop.clone()).await;
+                }
+            };
             let serve = async {
                 if let Some((listener, node)) = metrics {
                     let stopped = stop.clone();
@@ -73,7 +79,7 @@ pub fn spawn(
                     crate::metrics::serve(listener, node, until_stop).await;
                 }
             };
-            tokio::join!(forward, register, serve);
+            tokio::join!(forward, register, follow, serve);
         });
     })?;
     Ok(Some(thread))

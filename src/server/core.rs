@@ -2,7 +2,7 @@
 //! the mesh service, the expiry sweep).
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::Rc;
 use std::sync::{mpsc, Arc, Mutex};
@@ -25,6 +25,7 @@ use super::wake::Starting;
 use crate::cdc::capture::CaptureQueue;
 use crate::cdc::{CdcCounters, CoreLink};
 use crate::change::now_ms;
+use crate::cluster::gate::{SlotGate, SlotState};
 use crate::config::Config;
 use crate::keyspace::Keyspace;
 use crate::proto::{CoreStats, HelloResponse};
@@ -79,6 +80,37 @@ pub enum MeshRequest {
     Heartbeat {
         reply: oneshot::Sender<()>,
     },
+    /// The next part of a migrating slot this core owns (see [`Core::export`]).
+    Export {
+        req: crate::proto::SlotExportRequest,
+        reply: oneshot::Sender<SlotResult<crate::proto::SlotExportResponse>>,
+    },
+    /// Drops keys of a slot this node no longer owns (see [`Core::purge`]).
+    Purge {
+        slot: u32,
+        keys_max: u32,
+        reply: oneshot::Sender<SlotResult<u64>>,
+    },
+}
+
+/// A slot operation's result, or the error code and message to answer with.
+pub type SlotResult<T> = Result<T, (crate::proto::ErrorCode, String)>;
+
+/// Most keys one SLOT_PURGE removes: a bounded step, like the expiry sweep's.
+const PURGE_KEYS_MAX: usize = 2_000;
+
+/// Default and largest SLOT_EXPORT reply, in key and value bytes.
+const EXPORT_BYTES_DEFAULT: u64 = 1 << 20;
+
+/// A migrating slot's copy in progress on its owner core: the keys listed when it started
+/// and not yet sent, and the keys written since (sent again with their value at the time).
+struct Export {
+    id: u64,
+    pending: Vec<bytes::Bytes>,
+    dirty: std::collections::HashSet<bytes::Bytes>,
+    /// More keys were written during the copy than `cluster.migration_dirty_keys_max`: the
+    /// importer has to start again.
+    overflowed: bool,
 }
 
 impl MeshRequest {
@@ -86,7 +118,9 @@ impl MeshRequest {
     fn writes(&self) -> bool {
         match self {
             MeshRequest::Commands { ops, .. } => ops.iter().any(|(_, c)| c.writes()),
+            MeshRequest::Purge { .. } => true,
             MeshRequest::Stats { .. }
+            | MeshRequest::Export { .. }
             | MeshRequest::Snapshot { .. }
             | MeshRequest::Backup { .. }
             | MeshRequest::HoldWrites { .. }
@@ -134,6 +168,8 @@ pub struct Boot {
     pub access: AccessControl,
     /// Each core's end of the metrics scrape channel, taken by core index.
     pub scrapes: Mutex<Vec<Option<crate::metrics::ScrapeReceiver>>>,
+    /// The node's slots, in a cluster.
+    pub slots: Option<Arc<SlotGate>>,
 }
 
 /// Counters behind `CoreStats`.
@@ -206,6 +242,10 @@ pub struct Core {
     /// Batches between their writes check and the end of their local applies: a backup's
     /// cut waits for them (see [`Core::hold_writes`]).
     applying: Cell<u32>,
+    /// In a cluster: what this node may do with each slot.
+    pub slots: Option<Arc<SlotGate>>,
+    /// Copies of this core's migrating slots in progress, by slot.
+    exports: RefCell<HashMap<u32, Export>>,
 }
 
 /// Counts a batch as applying on its core until dropped.
@@ -340,6 +380,9 @@ impl Core {
     /// While the log is failing, a write that would change something is refused before it
     /// touches memory: memory, log and change stream never disagree.
     pub fn apply(&self, hash: u64, cmd: Command, now_ms: u64) -> Outcome {
+        if let Some(refused) = self.slots.as_ref().and_then(|gate| self.admit(gate, hash, &cmd)) {
+            return refused;
+        }
         if cmd.writes() && self.log_failed() && self.would_change(hash, &cmd, now_ms) {
             Counters::add(&self.counters.writes_refused_storage, 1);
             return Outcome::StorageUnavailable;
@@ -347,6 +390,170 @@ impl Core {
         self.store
             .borrow_mut()
             .apply(hash, cmd, now_ms, &mut *self.recorder.borrow_mut())
+    }
+
+    /// In a cluster: whether this node may apply `cmd` to its key's slot now (None), or
+    /// what to answer instead. A write to a migrating slot is noted for the copy here,
+    /// on the core that applies it, so no write can slip between the note and the apply.
+    fn admit(&self, gate: &SlotGate, hash: u64, cmd: &Command) -> Option<Outcome> {
+        let slot = gate.slot(hash);
+        let import = matches!(cmd, Command::Import { .. } | Command::Unimport { .. });
+        match (gate.state(slot), import) {
+            (SlotState::Importing, true) | (SlotState::Owned, false) => None,
+            (_, true) => Some(Outcome::NotImporting(slot)),
+            (SlotState::Migrating, false) => {
+                if cmd.writes() {
+                    self.note_written(slot, cmd.key());
+                }
+                None
+            }
+            (SlotState::Held, false) => cmd.writes().then_some(Outcome::TryAgain(slot)),
+            (SlotState::Importing | SlotState::Elsewhere, false) => Some(Outcome::Moved(slot)),
+            (SlotState::Unknown, false) => Some(Outcome::ClusterDown),
+        }
+    }
+
+    fn note_written(&self, slot: u32, key: &[u8]) {
+        let mut exports = self.exports.borrow_mut();
+        let Some(e) = exports.get_mut(&slot) else {
+            return; // no copy started yet: its listing will see this write
+        };
+        if e.overflowed {
+            return;
+        }
+        if e.dirty.len() >= self.config.cluster.migration_dirty_keys_max {
+            e.overflowed = true;
+            e.dirty = Default::default();
+            e.pending = Vec::new();
+            tracing::warn!(
+                slot,
+                keys = self.config.cluster.migration_dirty_keys_max,
+                "slot migration: more keys written during the copy than cluster.migration_dirty_keys_max; the copy starts again"
+            );
+            return;
+        }
+        if !e.dirty.contains(key) {
+            e.dirty.insert(bytes::Bytes::copy_from_slice(key));
+        }
+    }
+
+    /// SLOT_EXPORT on the core owning the slot's shard: starts a copy (listing the slot's
+    /// keys), holds the slot's writes when asked, and answers the next keys with their
+    /// current values: listed keys first, then those written since.
+    pub fn export(&self, req: &crate::proto::SlotExportRequest) -> SlotResult<crate::proto::SlotExportResponse> {
+        use crate::proto::{ErrorCode, SlotEntry, SlotExportResponse};
+        let gate = self.slot_gate()?;
+        let slot = req.slot;
+        if !matches!(gate.state(slot), SlotState::Migrating | SlotState::Held) {
+            return Err((
+                ErrorCode::InvalidRequest,
+                format!("slot {slot} is not migrating from this node"),
+            ));
+        }
+        let mask = u64::from(gate.slots() - 1);
+        let mut exports = self.exports.borrow_mut();
+        if req.start {
+            gate.unhold(slot);
+            let pending = self.store.borrow().keys_in_slot(mask, u64::from(slot));
+            tracing::info!(slot, keys = pending.len(), "slot migration: copy started");
+            exports.insert(
+                slot,
+                Export {
+                    id: req.migration_id,
+                    pending,
+                    dirty: Default::default(),
+                    overflowed: false,
+                },
+            );
+        }
+        let Some(e) = exports
+            .get_mut(&slot)
+            .filter(|e| e.id == req.migration_id && !e.overflowed)
+        else {
+            return Ok(SlotExportResponse {
+                reset: true,
+                ..Default::default()
+            });
+        };
+        if req.hold {
+            gate.hold(slot);
+        }
+        let bytes_max = match req.bytes_max {
+            0 => EXPORT_BYTES_DEFAULT,
+            n => n.min(self.config.limits.frame_bytes_max as u64 / 2),
+        };
+        let store = self.store.borrow();
+        let now = now_ms();
+        let mut entries = Vec::new();
+        let mut bytes = 0u64;
+        while bytes < bytes_max {
+            if e.pending.is_empty() {
+                e.pending.extend(e.dirty.drain());
+            }
+            let Some(key) = e.pending.pop() else { break };
+            let entry = match store.peek(Keyspace::hash(&key), &key, now) {
+                Some((value, expire_at_ms)) => SlotEntry {
+                    key,
+                    found: true,
+                    value,
+                    expire_at_ms,
+                },
+                None => SlotEntry {
+                    key,
+                    ..Default::default()
+                },
+            };
+            bytes += (entry.key.len() + entry.value.len() + 16) as u64;
+            entries.push(entry);
+        }
+        Ok(SlotExportResponse {
+            entries,
+            remaining: (e.pending.len() + e.dirty.len()) as u64,
+            held: gate.state(slot) == SlotState::Held,
+            reset: false,
+            epoch: gate.epoch(slot),
+        })
+    }
+
+    /// SLOT_PURGE on the core owning the slot's shard: drops up to `keys_max` keys of a
+    /// slot this node does not serve, as MIGRATION_DEL changes; how many it dropped.
+    pub fn purge(&self, slot: u32, keys_max: u32) -> SlotResult<u64> {
+        use crate::proto::ErrorCode;
+        let gate = self.slot_gate()?;
+        if gate.state(slot).serves() || gate.state(slot) == SlotState::Unknown {
+            return Err((
+                ErrorCode::InvalidRequest,
+                format!("slot {slot} is served by this node: its keys are not dropped"),
+            ));
+        }
+        if !self.writes_ready() || self.log_failed() {
+            return Err((ErrorCode::StorageUnavailable, "cannot log the removals now".into()));
+        }
+        let mut recorder = self.recorder.borrow_mut();
+        let room = recorder.capture.as_ref().map_or(PURGE_KEYS_MAX, |q| q.room());
+        let max = (keys_max as usize).clamp(1, PURGE_KEYS_MAX).min(room);
+        let mask = u64::from(gate.slots() - 1);
+        let n = self
+            .store
+            .borrow_mut()
+            .drop_slot(mask, u64::from(slot), max, now_ms(), &mut *recorder);
+        Ok(n as u64)
+    }
+
+    fn slot_gate(&self) -> SlotResult<&SlotGate> {
+        self.slots.as_deref().ok_or((
+            crate::proto::ErrorCode::InvalidRequest,
+            "this node is not in a cluster".into(),
+        ))
+    }
+
+    /// Forgets copies of slots that stopped migrating (moved, or the migration cancelled).
+    fn prune_exports(&self) {
+        if let Some(gate) = &self.slots {
+            self.exports
+                .borrow_mut()
+                .retain(|slot, _| matches!(gate.state(*slot), SlotState::Migrating | SlotState::Held));
+        }
     }
 
     /// True while this core's log cannot be written (the core is read-only).
@@ -422,7 +629,7 @@ impl Core {
         let _ = self.shutdown.acquire(1).await;
     }
 
-    fn handle_mesh(self: &Rc<Self>, msg: MeshRequest) {
+    pub(super) fn handle_mesh(self: &Rc<Self>, msg: MeshRequest) {
         match msg {
             MeshRequest::Commands { ops, reply } => {
                 Counters::add(&self.counters.forwarded_in, ops.len() as u64);
@@ -469,6 +676,12 @@ impl Core {
                 .detach();
             }
             MeshRequest::ReleaseWrites => self.release_writes(),
+            MeshRequest::Export { req, reply } => {
+                let _ = reply.send(self.export(&req));
+            }
+            MeshRequest::Purge { slot, keys_max, reply } => {
+                let _ = reply.send(self.purge(slot, keys_max));
+            }
         }
     }
 }
@@ -708,6 +921,8 @@ async fn start_core(boot: &Boot, index: u32, senders: Option<Senders<MeshRequest
         held: RefCell::new(VecDeque::new()),
         writes_held_until_ms: Cell::new(0),
         applying: Cell::new(0),
+        slots: boot.slots.clone(),
+        exports: RefCell::default(),
         wal: boot.wal_dir.as_ref().map(|dir| {
             let name = format!("{}-core{index}", run_name(boot.started_ms));
             let retry = Duration::from_millis(boot.config.persistence.log_retry_interval_ms);
@@ -908,6 +1123,7 @@ fn held_after(index: u32) -> Option<Duration> {
 /// lower limit) back under it, so no single write has to evict all of the excess.
 async fn sweep(core: Rc<Core>) {
     loop {
+        core.prune_exports();
         // Removals are writes: none while capture holds writers or the log is failing.
         if !core.writes_ready() || core.log_failed() {
             sleep(SWEEP_INTERVAL).await;

@@ -20,6 +20,7 @@ use super::backup;
 use super::core::{Core, Counters, MeshRequest};
 use super::forward;
 use crate::change::now_ms;
+use crate::cluster::gate::SlotGate;
 use crate::keyspace::Keyspace;
 use crate::metrics::OP_INVALID;
 use crate::proto::{self, request::Op, response::Result as R, CoreStats, ErrorCode, GetResponse, Request, Response};
@@ -33,6 +34,8 @@ enum Plan {
     Stats { id: u64 },
     Snapshot { id: u64 },
     Backup { id: u64, op: backup::Op },
+    SlotExport { id: u64, req: proto::SlotExportRequest },
+    SlotPurge { id: u64, slot: u32, keys_max: u32 },
 }
 
 #[derive(Clone, Copy)]
@@ -48,6 +51,7 @@ enum Kind {
     Incr,
     Append,
     Persist,
+    SlotImport,
 }
 
 /// Key operations bound for one other core: (routing hash, command) in apply order, and the
@@ -233,6 +237,7 @@ fn op_kind(op: Option<&Op>) -> usize {
         Some(Op::Incr(_)) => 14,
         Some(Op::Append(_)) => 15,
         Some(Op::Persist(_)) => 16,
+        Some(Op::SlotExport(_) | Op::SlotImport(_) | Op::SlotPurge(_)) => 17,
         None => OP_INVALID,
     }
 }
@@ -405,7 +410,39 @@ impl Batch<'_> {
                 Kind::MSet
             }
             Op::Ping(r) => return Plan::Ready(ok(id, R::Ping(proto::PingResponse { payload: r.payload }))),
-            Op::Hello(_) => return Plan::Ready(ok(id, R::Hello(self.core.hello.clone()))),
+            Op::Hello(_) => {
+                let mut hello = self.core.hello.clone();
+                if let Some(gate) = &self.core.slots {
+                    hello.slots = gate.slots();
+                    hello.slot_table_version = gate.version();
+                }
+                return Plan::Ready(ok(id, R::Hello(hello)));
+            }
+            Op::SlotImport(r) => {
+                for (i, e) in r.entries.into_iter().enumerate() {
+                    slice_point(i).await;
+                    let cmd = if e.found {
+                        Command::Import {
+                            key: e.key,
+                            value: e.value,
+                            expire_at_ms: e.expire_at_ms,
+                        }
+                    } else {
+                        Command::Unimport { key: e.key }
+                    };
+                    self.route(Kind::SlotImport, cmd);
+                }
+                Kind::SlotImport
+            }
+            Op::SlotExport(r) => return self.slot_op(id, r.slot, Plan::SlotExport { id, req: r }),
+            Op::SlotPurge(r) => {
+                let plan = Plan::SlotPurge {
+                    id,
+                    slot: r.slot,
+                    keys_max: r.keys_max,
+                };
+                return self.slot_op(id, r.slot, plan);
+            }
             Op::Auth(r) => return Plan::Ready(self.authenticate(id, r)),
             Op::Stats(_) => {
                 self.wants_stats = true;
@@ -508,7 +545,42 @@ impl Batch<'_> {
             Op::Auth(r) => names(r.user.len() + r.token.len(), "user and token"),
             Op::BackupRead(r) => names(r.backup_id.len() + r.name.len(), "backup id and file name"),
             Op::BackupEnd(r) => names(r.backup_id.len(), "backup id"),
-            Op::Ping(_) | Op::Hello(_) | Op::Stats(_) | Op::Snapshot(_) | Op::Backup(_) => Ok(()),
+            Op::SlotImport(r) => {
+                within(
+                    r.entries.len(),
+                    limits.batch_keys_max,
+                    ErrorCode::BatchTooLarge,
+                    "slot import",
+                    "limits.batch_keys_max",
+                )?;
+                r.entries
+                    .iter()
+                    .try_for_each(|e| key(&e.key).and_then(|()| value(&e.value)))
+            }
+            Op::Ping(_)
+            | Op::Hello(_)
+            | Op::Stats(_)
+            | Op::Snapshot(_)
+            | Op::Backup(_)
+            | Op::SlotExport(_)
+            | Op::SlotPurge(_) => Ok(()),
+        }
+    }
+
+    /// A slot operation goes ahead only on a node in a cluster, for a slot that exists.
+    fn slot_op(&self, id: u64, slot: u32, plan: Plan) -> Plan {
+        match &self.core.slots {
+            None => Plan::Ready(error(
+                id,
+                ErrorCode::InvalidRequest,
+                "this node is not in a cluster".into(),
+            )),
+            Some(gate) if slot >= gate.slots() => Plan::Ready(error(
+                id,
+                ErrorCode::InvalidRequest,
+                format!("slot {slot} does not exist (the cluster has {})", gate.slots()),
+            )),
+            Some(_) => plan,
         }
     }
 
@@ -614,6 +686,26 @@ impl Batch<'_> {
                     Err(e) => error(id, ErrorCode::Internal, e),
                 },
                 Plan::Ready(r) => r,
+                Plan::SlotExport { id, req } => {
+                    let slot = req.slot;
+                    let (reply, rx) = futures::channel::oneshot::channel();
+                    let asked = self
+                        .on_slot_core(slot, senders.as_deref(), MeshRequest::Export { req, reply })
+                        .await;
+                    match asked.and(rx.await.map_err(|_| (ErrorCode::ShuttingDown, STOPPING.into()))) {
+                        Ok(Ok(r)) => ok(id, R::SlotExport(r)),
+                        Ok(Err((code, e))) | Err((code, e)) => error(id, code, e),
+                    }
+                }
+                Plan::SlotPurge { id, slot, keys_max } => {
+                    let (reply, rx) = futures::channel::oneshot::channel();
+                    let msg = MeshRequest::Purge { slot, keys_max, reply };
+                    let asked = self.on_slot_core(slot, senders.as_deref(), msg).await;
+                    match asked.and(rx.await.map_err(|_| (ErrorCode::ShuttingDown, STOPPING.into()))) {
+                        Ok(Ok(removed)) => ok(id, R::SlotPurge(proto::SlotPurgeResponse { removed })),
+                        Ok(Err((code, e))) | Err((code, e)) => error(id, code, e),
+                    }
+                }
                 Plan::Backup { id, op } => match backup::handle(self.core, senders.as_deref(), op).await {
                     Ok(r) => ok(id, r),
                     Err((code, e)) => error(id, code, e),
@@ -634,7 +726,7 @@ impl Batch<'_> {
                     )
                 }
                 Plan::Keys { id, kind, ops } => {
-                    let r = respond(id, kind, &mut self.outcomes[ops]);
+                    let r = respond(id, kind, self.core.slots.as_deref(), &mut self.outcomes[ops]);
                     if matches!(kind, Kind::MGet) && wire::frame_len(&r) > frame_bytes_max {
                         error(
                             id,
@@ -650,6 +742,26 @@ impl Batch<'_> {
             glommio::yield_if_needed().await;
         }
         responses
+    }
+
+    /// Runs a slot operation on the core that owns the slot's shard: here, or sent there.
+    async fn on_slot_core(
+        &self,
+        slot: u32,
+        senders: Option<&glommio::channels::channel_mesh::Senders<MeshRequest>>,
+        msg: MeshRequest,
+    ) -> Result<(), (ErrorCode, String)> {
+        let ks = &self.core.keyspace;
+        let owner = ks.core_of_shard(ks.shard_of_hash(u64::from(slot)));
+        if owner == self.core.index {
+            self.core.handle_mesh(msg);
+            return Ok(());
+        }
+        let senders = senders.ok_or((ErrorCode::ShuttingDown, STOPPING.to_string()))?;
+        senders
+            .send_to(owner as usize, msg)
+            .await
+            .map_err(|_| (ErrorCode::ShuttingDown, STOPPING.to_string()))
     }
 
     async fn gather_stats(
@@ -718,14 +830,52 @@ async fn snapshot_all(
     Ok(total)
 }
 
+/// What a request answered while a core stops.
+const STOPPING: &str = "a core is shutting down";
+
+/// In a cluster: the answer for a request one of whose keys this node may not apply now
+/// (the first such key decides), else None.
+fn slot_refusal(id: u64, gate: Option<&SlotGate>, outcomes: &[Option<Outcome>]) -> Option<Response> {
+    let gate = gate?;
+    outcomes.iter().find_map(|o| match o {
+        Some(Outcome::Moved(slot)) => {
+            let (node_id, addr) = gate.owner_of(*slot);
+            let mut r = error(
+                id,
+                ErrorCode::Moved,
+                format!("slot {slot} is owned by {node_id} at {addr}"),
+            );
+            if let Some(e) = &mut r.error {
+                (e.slot, e.node_id, e.addr) = (*slot, node_id, addr);
+            }
+            Some(r)
+        }
+        Some(Outcome::TryAgain(slot)) => Some(error(
+            id,
+            ErrorCode::TryAgain,
+            format!("slot {slot} is changing owner; resend shortly"),
+        )),
+        Some(Outcome::ClusterDown) => Some(error(id, ErrorCode::ClusterDown, gate.down_reason())),
+        Some(Outcome::NotImporting(slot)) => Some(error(
+            id,
+            ErrorCode::InvalidRequest,
+            format!("slot {slot} is not being imported by this node"),
+        )),
+        _ => None,
+    })
+}
+
 /// Builds the response of a key request from its outcomes.
-fn respond(id: u64, kind: Kind, outcomes: &mut [Option<Outcome>]) -> Response {
+fn respond(id: u64, kind: Kind, gate: Option<&SlotGate>, outcomes: &mut [Option<Outcome>]) -> Response {
     if outcomes.iter().any(Option::is_none) {
         return error(
             id,
             ErrorCode::ShuttingDown,
             "a core owning one of the keys is shutting down".into(),
         );
+    }
+    if let Some(refused) = slot_refusal(id, gate, outcomes) {
+        return refused;
     }
     if outcomes.iter().any(|o| matches!(o, Some(Outcome::StorageUnavailable))) {
         return error(id, ErrorCode::StorageUnavailable, STORAGE_UNAVAILABLE.into());
@@ -809,6 +959,9 @@ fn respond(id: u64, kind: Kind, outcomes: &mut [Option<Outcome>]) -> Response {
             values: it.map(get_response).collect(),
         }),
         Kind::MSet => R::Mset(proto::MSetResponse {}),
+        Kind::SlotImport => R::SlotImport(proto::SlotImportResponse {
+            applied: it.count() as u64,
+        }),
     };
     ok(id, result)
 }
@@ -843,6 +996,7 @@ fn err(code: ErrorCode, message: String) -> proto::Error {
     proto::Error {
         code: code as i32,
         message,
+        ..Default::default()
     }
 }
 

@@ -180,6 +180,9 @@ impl Server {
             core_ports: core_ports.iter().map(|p| u32::from(*p)).collect(),
             key_hash: KEY_HASH_NAME.into(),
             auth_required: config.auth.enabled(),
+            // Filled in per request from the slot table applied.
+            slots: 0,
+            slot_table_version: 0,
         };
         // Users, certificates and secrets are read before the port opens: a mistake stops
         // the start instead of showing up at the first client or broker connection.
@@ -298,8 +301,10 @@ impl Server {
         let control_cpu = control_cpu(&config, &cpus)?;
         let control_nice = config.control_nice;
         let (serving_tx, serving) = tokio::sync::watch::channel(false);
-        let (registration, leave) = if config.cluster.etcd_endpoints.is_empty() {
-            (None, None)
+        let slot_gate = (!config.cluster.etcd_endpoints.is_empty())
+            .then(|| crate::cluster::gate::SlotGate::new(config.cluster.slots, &node_id));
+        let (registration, leave, follower) = if config.cluster.etcd_endpoints.is_empty() {
+            (None, None, None)
         } else {
             let info = NodeInfo {
                 node_id: node_id.clone(),
@@ -313,8 +318,36 @@ impl Server {
             let endpoints = config.cluster.etcd_endpoints.clone();
             let ttl = config.cluster.lease_ttl_ms;
             let access = crate::cluster::EtcdAccess::from_config(&config.cluster).map_err(StartError::Invalid)?;
-            let (r, leave) = Registration::new(endpoints, access, &config.cluster.prefix, info, ttl, serving);
-            (Some(r), Some(leave))
+            // The node registers once it has applied the slot table: a node that cannot
+            // (its cluster.slots disagrees) never shows up as a member.
+            let (joined_tx, joined) = tokio::sync::watch::channel(false);
+            let peer = crate::client::ClientConfig {
+                connections_per_endpoint: 1,
+                shard_aware: false,
+                security: crate::client::Security::from_files(
+                    Some(config.cluster.peer_token_file.as_str()).filter(|f| !f.is_empty()),
+                    false,
+                    &Default::default(),
+                )
+                .map_err(|e| StartError::Invalid(format!("cluster.peer_token_file: {e}")))?,
+                ..Default::default()
+            };
+            let local = match local_addr.ip().is_unspecified() {
+                true => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), local_addr.port()),
+                false => local_addr,
+            };
+            let follower = crate::cluster::follower::Follower {
+                endpoints: endpoints.clone(),
+                access: access.clone(),
+                prefix: config.cluster.prefix.clone(),
+                gate: slot_gate.clone().expect("made above in a cluster"),
+                local,
+                peer,
+                joined: joined_tx,
+                serving: serving.clone(),
+            };
+            let (r, leave) = Registration::new(endpoints, access, &config.cluster.prefix, info, ttl, joined);
+            (Some(r), Some(leave), Some(follower))
         };
         let (scrape_senders, scrape_receivers) = crate::metrics::scrape_channels(cores);
         let serving_flag = Arc::new(AtomicBool::new(false));
@@ -363,6 +396,7 @@ impl Server {
             cdc,
             access: access.clone(),
             scrapes: Mutex::new(scrape_receivers.into_iter().map(Some).collect()),
+            slots: slot_gate.clone(),
         });
         // glommio's MeshBuilder keeps its peer list in an `Rc` yet is `Send`: clones made or
         // dropped on several executor threads at once race on the reference count, and a
@@ -413,7 +447,14 @@ impl Server {
             cpu: control_cpu,
             shared_nice: (shared && control_nice > 0).then_some(control_nice),
         };
-        let control = control::spawn(forwarder, registration, metrics, placement, stop_control.clone())?;
+        let control = control::spawn(
+            forwarder,
+            registration,
+            follower,
+            metrics,
+            placement,
+            stop_control.clone(),
+        )?;
         let (exit_tx, exited) = mpsc::channel();
         std::thread::Builder::new().name("flux-join".into()).spawn(move || {
             let failures: Vec<String> = handles

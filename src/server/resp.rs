@@ -573,6 +573,11 @@ fn error_text(shape: Shape, e: &proto::Error) -> String {
         ErrorCode::PermissionDenied => format!("NOPERM {}", e.message),
         ErrorCode::StorageUnavailable => format!("MISCONF {}", e.message),
         ErrorCode::NotAnInteger => format!("ERR {}", e.message),
+        // Not Redis Cluster's `MOVED slot host:port`: the owner's address is its protobuf
+        // port, which a Redis client cannot follow.
+        ErrorCode::Moved => format!("ERR MOVED {}", e.message),
+        ErrorCode::TryAgain => format!("TRYAGAIN {}", e.message),
+        ErrorCode::ClusterDown => format!("CLUSTERDOWN {}", e.message),
         _ => format!("ERR {}", e.message),
     }
 }

@@ -101,6 +101,17 @@ pub enum Command {
     Ttl {
         key: Bytes,
     },
+    /// A slot migration's copy of a key from its source node: value and absolute expiry as
+    /// they were there (a MIGRATION_SET change).
+    Import {
+        key: Bytes,
+        value: Bytes,
+        expire_at_ms: u64,
+    },
+    /// A slot migration's removal of a key the source no longer holds (MIGRATION_DEL).
+    Unimport {
+        key: Bytes,
+    },
 }
 
 impl Command {
@@ -114,6 +125,8 @@ impl Command {
                 | Command::Incr { .. }
                 | Command::Append { .. }
                 | Command::Persist { .. }
+                | Command::Import { .. }
+                | Command::Unimport { .. }
         )
     }
 
@@ -127,6 +140,8 @@ impl Command {
             | Command::Incr { key, .. }
             | Command::Append { key, .. }
             | Command::Persist { key }
+            | Command::Import { key, .. }
+            | Command::Unimport { key }
             | Command::Ttl { key } => key,
         }
     }
@@ -155,6 +170,14 @@ pub enum Outcome {
     OutOfMemory,
     /// A write refused, before it was applied, because the core cannot write its log.
     StorageUnavailable,
+    /// In a cluster: another node owns the key's slot (MOVED).
+    Moved(u32),
+    /// In a cluster: the key's slot changes owner right now; its writes are held.
+    TryAgain(u32),
+    /// In a cluster: the slot table is not loaded.
+    ClusterDown,
+    /// A migration's write to a slot this node is not importing.
+    NotImporting(u32),
 }
 
 /// A shard's live entries at change `seq`: (item, expire_at_ms). The items are shared
@@ -373,17 +396,19 @@ impl Shard {
                 Some(e) if e.expire_at_ms() == 0 => -1,
                 Some(e) => (e.expire_at_ms() - now_ms).min(i64::MAX as u64) as i64,
             }),
-            Command::Del { key } => Outcome::Applied(match self.table.find_entry(h, |e| e.key() == &key[..]) {
-                Ok(occ) => {
-                    let (entry, _) = occ.remove();
-                    self.forget(&entry);
-                    let live = entry.live(now_ms);
-                    let op = if live { ChangeOp::Del } else { ChangeOp::Expired };
-                    self.log.record(out, op, entry.key(), NO_VALUE, 0, now_ms);
-                    live
-                }
-                Err(_) => false,
-            }),
+            Command::Del { key } => Outcome::Applied(self.remove(h, key, ChangeOp::Del, now_ms, out)),
+            Command::Unimport { key } => Outcome::Applied(self.remove(h, key, ChangeOp::MigrationDel, now_ms, out)),
+            Command::Import {
+                key,
+                value,
+                expire_at_ms,
+            } => {
+                let how = SetHow {
+                    op: ChangeOp::MigrationSet,
+                    ..SetHow::ALWAYS
+                };
+                self.set(h, key, value, Some(*expire_at_ms), how, now_ms, room_bytes, out)
+            }
             Command::Expire { key, ttl_ms } => {
                 let new = deadline(now_ms, *ttl_ms);
                 let Some(e) = self.live_entry(h, key, now_ms, out) else {
@@ -409,6 +434,7 @@ impl Shard {
                 let how = SetHow {
                     condition: *condition,
                     return_old: *return_old,
+                    op: ChangeOp::Set,
                 };
                 self.set(h, key, value, expire_at_ms, how, now_ms, room_bytes, out)
             }
@@ -462,6 +488,62 @@ impl Shard {
                 Outcome::Applied(true)
             }
         }
+    }
+
+    /// Removes `key` with an `op` change (an expired key with EXPIRED); whether it was live.
+    fn remove(&mut self, h: u64, key: &[u8], op: ChangeOp, now_ms: u64, out: &mut impl ChangeSink) -> bool {
+        match self.table.find_entry(h, |e| e.key() == key) {
+            Ok(occ) => {
+                let (entry, _) = occ.remove();
+                self.forget(&entry);
+                let live = entry.live(now_ms);
+                let op = if live { op } else { ChangeOp::Expired };
+                self.log.record(out, op, entry.key(), NO_VALUE, 0, now_ms);
+                live
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The keys of slot `slot` (routing hash & `slot_mask`), copied: what a slot migration
+    /// sends first. Walks the whole shard, a few ns per key.
+    pub fn keys_in_slot(&self, slot_mask: u64, slot: u64) -> Vec<Bytes> {
+        self.table
+            .iter()
+            .filter(|e| crate::keyspace::Keyspace::hash(e.key()) & slot_mask == slot)
+            .map(|e| Bytes::copy_from_slice(e.key()))
+            .collect()
+    }
+
+    /// The live value and expiry of `key`, without touching it or recording anything.
+    pub fn peek(&self, h: u64, key: &[u8], now_ms: u64) -> Option<(Bytes, u64)> {
+        self.table
+            .find(h, |e| e.key() == key)
+            .filter(|e| e.live(now_ms))
+            .map(|e| (e.value_bytes(), e.expire_at_ms()))
+    }
+
+    /// Removes up to `max_keys` keys of slot `slot` with MIGRATION_DEL changes; how many.
+    pub fn drop_slot(
+        &mut self,
+        slot_mask: u64,
+        slot: u64,
+        max_keys: usize,
+        now_ms: u64,
+        out: &mut impl ChangeSink,
+    ) -> usize {
+        let keys: Vec<Bytes> = self
+            .table
+            .iter()
+            .filter(|e| crate::keyspace::Keyspace::hash(e.key()) & slot_mask == slot)
+            .take(max_keys)
+            .map(|e| Bytes::copy_from_slice(e.key()))
+            .collect();
+        for key in &keys {
+            let h = table_hash(crate::keyspace::Keyspace::hash(key));
+            self.remove(h, key, ChangeOp::MigrationDel, now_ms, out);
+        }
+        keys.len()
     }
 
     /// One probe for every case: overwrite in place (live or expired), or insert. The key
@@ -521,7 +603,7 @@ impl Shard {
                 self.items_bytes = self.items_bytes - old_bytes + item.heap_bytes();
                 move_deadline(&mut self.deadlines, &old_item, old_deadline, &item, expire_at_ms);
                 self.log
-                    .record(out, ChangeOp::Set, item.key(), item.value(), expire_at_ms, now_ms);
+                    .record(out, how.op, item.key(), item.value(), expire_at_ms, now_ms);
             }
             Err(absent) => {
                 if how.condition == Condition::IfPresent {
@@ -539,7 +621,7 @@ impl Shard {
                     self.deadlines.insert(Due(expire_at_ms, item.clone()));
                 }
                 self.log
-                    .record(out, ChangeOp::Set, item.key(), item.value(), expire_at_ms, now_ms);
+                    .record(out, how.op, item.key(), item.value(), expire_at_ms, now_ms);
                 self.items_bytes += item.heap_bytes();
                 absent.into_table().insert_unique(h, item, rehash);
             }
@@ -686,7 +768,7 @@ impl Shard {
         let touched = tick(now_ms);
         self.log.seq = self.log.seq.max(c.seq);
         match c.op {
-            ChangeOp::Set => match self.table.find_entry(h, |e| e.key() == &c.key[..]) {
+            ChangeOp::Set | ChangeOp::MigrationSet => match self.table.find_entry(h, |e| e.key() == &c.key[..]) {
                 Ok(mut occ) => {
                     let e = occ.get_mut();
                     let old_item = std::mem::replace(e, Item::new(&c.key, &c.value, c.expire_at_ms, touched));
@@ -712,7 +794,7 @@ impl Shard {
                     move_deadline(&mut self.deadlines, &item, old, &item, c.expire_at_ms);
                 }
             }
-            ChangeOp::Del | ChangeOp::Expired | ChangeOp::Evicted => {
+            ChangeOp::Del | ChangeOp::Expired | ChangeOp::Evicted | ChangeOp::MigrationDel => {
                 if let Ok(occ) = self.table.find_entry(h, |e| e.key() == &c.key[..]) {
                     let (entry, _) = occ.remove();
                     self.forget(&entry);
@@ -792,12 +874,15 @@ fn move_deadline(deadlines: &mut BTreeSet<Due>, old: &Item, old_deadline: u64, n
 struct SetHow {
     condition: Condition,
     return_old: bool,
+    /// The change it records: SET, or MIGRATION_SET for a slot migration's copy.
+    op: ChangeOp,
 }
 
 impl SetHow {
     const ALWAYS: SetHow = SetHow {
         condition: Condition::Always,
         return_old: false,
+        op: ChangeOp::Set,
     };
 }
 

@@ -159,6 +159,41 @@ impl CoreStore {
         removed
     }
 
+    /// The shard slot `slot` lies in (slots and shards are powers of two, slots >= shards).
+    fn slot_shard(&self, slot: u64) -> usize {
+        let shard = self.keyspace.shard_of_hash(slot);
+        debug_assert_eq!(self.keyspace.core_of_shard(shard), self.core, "slot of another core");
+        self.keyspace.local_index(shard)
+    }
+
+    /// The keys of slot `slot` (`hash & slot_mask`), copied; this core must own its shard.
+    pub fn keys_in_slot(&self, slot_mask: u64, slot: u64) -> Vec<bytes::Bytes> {
+        self.shards[self.slot_shard(slot)].keys_in_slot(slot_mask, slot)
+    }
+
+    /// The live value and expiry of the key with routing hash `hash`, read without effects.
+    pub fn peek(&self, hash: u64, key: &[u8], now_ms: u64) -> Option<(bytes::Bytes, u64)> {
+        let shard = self.keyspace.shard_of_hash(hash);
+        self.shards[self.keyspace.local_index(shard)].peek(table_hash(hash), key, now_ms)
+    }
+
+    /// Removes up to `max_keys` keys of slot `slot` (MIGRATION_DEL); returns how many.
+    pub fn drop_slot(
+        &mut self,
+        slot_mask: u64,
+        slot: u64,
+        max_keys: usize,
+        now_ms: u64,
+        out: &mut impl ChangeSink,
+    ) -> usize {
+        let index = self.slot_shard(slot);
+        let s = &mut self.shards[index];
+        let before = s.memory_bytes();
+        let n = s.drop_slot(slot_mask, slot, max_keys, now_ms, out);
+        self.memory_bytes = self.memory_bytes - before + s.memory_bytes();
+        n
+    }
+
     /// Re-applies a logged change at start-up (see `Shard::restore`).
     /// `hash` is the key's routing hash (`Keyspace::hash`).
     pub fn restore(&mut self, c: &Change, hash: u64) {

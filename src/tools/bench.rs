@@ -20,6 +20,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::client::{Client, ClientConfig, Stream};
+use crate::cluster::slots::{slot_of, Table};
 use crate::keyspace::Keyspace;
 use crate::proto::{self, request::Op, CoreStats, Request, Response};
 use crate::wire;
@@ -64,7 +65,7 @@ pub struct Args {
     #[arg(long)]
     pub shard_aware: bool,
     /// Find the nodes through etcd (comma-separated endpoints) instead of --addr, and send
-    /// each key to the node rendezvous hashing picks.
+    /// each key to the node owning its slot.
     #[arg(long, value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// etcd key prefix the nodes register under (with --etcd).
@@ -145,23 +146,24 @@ pub fn main() -> ExitCode {
 enum Routing {
     /// One connection per core port; the key's owner core.
     Cores(Keyspace, Vec<SocketAddr>),
-    /// One connection per cluster node; the node rendezvous hashing picks.
-    Nodes(Vec<String>, Vec<SocketAddr>),
+    /// One connection per cluster node; the owner of the key's slot in the table read at
+    /// the start (a run during a slot migration counts MOVED answers as errors).
+    Nodes(Table, Vec<String>, Vec<SocketAddr>),
 }
 
 impl Routing {
     fn addrs(&self) -> &[SocketAddr] {
         match self {
-            Routing::Cores(_, a) | Routing::Nodes(_, a) => a,
+            Routing::Cores(_, a) | Routing::Nodes(_, _, a) => a,
         }
     }
 
     fn target(&self, key: &[u8]) -> usize {
         match self {
             Routing::Cores(ks, _) => ks.core_of(key) as usize,
-            Routing::Nodes(ids, _) => {
-                let owner = crate::cluster::rendezvous(ids.iter().map(String::as_str), key);
-                ids.iter().position(|id| Some(id.as_str()) == owner).unwrap_or(0)
+            Routing::Nodes(table, ids, _) => {
+                let owner = table.owner(slot_of(Keyspace::hash(key), table.slots()));
+                ids.iter().position(|id| id == owner).unwrap_or(0)
             }
         }
     }
@@ -223,9 +225,10 @@ async fn run(args: Args) -> Result<u64, String> {
             .await
             .map_err(|e| e.to_string())?;
         let nodes = cluster.nodes();
-        if nodes.is_empty() {
+        let table = cluster.table();
+        let (false, Some(table)) = (nodes.is_empty(), table) else {
             return Err("no nodes are registered in etcd".into());
-        }
+        };
         let addrs = nodes
             .iter()
             .map(|n| {
@@ -234,7 +237,11 @@ async fn run(args: Args) -> Result<u64, String> {
                     .map_err(|_| format!("node {} has a bad address {:?}", n.node_id, n.addr))
             })
             .collect::<Result<Vec<SocketAddr>, String>>()?;
-        Some(Routing::Nodes(nodes.into_iter().map(|n| n.node_id).collect(), addrs))
+        Some(Routing::Nodes(
+            table,
+            nodes.into_iter().map(|n| n.node_id).collect(),
+            addrs,
+        ))
     } else if args.shard_aware && args.protocol == Protocol::Flux {
         let client = Client::connect_addr(
             args.addr,
@@ -567,7 +574,7 @@ fn report(
             "ratio": format!("{}:{}", a.ratio.0, a.ratio.1),
             "protocol": format!("{:?}", a.protocol).to_lowercase(),
             "shard_aware": matches!(plan.routing, Some(Routing::Cores(..))),
-            "nodes": match &plan.routing { Some(Routing::Nodes(ids, _)) => ids.len(), _ => 1 },
+            "nodes": match &plan.routing { Some(Routing::Nodes(_, ids, _)) => ids.len(), _ => 1 },
         });
         println!("{out}");
         return;

@@ -248,6 +248,8 @@ fn print_event(out: &mut impl Write, e: &ChangeEvent, json: bool) -> std::io::Re
         Ok(Op::Expire) => "EXPIRE",
         Ok(Op::Expired) => "EXPIRED",
         Ok(Op::Evicted) => "EVICTED",
+        Ok(Op::MigrationSet) => "MIGRATION_SET",
+        Ok(Op::MigrationDel) => "MIGRATION_DEL",
         Err(_) => "UNKNOWN",
     };
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();

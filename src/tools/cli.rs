@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     pub raw: bool,
     /// Find the nodes through etcd (comma-separated endpoints) instead of --addr; keys go
-    /// to the node rendezvous hashing picks.
+    /// to the node that owns their slot.
     #[arg(long, value_delimiter = ',')]
     pub etcd: Vec<String>,
     /// etcd key prefix the nodes register under (with --etcd).
@@ -103,6 +103,11 @@ pub enum Cmd {
     Backup { dir: std::path::PathBuf },
     /// The cluster's members (needs --etcd).
     Nodes,
+    /// The cluster's slots: status, and moving them between nodes (needs --etcd).
+    Cluster {
+        #[command(subcommand)]
+        action: super::cluster::ClusterCmd,
+    },
     /// Make a token for a user (no node needed).
     Token {
         #[command(subcommand)]
@@ -307,6 +312,26 @@ async fn run_cluster(args: &Args, config: ClientConfig) -> Result<(), String> {
         return Err("with --etcd, give a command (the prompt needs --addr)".into());
     };
     match cmd {
+        Cmd::Cluster { action } => {
+            let access = crate::cluster::EtcdAccess {
+                tls: crate::tls::ClientFiles::from_flags(
+                    &args.security.etcd_tls_ca,
+                    &args.security.etcd_tls_cert,
+                    &args.security.etcd_tls_key,
+                ),
+                user: None,
+            };
+            super::cluster::run(
+                action,
+                &args.etcd,
+                &args.prefix,
+                &cluster,
+                access,
+                args.timeout,
+                &mut out,
+            )
+            .await
+        }
         Cmd::Nodes => {
             for n in cluster.nodes() {
                 writeln!(
@@ -590,6 +615,7 @@ pub async fn execute(client: &Client, cmd: Cmd, raw: bool, out: &mut impl Write)
             .map_err(io)
         }
         Cmd::Nodes => Err("nodes needs --etcd".into()),
+        Cmd::Cluster { .. } => Err("cluster needs --etcd".into()),
         Cmd::Token {
             action:
                 TokenCmd::New {

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod cdc_tail;
 pub mod cli;
+mod cluster;
 
 /// Parses durations such as `10s`, `250ms`, `2m`; a bare number is milliseconds.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {

@@ -120,6 +120,8 @@ fn op_code(op: ChangeOp) -> u8 {
         ChangeOp::Expire => 2,
         ChangeOp::Expired => 3,
         ChangeOp::Evicted => 4,
+        ChangeOp::MigrationSet => 5,
+        ChangeOp::MigrationDel => 6,
     }
 }
 
@@ -130,6 +132,8 @@ fn op_from(b: u8) -> Option<ChangeOp> {
         2 => ChangeOp::Expire,
         3 => ChangeOp::Expired,
         4 => ChangeOp::Evicted,
+        5 => ChangeOp::MigrationSet,
+        6 => ChangeOp::MigrationDel,
         _ => return None,
     })
 }
@@ -189,6 +193,8 @@ mod tests {
             ChangeOp::Expire,
             ChangeOp::Expired,
             ChangeOp::Evicted,
+            ChangeOp::MigrationSet,
+            ChangeOp::MigrationDel,
         ];
         for (code, op) in ops.into_iter().enumerate() {
             assert_eq!(op_code(op), code as u8);

@@ -1,0 +1,514 @@
+//! The node's side of the slot table, run on the control core: load it (creating it when
+//! this node is the cluster's first), apply every change to the [`SlotGate`], drop the keys
+//! of slots that moved away, and import the slots migrating to this node.
+//!
+//! # Migrating a slot to this node
+//! The table lists the migration (`flux-cli cluster move|rebalance|drain` put it there);
+//! the source then notes every write to the slot. This node (the target):
+//! 1. drops whatever it holds of the slot (an interrupted earlier copy);
+//! 2. pulls the slot from the source with SLOT_EXPORT (its keys, then the keys written
+//!    since, each with its value at the time) and writes it into itself with SLOT_IMPORT,
+//!    acknowledged once its log holds it;
+//! 3. once little is left, asks the source to hold the slot's writes, pulls the rest, and
+//!    flips the owner in etcd with a transaction that also checks the migration's epoch;
+//! 4. serves the slot at once. The source sees the new table, answers MOVED, and drops its
+//!    copy.
+//!
+//! Killed anywhere, nothing is lost and no slot gets two owners: until the flip the source
+//! owns the slot and has every acknowledged write (a held write was refused, not
+//! acknowledged); the flip is one compare-and-swap; a restarted target starts the copy
+//! again from step 1; a restarted source bumps the epoch before it serves the slot again,
+//! so a copy completed before its restart can no longer flip (it may lack writes the
+//! restarted source accepted) and is started again.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client as Etcd, EventType, GetOptions, WatchOptions};
+use tokio::task::JoinHandle;
+
+use super::gate::{SlotGate, SlotState};
+use super::slots::{self, Decision, Migration, Table};
+use super::{EtcdAccess, NodeInfo};
+use crate::client::{Client, ClientConfig};
+use crate::proto::SlotExportRequest;
+
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How often the watch loop looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+/// Keys left to copy at which the target asks the source to hold the slot's writes: a few
+/// milliseconds of copying, the longest a write to the slot then waits.
+const HOLD_AT_KEYS: u64 = 2_000;
+/// Copy rounds after which the hold is asked for whatever is left: a slot written faster
+/// than it copies still moves, with a longer pause.
+const ROUNDS_BEFORE_HOLD: u32 = 64;
+/// Keys one SLOT_PURGE step drops.
+const PURGE_STEP: u32 = 2_000;
+
+/// What the follower needs; built by the server at start.
+pub struct Follower {
+    pub endpoints: Vec<String>,
+    pub access: EtcdAccess,
+    pub prefix: String,
+    pub gate: Arc<SlotGate>,
+    /// This node's protobuf port, on loopback when it listens on a wildcard address.
+    pub local: SocketAddr,
+    /// How to reach nodes' ports (credentials from `cluster.peer_token_file`).
+    pub peer: ClientConfig,
+    /// Set once the table is applied: only then does the node register.
+    pub joined: tokio::sync::watch::Sender<bool>,
+    pub serving: tokio::sync::watch::Receiver<bool>,
+}
+
+/// Shared by the follower's tasks.
+struct Ctx {
+    prefix: String,
+    gate: Arc<SlotGate>,
+    local: SocketAddr,
+    peer: ClientConfig,
+    etcd: tokio::sync::Mutex<Option<Etcd>>,
+    endpoints: Vec<String>,
+    access: EtcdAccess,
+    /// Taken by an importer from its hold to its flip: the flips of one node's concurrent
+    /// migrations would otherwise race for the one table key, and a slot held while its
+    /// flip retries is a slot whose writes wait.
+    flips: tokio::sync::Mutex<()>,
+}
+
+impl Ctx {
+    async fn etcd(&self) -> Result<Etcd, String> {
+        let mut held = self.etcd.lock().await;
+        if let Some(c) = held.as_ref() {
+            return Ok(c.clone());
+        }
+        let options = self.access.options(CALL_TIMEOUT, CALL_TIMEOUT)?;
+        let c = bounded(Etcd::connect(&self.endpoints, Some(options))).await?;
+        *held = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget_etcd(&self) {
+        *self.etcd.lock().await = None;
+    }
+
+    async fn me(&self) -> Result<Client, String> {
+        Client::connect_addr(self.local, self.peer.clone())
+            .await
+            .map_err(|e| format!("this node's own port {}: {e}", self.local))
+    }
+}
+
+impl Follower {
+    pub async fn run(mut self, stop: Arc<AtomicBool>) {
+        if self.serving.wait_for(|s| *s).await.is_err() {
+            return;
+        }
+        let ctx = Arc::new(Ctx {
+            prefix: self.prefix.clone(),
+            gate: self.gate.clone(),
+            local: self.local,
+            peer: self.peer.clone(),
+            etcd: tokio::sync::Mutex::new(None),
+            endpoints: self.endpoints.clone(),
+            access: self.access.clone(),
+            flips: tokio::sync::Mutex::new(()),
+        });
+        let mut importers: HashMap<u32, (Migration, JoinHandle<()>)> = HashMap::new();
+        let mut fenced = false;
+        let mut first = true;
+        let mut retry = RETRY_MIN;
+        while !stop.load(Ordering::Acquire) {
+            match self.session(&ctx, &stop, &mut importers, &mut fenced, &mut first).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_ms = retry.as_millis() as u64, "cluster: slot table not followed; retrying");
+                    ctx.forget_etcd().await;
+                }
+            }
+            tokio::time::sleep(retry).await;
+            retry = (retry * 2).min(RETRY_MAX);
+        }
+        for (_, (_, task)) in importers.drain() {
+            task.abort();
+        }
+    }
+
+    /// Loads the table and follows it until the watch fails (Err) or the node stops (Ok).
+    async fn session(
+        &mut self,
+        ctx: &Arc<Ctx>,
+        stop: &AtomicBool,
+        importers: &mut HashMap<u32, (Migration, JoinHandle<()>)>,
+        fenced: &mut bool,
+        first: &mut bool,
+    ) -> Result<(), String> {
+        let mut etcd = ctx.etcd().await?;
+        let node_id = self.gate.node_id().to_string();
+        if bounded(slots::load(&mut etcd, &self.prefix)).await?.is_none() {
+            let (t, _) = bounded(slots::create(&mut etcd, &self.prefix, self.gate.slots(), &node_id)).await?;
+            if t.owner(0) == node_id && t.version == 1 {
+                tracing::info!(
+                    slots = t.slots(),
+                    "cluster: created the slot table; this node owns every slot"
+                );
+            }
+        }
+        if !*fenced {
+            // A restarted source: no copy made before the restart may flip (see the module
+            // comment). Until this is done the node serves nothing.
+            let me = node_id.clone();
+            let bumped = bounded(slots::update(&mut etcd, &self.prefix, |t| {
+                let mut n = 0;
+                for m in t.migrations.values_mut().filter(|m| m.from == me) {
+                    m.epoch += 1;
+                    n += 1;
+                }
+                Ok(if n > 0 { Decision::Write(n) } else { Decision::Keep(0) })
+            }))
+            .await?;
+            if bumped > 0 {
+                tracing::info!(
+                    migrations = bumped,
+                    "cluster: restarted during migrations from this node; their copies start again"
+                );
+            }
+            *fenced = true;
+        }
+        let dir = format!("{}/", self.prefix.trim_end_matches('/'));
+        let listing = bounded(etcd.get(dir.clone(), Some(GetOptions::new().with_prefix()))).await?;
+        let revision = listing.header().map_or(0, |h| h.revision());
+        let table_key = slots::table_key(&self.prefix);
+        let nodes_dir = format!("{dir}nodes/");
+        let mut table = None;
+        let mut addrs = HashMap::new();
+        for kv in listing.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            if key == table_key {
+                table = Some(Table::decode(kv.value())?);
+            } else if key.starts_with(&nodes_dir) {
+                if let Ok(info) = serde_json::from_slice::<NodeInfo>(kv.value()) {
+                    addrs.insert(info.node_id, info.addr);
+                }
+            }
+        }
+        let table = table.ok_or("the slot table vanished")?;
+        if table.slots() != self.gate.slots() {
+            let why = format!(
+                "cluster.slots is {} but the cluster at {} has {} slots; this node does not join (set cluster.slots = {})",
+                self.gate.slots(),
+                table_key,
+                table.slots(),
+                table.slots()
+            );
+            tracing::error!("{why}");
+            self.gate.refuse(why);
+            return Ok(());
+        }
+        let lost = self.gate.apply(table.clone(), addrs.clone());
+        if *first {
+            // Whatever this node holds of slots it does not serve is left from before (a
+            // slot that moved while it was down): dropped in the background.
+            let stale: Vec<u32> = (0..self.gate.slots())
+                .filter(|&s| self.gate.state(s) == SlotState::Elsewhere)
+                .collect();
+            spawn_purge(ctx.clone(), stale);
+            *first = false;
+            let _ = self.joined.send(true);
+            tracing::info!(
+                version = table.version,
+                owned = table.slots_of(&node_id).len(),
+                "cluster: slot table applied"
+            );
+        } else {
+            spawn_purge(ctx.clone(), lost);
+        }
+        sync_importers(ctx, &table, importers);
+
+        let options = WatchOptions::new().with_prefix().with_start_revision(revision + 1);
+        let mut stream = bounded(etcd.watch(dir.clone(), Some(options))).await?;
+        let mut current = table;
+        loop {
+            let message = tokio::select! {
+                m = stream.message() => m,
+                _ = tokio::time::sleep(STOP_POLL) => {
+                    if stop.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    continue;
+                }
+            };
+            let resp = match message {
+                Ok(Some(r)) => r,
+                Ok(None) => return Err("the etcd watch ended".into()),
+                Err(e) => return Err(format!("etcd watch: {e}")),
+            };
+            let mut changed_table = None;
+            let mut changed_addrs = false;
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                if key == table_key && event.event_type() == EventType::Put {
+                    match Table::decode(kv.value()) {
+                        Ok(t) => changed_table = Some(t),
+                        Err(e) => tracing::error!(error = %e, "cluster: ignoring a damaged slot table"),
+                    }
+                } else if let Some(id) = key.strip_prefix(&nodes_dir) {
+                    changed_addrs = true;
+                    match event.event_type() {
+                        EventType::Put => {
+                            if let Ok(info) = serde_json::from_slice::<NodeInfo>(kv.value()) {
+                                addrs.insert(info.node_id, info.addr);
+                            }
+                        }
+                        EventType::Delete => {
+                            addrs.remove(id);
+                        }
+                    }
+                }
+            }
+            if let Some(t) = changed_table {
+                let lost = self.gate.apply(t.clone(), addrs.clone());
+                spawn_purge(ctx.clone(), lost);
+                sync_importers(ctx, &t, importers);
+                current = t;
+            } else if changed_addrs {
+                self.gate.set_addrs(addrs.clone());
+                // A source that was unreachable may have come back at a new address.
+                sync_importers(ctx, &current, importers);
+            }
+        }
+    }
+}
+
+/// Starts an importer for each migration to this node that has none, and stops those whose
+/// migration is gone from the table.
+fn sync_importers(ctx: &Arc<Ctx>, table: &Table, importers: &mut HashMap<u32, (Migration, JoinHandle<()>)>) {
+    let me = ctx.gate.node_id();
+    importers.retain(|slot, (m, task)| {
+        let keep = table
+            .migrations
+            .get(slot)
+            .is_some_and(|now| now.to == me && now.from == m.from)
+            && !task.is_finished();
+        if !keep {
+            task.abort();
+        }
+        keep
+    });
+    for m in table.migrations.values().filter(|m| m.to == me) {
+        if let std::collections::hash_map::Entry::Vacant(e) = importers.entry(m.slot) {
+            e.insert((m.clone(), tokio::spawn(import(ctx.clone(), m.clone()))));
+        }
+    }
+}
+
+/// Imports one slot until it is this node's or its migration is gone, retrying failures.
+async fn import(ctx: Arc<Ctx>, m: Migration) {
+    let mut retry = RETRY_MIN;
+    loop {
+        match import_once(&ctx, &m).await {
+            Ok(true) => return,
+            Ok(false) => {
+                // Not flipped: the table changed under the copy; look again at once.
+                retry = RETRY_MIN;
+            }
+            Err(e) => {
+                tracing::warn!(slot = m.slot, from = %m.from, error = %e, retry_ms = retry.as_millis() as u64, "slot migration: copy failed; starting again");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+        let view = ctx.gate.view();
+        let still = view
+            .table
+            .as_ref()
+            .and_then(|t| t.migrations.get(&m.slot))
+            .is_some_and(|now| now.from == m.from && now.to == m.to);
+        if !still {
+            return;
+        }
+    }
+}
+
+/// One copy of the slot from its source, then the flip. Ok(true): flipped to this node;
+/// Ok(false): the table no longer allowed it (the migration changed or is gone).
+async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
+    let slot = m.slot;
+    let addr = ctx
+        .gate
+        .view()
+        .addrs
+        .get(&m.from)
+        .cloned()
+        .ok_or_else(|| format!("the source {} is not registered", m.from))?;
+    let me = ctx.me().await?;
+    let source = Client::connect(&addr, ctx.peer.clone())
+        .await
+        .map_err(|e| format!("source {} at {addr}: {e}", m.from))?;
+    // 1. Whatever an earlier, interrupted copy left here goes.
+    while me.slot_purge(slot, PURGE_STEP).await.map_err(|e| e.to_string())? > 0 {}
+    // 2. Copy until little is left, then (this node's flips one at a time) catch up again,
+    // and 3. hold the slot's writes and copy the rest.
+    let migration_id = fastrand::u64(1..);
+    let started = std::time::Instant::now();
+    let mut copy = Copy {
+        source: &source,
+        me: &me,
+        slot,
+        migration_id,
+        start: true,
+        keys: 0,
+    };
+    copy.until(false, HOLD_AT_KEYS).await?;
+    let _turn = ctx.flips.lock().await;
+    copy.until(false, HOLD_AT_KEYS).await?;
+    let held_at = std::time::Instant::now();
+    let epoch = copy.until(true, 0).await?;
+    let keys = copy.keys;
+    // 4. Flip, only if the migration is still the one this copy completed.
+    let mut etcd = ctx.etcd().await?;
+    let flipped = bounded(slots::update(&mut etcd, &ctx.prefix, |t| {
+        let current = t.migrations.get(&slot);
+        if current.is_some_and(|c| c.from == m.from && c.to == m.to && c.epoch == epoch) && t.owner(slot) == m.from {
+            t.set_owner(slot, &m.to);
+            t.migrations.remove(&slot);
+            Ok(Decision::Write(true))
+        } else {
+            Ok(Decision::Keep(false))
+        }
+    }))
+    .await;
+    let flipped = match flipped {
+        Ok(f) => f,
+        Err(e) => {
+            ctx.forget_etcd().await;
+            return Err(e);
+        }
+    };
+    if flipped {
+        ctx.gate.own(slot);
+        tracing::info!(
+            slot,
+            from = %m.from,
+            keys,
+            copy_ms = started.elapsed().as_millis() as u64,
+            held_ms = held_at.elapsed().as_millis() as u64,
+            "slot migration: slot now owned here"
+        );
+    }
+    Ok(flipped)
+}
+
+/// One copy of a slot in progress: pulls from the source, writes into this node.
+struct Copy<'a> {
+    source: &'a Client,
+    me: &'a Client,
+    slot: u32,
+    migration_id: u64,
+    /// The next pull starts the copy.
+    start: bool,
+    keys: u64,
+}
+
+impl Copy<'_> {
+    /// Pulls (holding the slot's writes if `hold`) until at most `left` keys remain to send
+    /// (or `ROUNDS_BEFORE_HOLD` rounds passed, for a slot written faster than it copies);
+    /// with `hold`, until the source holds the slot and nothing is left. Returns the
+    /// migration epoch the source reported last.
+    async fn until(&mut self, hold: bool, left: u64) -> Result<u64, String> {
+        let mut rounds = 0u32;
+        loop {
+            let req = SlotExportRequest {
+                slot: self.slot,
+                migration_id: self.migration_id,
+                start: self.start,
+                hold,
+                bytes_max: 0,
+            };
+            let r = self.source.slot_export(req).await.map_err(|e| e.to_string())?;
+            if r.reset {
+                return Err("the source lost the copy (it restarted, or too many keys were written during it)".into());
+            }
+            self.start = false;
+            self.keys += r.entries.len() as u64;
+            if !r.entries.is_empty() {
+                self.me
+                    .slot_import(self.slot, r.entries)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            rounds += 1;
+            let done = if hold {
+                r.held && r.remaining == 0
+            } else {
+                r.remaining <= left || rounds >= ROUNDS_BEFORE_HOLD
+            };
+            if done {
+                return Ok(r.epoch);
+            }
+        }
+    }
+}
+
+/// Drops this node's keys of `slots` (which it no longer serves) in the background.
+fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>) {
+    if slots.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut retry = RETRY_MIN;
+        let mut left = slots.into_iter().peekable();
+        let mut me: Option<Client> = None;
+        while let Some(&slot) = left.peek() {
+            let step = async {
+                if me.is_none() {
+                    me = Some(ctx.me().await?);
+                }
+                let me = me.as_ref().expect("connected above");
+                let mut dropped = 0;
+                loop {
+                    let n = me.slot_purge(slot, PURGE_STEP).await.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Ok::<u64, String>(dropped);
+                    }
+                    dropped += n;
+                }
+            };
+            match step.await {
+                Ok(dropped) => {
+                    if dropped > 0 {
+                        tracing::info!(
+                            slot,
+                            keys = dropped,
+                            "slot migration: dropped the copy of a slot that moved away"
+                        );
+                    }
+                    left.next();
+                    retry = RETRY_MIN;
+                }
+                // The slot is served here again (moved back): nothing to drop.
+                Err(e) if e.contains("is served by this node") => {
+                    left.next();
+                }
+                Err(e) => {
+                    me = None;
+                    tracing::warn!(slot, error = %e, "slot migration: cannot drop a moved slot's keys yet");
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
+            }
+        }
+    });
+}
+
+async fn bounded<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String> {
+    match tokio::time::timeout(CALL_TIMEOUT, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("etcd did not answer in time".into()),
+    }
+}

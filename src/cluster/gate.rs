@@ -1,0 +1,224 @@
+//! What this node may do with each slot, as the shard cores see it.
+//!
+//! One byte per slot, read with a relaxed load on every key operation (no lock on the data
+//! path). The control core writes it when it applies a slot table; the core that owns a
+//! slot's shard writes it too, to hold the slot's writes at the end of a migration. The
+//! two never fight: a table that still lists the slot's migration leaves a hold in place,
+//! and one that no longer does decides the slot either way.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use super::slots::{slot_of, Table};
+
+/// A slot's state on this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SlotState {
+    /// No slot table loaded yet: nothing is served (CLUSTER_DOWN).
+    Unknown = 0,
+    /// Owned: served.
+    Owned = 1,
+    /// Owned and being copied to another node: served, and its writes noted for the copy.
+    Migrating = 2,
+    /// Owned, and its writes held (TRY_AGAIN) while ownership flips. Reads are served.
+    Held = 3,
+    /// Owned by another node that is copying it here: clients get MOVED; SLOT_IMPORT writes.
+    Importing = 4,
+    /// Owned by another node: MOVED.
+    Elsewhere = 5,
+}
+
+impl SlotState {
+    fn from_u8(v: u8) -> SlotState {
+        match v {
+            1 => SlotState::Owned,
+            2 => SlotState::Migrating,
+            3 => SlotState::Held,
+            4 => SlotState::Importing,
+            5 => SlotState::Elsewhere,
+            _ => SlotState::Unknown,
+        }
+    }
+
+    /// Whether this node serves the slot's keys to clients.
+    pub fn serves(self) -> bool {
+        matches!(self, SlotState::Owned | SlotState::Migrating | SlotState::Held)
+    }
+}
+
+/// The table as applied, with the nodes' addresses, for MOVED replies and HELLO.
+#[derive(Default)]
+pub struct View {
+    pub table: Option<Table>,
+    /// node_id -> host:port, from the registrations.
+    pub addrs: HashMap<String, String>,
+    /// Why this node does not serve the cluster (a `cluster.slots` mismatch), if so.
+    pub refused: Option<String>,
+}
+
+pub struct SlotGate {
+    slots: u32,
+    node_id: String,
+    states: Box<[AtomicU8]>,
+    view: ArcSwap<View>,
+}
+
+impl SlotGate {
+    pub fn new(slots: u32, node_id: &str) -> Arc<SlotGate> {
+        Arc::new(SlotGate {
+            slots,
+            node_id: node_id.to_string(),
+            states: (0..slots).map(|_| AtomicU8::new(SlotState::Unknown as u8)).collect(),
+            view: ArcSwap::from_pointee(View::default()),
+        })
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    #[inline]
+    pub fn slot(&self, hash: u64) -> u32 {
+        slot_of(hash, self.slots)
+    }
+
+    #[inline]
+    pub fn state(&self, slot: u32) -> SlotState {
+        SlotState::from_u8(self.states[slot as usize].load(Ordering::Acquire))
+    }
+
+    /// Holds the slot's writes; true if it was migrating (or already held).
+    pub fn hold(&self, slot: u32) -> bool {
+        let cell = &self.states[slot as usize];
+        cell.compare_exchange(
+            SlotState::Migrating as u8,
+            SlotState::Held as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        )
+        .is_ok()
+            || cell.load(Ordering::Acquire) == SlotState::Held as u8
+    }
+
+    /// Ends a hold while the migration goes on (a copy that starts again).
+    pub fn unhold(&self, slot: u32) {
+        let _ = self.states[slot as usize].compare_exchange(
+            SlotState::Held as u8,
+            SlotState::Migrating as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// The importer flipped the slot to this node: serve it now, before the table's watch
+    /// event arrives.
+    pub fn own(&self, slot: u32) {
+        self.states[slot as usize].store(SlotState::Owned as u8, Ordering::Release);
+    }
+
+    /// Applies a table: every slot's state follows from it, except that a held slot whose
+    /// migration is still listed stays held. Returns the slots that this node served before
+    /// and no longer owns (their keys are to be dropped).
+    pub fn apply(&self, table: Table, addrs: HashMap<String, String>) -> Vec<u32> {
+        let mut lost = Vec::new();
+        for slot in 0..self.slots {
+            let migration = table.migrations.get(&slot);
+            let want = if table.owner(slot) == self.node_id {
+                if migration.is_some() {
+                    SlotState::Migrating
+                } else {
+                    SlotState::Owned
+                }
+            } else if migration.is_some_and(|m| m.to == self.node_id) {
+                SlotState::Importing
+            } else {
+                SlotState::Elsewhere
+            };
+            let cell = &self.states[slot as usize];
+            let before = SlotState::from_u8(
+                cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                    (!(now == SlotState::Held as u8 && want == SlotState::Migrating)).then_some(want as u8)
+                })
+                .unwrap_or_else(|v| v),
+            );
+            if before.serves() && !want.serves() {
+                lost.push(slot);
+            }
+        }
+        self.view.store(Arc::new(View {
+            table: Some(table),
+            addrs,
+            refused: None,
+        }));
+        lost
+    }
+
+    /// Updates the nodes' addresses only.
+    pub fn set_addrs(&self, addrs: HashMap<String, String>) {
+        let old = self.view.load();
+        self.view.store(Arc::new(View {
+            table: old.table.clone(),
+            addrs,
+            refused: old.refused.clone(),
+        }));
+    }
+
+    /// This node must not serve: every key gets CLUSTER_DOWN with `why`.
+    pub fn refuse(&self, why: String) {
+        for cell in self.states.iter() {
+            cell.store(SlotState::Unknown as u8, Ordering::Release);
+        }
+        self.view.store(Arc::new(View {
+            refused: Some(why),
+            ..View::default()
+        }));
+    }
+
+    pub fn view(&self) -> arc_swap::Guard<Arc<View>> {
+        self.view.load()
+    }
+
+    /// The table version applied (0: none yet).
+    pub fn version(&self) -> u64 {
+        self.view.load().table.as_ref().map_or(0, |t| t.version)
+    }
+
+    /// The owner of `slot` and its address, for a MOVED reply.
+    pub fn owner_of(&self, slot: u32) -> (String, String) {
+        let view = self.view.load();
+        match &view.table {
+            Some(t) => {
+                let owner = t.owner(slot).to_string();
+                let addr = view.addrs.get(&owner).cloned().unwrap_or_default();
+                (owner, addr)
+            }
+            None => (String::new(), String::new()),
+        }
+    }
+
+    /// The migration epoch of `slot` in the applied table.
+    pub fn epoch(&self, slot: u32) -> u64 {
+        self.view
+            .load()
+            .table
+            .as_ref()
+            .and_then(|t| t.migrations.get(&slot).map(|m| m.epoch))
+            .unwrap_or(0)
+    }
+
+    /// Why the node does not serve: a refusal, or no table yet.
+    pub fn down_reason(&self) -> String {
+        match &self.view.load().refused {
+            Some(why) => why.clone(),
+            None => "the slot table is not loaded yet (etcd unreachable since the node started)".into(),
+        }
+    }
+}
