@@ -359,3 +359,473 @@ fn cli_and_bench_through_etcd() {
     assert_eq!(held.iter().sum::<u64>(), 2001, "2,000 bench keys and `routed`");
     assert!(held.iter().all(|h| *h > 500), "{held:?}");
 }
+
+/// Writes `keys` as `key -> value` through the cluster client, 16 at a time.
+fn write_all(rt: &tokio::runtime::Runtime, cluster: &Cluster, keys: &[(String, String)]) {
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for chunk in keys.chunks(keys.len().div_ceil(16)) {
+            let (cluster, chunk) = (cluster.clone(), chunk.to_vec());
+            tasks.push(tokio::spawn(async move {
+                for (k, v) in chunk {
+                    cluster.set(k, v).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+}
+
+/// Every key reads back as expected through a fresh cluster client; returns how many
+/// did not.
+fn missing(rt: &tokio::runtime::Runtime, etcd: &Etcd, expect: &std::collections::HashMap<String, String>) -> usize {
+    let cluster = rt
+        .block_on(Cluster::connect(&[etcd.endpoint()], "/flux", ClientConfig::default()))
+        .unwrap();
+    let expect: Vec<(String, String)> = expect.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for chunk in expect.chunks(expect.len().div_ceil(16).max(1)) {
+            let (cluster, chunk) = (cluster.clone(), chunk.to_vec());
+            tasks.push(tokio::spawn(async move {
+                let mut bad = 0;
+                for (k, v) in chunk {
+                    match cluster.get(k.clone()).await {
+                        Ok(Some(got)) if got == v.as_bytes() => {}
+                        other => {
+                            if bad < 3 {
+                                eprintln!("{k}: expected {v}, got {other:?}");
+                            }
+                            bad += 1;
+                        }
+                    }
+                }
+                bad
+            }));
+        }
+        let mut bad = 0;
+        for t in tasks {
+            bad += t.await.unwrap();
+        }
+        bad
+    })
+}
+
+/// The table has no migration left and every slot belongs to one of `live`; each sampled
+/// key is served (answered without MOVED) by exactly one node.
+fn consistent(rt: &tokio::runtime::Runtime, etcd: &Etcd, servers: &[&TestServer], live: &[&str], keys: &[String]) {
+    let table = etcd.table(rt).unwrap();
+    assert!(table.migrations.is_empty(), "{:?}", table.migrations);
+    for (node, _) in table.counts() {
+        assert!(live.contains(&node.as_str()), "{node} owns slots but is not live");
+    }
+    let mut clients: Vec<common::Client> = servers.iter().map(|s| s.connect()).collect();
+    for k in keys.iter().step_by((keys.len() / 300).max(1)) {
+        let mut serving = 0;
+        for c in clients.iter_mut() {
+            let r = c.call(flux_kv::proto::request::Op::Get(flux_kv::proto::GetRequest {
+                key: common::b(k.as_bytes()),
+            }));
+            serving += usize::from(r.error.is_none());
+        }
+        assert_eq!(serving, 1, "{k} is served by {serving} nodes");
+    }
+}
+
+// Goal (the first test): 3 nodes hold 20,000 keys each; a fourth joins and
+// `flux-cli cluster rebalance` runs while a client keeps writing and reading through the
+// cluster client. The client sees no error (MOVED and TRY_AGAIN are followed inside it),
+// every acknowledged write reads back afterwards, and each node ends with 20-30 % of the
+// keys.
+#[test]
+fn rebalance_under_load_loses_nothing() {
+    let rt = common::rt();
+    let etcd = Etcd::start();
+    let mut servers = cluster_of(&etcd, &rt, &["r1", "r2", "r3"]);
+    cli(&etcd, &["cluster", "rebalance"]);
+    let cluster = rt
+        .block_on(Cluster::connect(&[etcd.endpoint()], "/flux", ClientConfig::default()))
+        .unwrap();
+    let keys: Vec<(String, String)> = (0..60_000).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+    write_all(&rt, &cluster, &keys);
+    for s in &servers {
+        assert!((18_000..=22_000).contains(&held(s)), "{}", held(s));
+    }
+    servers.push(node(&etcd, "r4"));
+    assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 4));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (cluster, stop) = (cluster.clone(), stop.clone());
+        rt.spawn(async move {
+            let mut acked = std::collections::HashMap::new();
+            let (mut errors, mut ops) = (Vec::new(), 0u64);
+            let mut round = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                round += 1;
+                for j in 0..64u64 {
+                    // Overwrites spread over every slot, and reads of what was written.
+                    let k = format!("k{}", (round * 64 + j) * 7919 % 60_000);
+                    let v = format!("w{round}-{j}");
+                    match cluster.set(k.clone(), v.clone()).await {
+                        Ok(()) => {
+                            acked.insert(k.clone(), v.clone());
+                        }
+                        Err(e) => errors.push(format!("set {k}: {e}")),
+                    }
+                    match cluster.get(k.clone()).await {
+                        Ok(Some(got)) if got == v.as_bytes() => {}
+                        other => errors.push(format!("get {k}: {other:?}")),
+                    }
+                    ops += 2;
+                }
+            }
+            (acked, errors, ops)
+        })
+    };
+    let rebalance = Command::new(env!("CARGO_BIN_EXE_flux-cli"))
+        .args(["--etcd", &etcd.endpoint(), "cluster", "rebalance"])
+        .output()
+        .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, errors, ops) = rt.block_on(load).unwrap();
+    assert!(
+        rebalance.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebalance.stderr)
+    );
+    println!("{}", String::from_utf8_lossy(&rebalance.stdout));
+    assert!(
+        errors.is_empty(),
+        "{} errors in {ops} operations: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(5)]
+    );
+    assert!(ops > 1_000, "the load ran during the rebalance: {ops} operations");
+
+    let mut expect: std::collections::HashMap<String, String> = keys.into_iter().collect();
+    expect.extend(acked);
+    assert_eq!(missing(&rt, &etcd, &expect), 0);
+    let names: Vec<String> = expect.keys().cloned().collect();
+    consistent(
+        &rt,
+        &etcd,
+        &servers.iter().collect::<Vec<_>>(),
+        &["r1", "r2", "r3", "r4"],
+        &names,
+    );
+    // Sources drop what they copied away in the background.
+    assert!(
+        eventually(Duration::from_secs(20), || servers.iter().map(held).sum::<u64>()
+            == 60_000),
+        "{:?}",
+        servers.iter().map(held).collect::<Vec<_>>()
+    );
+    for s in &servers {
+        let share = held(s) as f64 / 60_000.0;
+        assert!((0.20..=0.30).contains(&share), "{share}");
+    }
+}
+
+// Goal: `cluster drain` moves every key off a node, which can then stop without losing
+// any.
+#[test]
+fn drain_moves_every_key_off_a_node() {
+    let rt = common::rt();
+    let etcd = Etcd::start();
+    let mut servers = cluster_of(&etcd, &rt, &["d1", "d2", "d3"]);
+    cli(&etcd, &["cluster", "rebalance"]);
+    let cluster = rt
+        .block_on(Cluster::connect(&[etcd.endpoint()], "/flux", ClientConfig::default()))
+        .unwrap();
+    let keys: Vec<(String, String)> = (0..9_000).map(|i| (format!("dk{i}"), format!("dv{i}"))).collect();
+    write_all(&rt, &cluster, &keys);
+    assert!(held(&servers[1]) > 2_000);
+    let out = cli(&etcd, &["cluster", "drain", "d2"]);
+    assert!(out.contains("d2 owns no slots"), "{out}");
+    assert!(etcd.table(&rt).unwrap().slots_of("d2").is_empty());
+    assert!(
+        eventually(Duration::from_secs(20), || held(&servers[1]) == 0),
+        "{}",
+        held(&servers[1])
+    );
+    servers[1].signal(libc::SIGTERM);
+    assert!(servers[1].wait_exit(Duration::from_secs(10)).unwrap().success());
+    let expect = keys.into_iter().collect();
+    assert_eq!(missing(&rt, &etcd, &expect), 0);
+}
+
+/// A node with its own port and data directory, restartable after kill -9.
+struct Durable {
+    id: &'static str,
+    port: u16,
+    dir: tempfile::TempDir,
+    server: Option<TestServer>,
+}
+
+impl Durable {
+    fn new(id: &'static str) -> Durable {
+        Durable {
+            id,
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            server: None,
+        }
+    }
+
+    fn start(&mut self, etcd: &Etcd) {
+        let listen = format!("127.0.0.1:{}", self.port);
+        let ep = etcd.endpoint();
+        self.server = Some(TestServer::start_in(
+            self.dir.path(),
+            &[
+                "--listen",
+                &listen,
+                "--cores",
+                "2",
+                "--cluster-slots",
+                "256",
+                "--persistence-fsync",
+                "always",
+                "--cluster-etcd-endpoints",
+                &ep,
+                "--cluster-node-id",
+                self.id,
+                "--cluster-lease-ttl-ms",
+                "2000",
+            ],
+        ));
+    }
+
+    fn kill(&mut self) {
+        let mut s = self.server.take().unwrap();
+        s.signal(libc::SIGKILL);
+        s.wait_exit(Duration::from_secs(5));
+    }
+
+    fn s(&self) -> &TestServer {
+        self.server.as_ref().unwrap()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// `id` is registered by an instance started at or after `since_ms`.
+fn registered_since(etcd: &Etcd, rt: &tokio::runtime::Runtime, id: &str, since_ms: u64) -> bool {
+    etcd.nodes(rt)
+        .iter()
+        .any(|n| n.node_id == id && n.started_at_ms >= since_ms)
+}
+
+/// Spawns flux-cli with `args` against the cluster, output discarded.
+fn spawn_cli(etcd: &Etcd, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_flux-cli"))
+        .args(["--etcd", &etcd.endpoint()])
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+// Goal: kill -9 of the source mid-migration, then of the target, then of the driving CLI;
+// each time, after restarts and a re-run of the command, no key is lost (including writes
+// acknowledged during the migration), no slot has two owners, and the table holds no
+// migration and only live owners.
+#[test]
+fn kill_nine_mid_migration_loses_nothing() {
+    let rt = common::rt();
+    let etcd = Etcd::start();
+    let mut nodes = [Durable::new("m1"), Durable::new("m2"), Durable::new("m3")];
+    nodes[0].start(&etcd);
+    assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 1));
+    nodes[1].start(&etcd);
+    assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 2));
+    let cluster = rt
+        .block_on(Cluster::connect(&[etcd.endpoint()], "/flux", ClientConfig::default()))
+        .unwrap();
+    let keys: Vec<(String, String)> = (0..20_000).map(|i| (format!("mk{i}"), format!("mv{i}"))).collect();
+    write_all(&rt, &cluster, &keys);
+    let mut expect: std::collections::HashMap<String, String> = keys.into_iter().collect();
+    let names: Vec<String> = expect.keys().cloned().collect();
+    let slots_of = |id: &str| etcd.table(&rt).map_or(0, |t| t.slots_of(id).len());
+
+    // A writer during each round: only acknowledged writes are expected back.
+    let writer = |round: u32| {
+        let cluster = cluster.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = rt.spawn(async move {
+            let mut acked = Vec::new();
+            let mut i = 0u64;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let k = format!("mk{}", i * 7919 % 20_000);
+                let v = format!("r{round}-{i}");
+                if cluster.set(k.clone(), v.clone()).await.is_ok() {
+                    acked.push((k, v));
+                } else {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            acked
+        });
+        (stop, task)
+    };
+
+    // 1. The source dies mid-migration.
+    let (stop, task) = writer(1);
+    let mut run = spawn_cli(&etcd, &["cluster", "rebalance", "--parallel", "4"]);
+    assert!(
+        eventually(Duration::from_secs(60), || slots_of("m2") >= 10),
+        "no slot moved"
+    );
+    nodes[0].kill();
+    let _ = run.kill();
+    let _ = run.wait();
+    let restarted = now_ms();
+    nodes[0].start(&etcd);
+    // It registers once its old lease (2 s) has expired.
+    assert!(eventually(Duration::from_secs(15), || registered_since(
+        &etcd, &rt, "m1", restarted
+    )));
+    cli(&etcd, &["cluster", "rebalance"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    expect.extend(rt.block_on(task).unwrap());
+    assert_eq!((slots_of("m1"), slots_of("m2")), (128, 128));
+    assert_eq!(missing(&rt, &etcd, &expect), 0, "after the source's kill -9");
+    consistent(&rt, &etcd, &[nodes[0].s(), nodes[1].s()], &["m1", "m2"], &names);
+
+    // 2. The target dies mid-migration.
+    nodes[2].start(&etcd);
+    assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 3));
+    let (stop, task) = writer(2);
+    let mut run = spawn_cli(&etcd, &["cluster", "rebalance", "--parallel", "4"]);
+    assert!(
+        eventually(Duration::from_secs(60), || slots_of("m3") >= 5),
+        "no slot moved"
+    );
+    nodes[2].kill();
+    let _ = run.kill();
+    let _ = run.wait();
+    let restarted = now_ms();
+    nodes[2].start(&etcd);
+    assert!(eventually(Duration::from_secs(15), || registered_since(
+        &etcd, &rt, "m3", restarted
+    )));
+    cli(&etcd, &["cluster", "rebalance"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    expect.extend(rt.block_on(task).unwrap());
+    assert!((85..=86).contains(&slots_of("m3")), "{}", slots_of("m3"));
+    assert_eq!(missing(&rt, &etcd, &expect), 0, "after the target's kill -9");
+    let all = [nodes[0].s(), nodes[1].s(), nodes[2].s()];
+    consistent(&rt, &etcd, &all, &["m1", "m2", "m3"], &names);
+
+    // 3. The CLI driving a drain dies; run again, it finishes.
+    let mut run = spawn_cli(&etcd, &["cluster", "drain", "m3", "--parallel", "2"]);
+    assert!(
+        eventually(Duration::from_secs(60), || slots_of("m3") <= 80),
+        "no slot moved"
+    );
+    run.kill().unwrap();
+    let _ = run.wait();
+    let out = cli(&etcd, &["cluster", "drain", "m3"]);
+    assert!(out.contains("m3 owns no slots"), "{out}");
+    assert_eq!(missing(&rt, &etcd, &expect), 0, "after the CLI's kill -9");
+    consistent(&rt, &etcd, &all, &["m1", "m2"], &names);
+    assert!(eventually(Duration::from_secs(20), || held(nodes[2].s()) == 0));
+    let total: u64 = nodes.iter().map(|n| held(n.s())).sum();
+    assert_eq!(total, 20_000, "each key is held once");
+}
+
+// Goal: a client whose view is stale is redirected and follows: a node that does not own
+// a key answers MOVED naming the owner and its address, where the key is served; HELLO
+// reports the slot count and the table version; a node whose cluster.slots disagrees with
+// the cluster's refuses to join and says why.
+#[test]
+fn stale_clients_are_redirected() {
+    let rt = common::rt();
+    let etcd = Etcd::start();
+    let servers = cluster_of(&etcd, &rt, &["s1", "s2"]);
+    let before = etcd.table(&rt).unwrap().version;
+    cli(&etcd, &["cluster", "move", "7", "s2"]);
+    let table = etcd.table(&rt).unwrap();
+    assert!(table.version > before);
+    assert_eq!(table.owner(7), "s2");
+    // A key of slot 7, written to its owner.
+    let key = (0..)
+        .map(|i| format!("stale{i}"))
+        .find(|k| owner(&table, k.as_bytes()) == "s2")
+        .unwrap();
+    let mut s1 = servers[0].connect();
+    let r = s1.call(flux_kv::proto::request::Op::Set(flux_kv::proto::SetRequest {
+        key: common::b(key.as_bytes()),
+        value: common::b(b"here"),
+        ..Default::default()
+    }));
+    let e = r.error.expect("s1 no longer owns the slot");
+    assert_eq!(e.code(), flux_kv::proto::ErrorCode::Moved);
+    assert_eq!(
+        (e.node_id.as_str(), e.addr.as_str()),
+        ("s2", servers[1].addr.to_string().as_str())
+    );
+    let mut s2 = common::Client::connect(e.addr.parse().unwrap());
+    assert!(s2.set(key.as_bytes(), b"here"));
+    assert_eq!(s2.get(key.as_bytes()).as_deref(), Some(&b"here"[..]));
+    let hello = match s2.call(flux_kv::proto::request::Op::Hello(Default::default())).result {
+        Some(flux_kv::proto::response::Result::Hello(h)) => h,
+        other => panic!("{other:?}"),
+    };
+    assert!(eventually(Duration::from_secs(5), || {
+        match servers[1]
+            .connect()
+            .call(flux_kv::proto::request::Op::Hello(Default::default()))
+            .result
+        {
+            Some(flux_kv::proto::response::Result::Hello(h)) => h.slot_table_version >= table.version,
+            _ => false,
+        }
+    }));
+    assert_eq!(hello.slots, 4096);
+    // The Rust cluster client reads it wherever it believes the slot is.
+    let cluster = rt
+        .block_on(Cluster::connect(&[etcd.endpoint()], "/flux", ClientConfig::default()))
+        .unwrap();
+    assert_eq!(
+        rt.block_on(cluster.get(key.clone())).unwrap().as_deref(),
+        Some(&b"here"[..])
+    );
+
+    // cluster.slots must match the cluster's.
+    let odd = TestServer::start(&[
+        "--cores",
+        "1",
+        "--cluster-etcd-endpoints",
+        &etcd.endpoint(),
+        "--cluster-node-id",
+        "odd",
+        "--cluster-slots",
+        "1024",
+    ]);
+    assert!(
+        eventually(Duration::from_secs(10), || odd.log_text().contains("does not join")),
+        "{}",
+        odd.log_text()
+    );
+    let r = odd
+        .connect()
+        .call(flux_kv::proto::request::Op::Get(flux_kv::proto::GetRequest {
+            key: common::b(b"x"),
+        }));
+    let e = r.error.expect("refused");
+    assert_eq!(e.code(), flux_kv::proto::ErrorCode::ClusterDown);
+    assert!(e.message.contains("cluster.slots"), "{}", e.message);
+    assert_eq!(ids(&etcd.nodes(&rt)), ["s1", "s2"], "the odd node did not register");
+}

@@ -484,12 +484,15 @@ impl Client {
         }
     }
 
-    /// Drops up to `keys_max` keys of a slot the node does not serve (admin).
-    pub async fn slot_purge(&self, slot: u32, keys_max: u32) -> Result<u64, Error> {
-        match self
-            .call_on(None, Op::SlotPurge(proto::SlotPurgeRequest { slot, keys_max }))
-            .await?
-        {
+    /// Drops up to `keys_max` keys of a slot the node does not serve (admin): one it is
+    /// importing when `importing`, else one owned elsewhere.
+    pub async fn slot_purge(&self, slot: u32, keys_max: u32, importing: bool) -> Result<u64, Error> {
+        let req = proto::SlotPurgeRequest {
+            slot,
+            keys_max,
+            importing,
+        };
+        match self.call_on(None, Op::SlotPurge(req)).await? {
             R::SlotPurge(r) => Ok(r.removed),
             other => Err(unexpected("SlotPurge", &other)),
         }

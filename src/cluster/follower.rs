@@ -351,7 +351,7 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
         .await
         .map_err(|e| format!("source {} at {addr}: {e}", m.from))?;
     // 1. Whatever an earlier, interrupted copy left here goes.
-    while me.slot_purge(slot, PURGE_STEP).await.map_err(|e| e.to_string())? > 0 {}
+    while me.slot_purge(slot, PURGE_STEP, true).await.map_err(|e| e.to_string())? > 0 {}
     // 2. Copy until little is left, then (this node's flips one at a time) catch up again,
     // and 3. hold the slot's writes and copy the rest.
     let migration_id = fastrand::u64(1..);
@@ -464,6 +464,13 @@ fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>) {
         let mut retry = RETRY_MIN;
         let mut left = slots.into_iter().peekable();
         let mut me: Option<Client> = None;
+        // A node that holds no key (a new one) has nothing to look for.
+        if let Ok(c) = ctx.me().await {
+            if c.stats().await.is_ok_and(|cores| cores.iter().all(|c| c.keys == 0)) {
+                return;
+            }
+            me = Some(c);
+        }
         while let Some(&slot) = left.peek() {
             let step = async {
                 if me.is_none() {
@@ -472,7 +479,10 @@ fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>) {
                 let me = me.as_ref().expect("connected above");
                 let mut dropped = 0;
                 loop {
-                    let n = me.slot_purge(slot, PURGE_STEP).await.map_err(|e| e.to_string())?;
+                    let n = me
+                        .slot_purge(slot, PURGE_STEP, false)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     if n == 0 {
                         return Ok::<u64, String>(dropped);
                     }
@@ -491,8 +501,8 @@ fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>) {
                     left.next();
                     retry = RETRY_MIN;
                 }
-                // The slot is served here again (moved back): nothing to drop.
-                Err(e) if e.contains("is served by this node") => {
+                // The slot is no longer owned elsewhere (it moves back here): not dropped.
+                Err(e) if e.contains("its keys are not dropped") => {
                     left.next();
                 }
                 Err(e) => {

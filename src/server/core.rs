@@ -89,6 +89,7 @@ pub enum MeshRequest {
     Purge {
         slot: u32,
         keys_max: u32,
+        importing: bool,
         reply: oneshot::Sender<SlotResult<u64>>,
     },
 }
@@ -517,13 +518,22 @@ impl Core {
 
     /// SLOT_PURGE on the core owning the slot's shard: drops up to `keys_max` keys of a
     /// slot this node does not serve, as MIGRATION_DEL changes; how many it dropped.
-    pub fn purge(&self, slot: u32, keys_max: u32) -> SlotResult<u64> {
+    /// `importing` says which kind of slot the caller means (see SlotPurgeRequest).
+    pub fn purge(&self, slot: u32, keys_max: u32, importing: bool) -> SlotResult<u64> {
         use crate::proto::ErrorCode;
         let gate = self.slot_gate()?;
-        if gate.state(slot).serves() || gate.state(slot) == SlotState::Unknown {
+        let expected = if importing {
+            SlotState::Importing
+        } else {
+            SlotState::Elsewhere
+        };
+        if gate.state(slot) != expected {
             return Err((
                 ErrorCode::InvalidRequest,
-                format!("slot {slot} is served by this node: its keys are not dropped"),
+                format!(
+                    "slot {slot} is {:?} here, not {expected:?}: its keys are not dropped",
+                    gate.state(slot)
+                ),
             ));
         }
         if !self.writes_ready() || self.log_failed() {
@@ -679,8 +689,13 @@ impl Core {
             MeshRequest::Export { req, reply } => {
                 let _ = reply.send(self.export(&req));
             }
-            MeshRequest::Purge { slot, keys_max, reply } => {
-                let _ = reply.send(self.purge(slot, keys_max));
+            MeshRequest::Purge {
+                slot,
+                keys_max,
+                importing,
+                reply,
+            } => {
+                let _ = reply.send(self.purge(slot, keys_max, importing));
             }
         }
     }

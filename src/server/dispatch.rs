@@ -35,7 +35,7 @@ enum Plan {
     Snapshot { id: u64 },
     Backup { id: u64, op: backup::Op },
     SlotExport { id: u64, req: proto::SlotExportRequest },
-    SlotPurge { id: u64, slot: u32, keys_max: u32 },
+    SlotPurge { id: u64, req: proto::SlotPurgeRequest },
 }
 
 #[derive(Clone, Copy)]
@@ -436,12 +436,8 @@ impl Batch<'_> {
             }
             Op::SlotExport(r) => return self.slot_op(id, r.slot, Plan::SlotExport { id, req: r }),
             Op::SlotPurge(r) => {
-                let plan = Plan::SlotPurge {
-                    id,
-                    slot: r.slot,
-                    keys_max: r.keys_max,
-                };
-                return self.slot_op(id, r.slot, plan);
+                let slot = r.slot;
+                return self.slot_op(id, slot, Plan::SlotPurge { id, req: r });
             }
             Op::Auth(r) => return Plan::Ready(self.authenticate(id, r)),
             Op::Stats(_) => {
@@ -697,10 +693,15 @@ impl Batch<'_> {
                         Ok(Err((code, e))) | Err((code, e)) => error(id, code, e),
                     }
                 }
-                Plan::SlotPurge { id, slot, keys_max } => {
+                Plan::SlotPurge { id, req } => {
                     let (reply, rx) = futures::channel::oneshot::channel();
-                    let msg = MeshRequest::Purge { slot, keys_max, reply };
-                    let asked = self.on_slot_core(slot, senders.as_deref(), msg).await;
+                    let msg = MeshRequest::Purge {
+                        slot: req.slot,
+                        keys_max: req.keys_max,
+                        importing: req.importing,
+                        reply,
+                    };
+                    let asked = self.on_slot_core(req.slot, senders.as_deref(), msg).await;
                     match asked.and(rx.await.map_err(|_| (ErrorCode::ShuttingDown, STOPPING.into()))) {
                         Ok(Ok(removed)) => ok(id, R::SlotPurge(proto::SlotPurgeResponse { removed })),
                         Ok(Err((code, e))) | Err((code, e)) => error(id, code, e),

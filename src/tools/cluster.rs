@@ -143,6 +143,14 @@ async fn rebalance(
 ) -> Result<(), String> {
     let started = Instant::now();
     let (table, _) = load(etcd, prefix).await?;
+    // A node that owns slots but is not registered (restarting, or gone for good) holds
+    // keys no other node has: moving its slots would need it running.
+    let live = live(cluster);
+    if let Some(absent) = table.counts().keys().find(|n| !live.contains(*n)) {
+        return Err(format!(
+            "{absent} owns slots but is not registered: start it (or wait until it has registered) and run this again"
+        ));
+    }
     let moves = slots::plan(&table, nodes);
     let in_flight = table.migrations.len();
     if moves.is_empty() && in_flight == 0 {
