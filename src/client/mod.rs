@@ -486,14 +486,19 @@ impl Client {
 
     /// Drops up to `keys_max` keys of a slot the node does not serve (admin): one it is
     /// importing when `importing`, else one owned elsewhere.
-    pub async fn slot_purge(&self, slot: u32, keys_max: u32, importing: bool) -> Result<u64, Error> {
+    pub async fn slot_purge(
+        &self,
+        slot: u32,
+        keys_max: u32,
+        importing: bool,
+    ) -> Result<proto::SlotPurgeResponse, Error> {
         let req = proto::SlotPurgeRequest {
             slot,
             keys_max,
             importing,
         };
         match self.call_on(None, Op::SlotPurge(req)).await? {
-            R::SlotPurge(r) => Ok(r.removed),
+            R::SlotPurge(r) => Ok(r),
             other => Err(unexpected("SlotPurge", &other)),
         }
     }

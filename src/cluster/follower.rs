@@ -78,6 +78,9 @@ struct Ctx {
     /// migrations would otherwise race for the one table key, and a slot held while its
     /// flip retries is a slot whose writes wait.
     flips: tokio::sync::Mutex<()>,
+    /// Connections to this node and to sources, by address, shared by every importer and
+    /// clean-up (each carries many requests at once); dropped when one fails.
+    clients: std::sync::Mutex<HashMap<String, Arc<Client>>>,
 }
 
 impl Ctx {
@@ -96,10 +99,32 @@ impl Ctx {
         *self.etcd.lock().await = None;
     }
 
-    async fn me(&self) -> Result<Client, String> {
-        Client::connect_addr(self.local, self.peer.clone())
+    async fn me(&self) -> Result<Arc<Client>, String> {
+        self.client(&self.local.to_string())
             .await
-            .map_err(|e| format!("this node's own port {}: {e}", self.local))
+            .map_err(|e| format!("this node's own port: {e}"))
+    }
+
+    /// A connection to the node at `addr`: the shared one, or a new one.
+    async fn client(&self, addr: &str) -> Result<Arc<Client>, String> {
+        if let Some(c) = self.clients.lock().unwrap_or_else(|p| p.into_inner()).get(addr) {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(
+            Client::connect(addr, self.peer.clone())
+                .await
+                .map_err(|e| format!("{addr}: {e}"))?,
+        );
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// After a failure on the connection to `addr`: the next use connects again.
+    fn forget_client(&self, addr: &str) {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).remove(addr);
     }
 }
 
@@ -117,6 +142,7 @@ impl Follower {
             endpoints: self.endpoints.clone(),
             access: self.access.clone(),
             flips: tokio::sync::Mutex::new(()),
+            clients: Default::default(),
         });
         let mut importers: HashMap<u32, (Migration, JoinHandle<()>)> = HashMap::new();
         let mut fenced = false;
@@ -216,7 +242,7 @@ impl Follower {
             let stale: Vec<u32> = (0..self.gate.slots())
                 .filter(|&s| self.gate.state(s) == SlotState::Elsewhere)
                 .collect();
-            spawn_purge(ctx.clone(), stale);
+            spawn_purge(ctx.clone(), stale, true);
             *first = false;
             let _ = self.joined.send(true);
             tracing::info!(
@@ -225,7 +251,7 @@ impl Follower {
                 "cluster: slot table applied"
             );
         } else {
-            spawn_purge(ctx.clone(), lost);
+            spawn_purge(ctx.clone(), lost, false);
         }
         sync_importers(ctx, &table, importers);
 
@@ -273,7 +299,7 @@ impl Follower {
             }
             if let Some(t) = changed_table {
                 let lost = self.gate.apply(t.clone(), addrs.clone());
-                spawn_purge(ctx.clone(), lost);
+                spawn_purge(ctx.clone(), lost, false);
                 sync_importers(ctx, &t, importers);
                 current = t;
             } else if changed_addrs {
@@ -318,6 +344,11 @@ async fn import(ctx: Arc<Ctx>, m: Migration) {
                 retry = RETRY_MIN;
             }
             Err(e) => {
+                // Either connection may be the broken one.
+                if let Some(addr) = ctx.gate.view().addrs.get(&m.from) {
+                    ctx.forget_client(addr);
+                }
+                ctx.forget_client(&ctx.local.to_string());
                 tracing::warn!(slot = m.slot, from = %m.from, error = %e, retry_ms = retry.as_millis() as u64, "slot migration: copy failed; starting again");
                 tokio::time::sleep(retry).await;
                 retry = (retry * 2).min(RETRY_MAX);
@@ -347,11 +378,15 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
         .cloned()
         .ok_or_else(|| format!("the source {} is not registered", m.from))?;
     let me = ctx.me().await?;
-    let source = Client::connect(&addr, ctx.peer.clone())
-        .await
-        .map_err(|e| format!("source {} at {addr}: {e}", m.from))?;
+    let source = ctx.client(&addr).await.map_err(|e| format!("source {}: {e}", m.from))?;
     // 1. Whatever an earlier, interrupted copy left here goes.
-    while me.slot_purge(slot, PURGE_STEP, true).await.map_err(|e| e.to_string())? > 0 {}
+    // A step that drops less than it may has walked the whole slot: done.
+    while me
+        .slot_purge(slot, PURGE_STEP, true)
+        .await
+        .map_err(|e| e.to_string())?
+        .more
+    {}
     // 2. Copy until little is left, then (this node's flips one at a time) catch up again,
     // and 3. hold the slot's writes and copy the rest.
     let migration_id = fastrand::u64(1..);
@@ -363,13 +398,14 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
         migration_id,
         start: true,
         keys: 0,
+        bytes: 0,
     };
     copy.until(false, HOLD_AT_KEYS).await?;
     let _turn = ctx.flips.lock().await;
     copy.until(false, HOLD_AT_KEYS).await?;
     let held_at = std::time::Instant::now();
     let epoch = copy.until(true, 0).await?;
-    let keys = copy.keys;
+    let (keys, bytes) = (copy.keys, copy.bytes);
     // 4. Flip, only if the migration is still the one this copy completed.
     let mut etcd = ctx.etcd().await?;
     let flipped = bounded(slots::update(&mut etcd, &ctx.prefix, |t| {
@@ -396,6 +432,7 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
             slot,
             from = %m.from,
             keys,
+            bytes,
             copy_ms = started.elapsed().as_millis() as u64,
             held_ms = held_at.elapsed().as_millis() as u64,
             "slot migration: slot now owned here"
@@ -412,7 +449,10 @@ struct Copy<'a> {
     migration_id: u64,
     /// The next pull starts the copy.
     start: bool,
+    /// Keys and key-and-value bytes copied so far (a key written during the copy counts
+    /// each time it is sent).
     keys: u64,
+    bytes: u64,
 }
 
 impl Copy<'_> {
@@ -436,6 +476,11 @@ impl Copy<'_> {
             }
             self.start = false;
             self.keys += r.entries.len() as u64;
+            self.bytes += r
+                .entries
+                .iter()
+                .map(|e| (e.key.len() + e.value.len()) as u64)
+                .sum::<u64>();
             if !r.entries.is_empty() {
                 self.me
                     .slot_import(self.slot, r.entries)
@@ -455,21 +500,24 @@ impl Copy<'_> {
     }
 }
 
-/// Drops this node's keys of `slots` (which it no longer serves) in the background.
-fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>) {
+/// Drops this node's keys of `slots` (which it no longer serves) in the background; with
+/// `unless_empty`, only if the node holds any key at all (a new node's first table lists
+/// every slot but its own).
+fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>, unless_empty: bool) {
     if slots.is_empty() {
         return;
     }
     tokio::spawn(async move {
         let mut retry = RETRY_MIN;
         let mut left = slots.into_iter().peekable();
-        let mut me: Option<Client> = None;
-        // A node that holds no key (a new one) has nothing to look for.
-        if let Ok(c) = ctx.me().await {
-            if c.stats().await.is_ok_and(|cores| cores.iter().all(|c| c.keys == 0)) {
-                return;
+        let mut me: Option<Arc<Client>> = None;
+        if unless_empty {
+            if let Ok(c) = ctx.me().await {
+                if c.stats().await.is_ok_and(|cores| cores.iter().all(|c| c.keys == 0)) {
+                    return;
+                }
+                me = Some(c);
             }
-            me = Some(c);
         }
         while let Some(&slot) = left.peek() {
             let step = async {
@@ -479,14 +527,14 @@ fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>) {
                 let me = me.as_ref().expect("connected above");
                 let mut dropped = 0;
                 loop {
-                    let n = me
+                    let r = me
                         .slot_purge(slot, PURGE_STEP, false)
                         .await
                         .map_err(|e| e.to_string())?;
-                    if n == 0 {
+                    dropped += r.removed;
+                    if !r.more {
                         return Ok::<u64, String>(dropped);
                     }
-                    dropped += n;
                 }
             };
             match step.await {
@@ -507,6 +555,7 @@ fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>) {
                 }
                 Err(e) => {
                     me = None;
+                    ctx.forget_client(&ctx.local.to_string());
                     tracing::warn!(slot, error = %e, "slot migration: cannot drop a moved slot's keys yet");
                     tokio::time::sleep(retry).await;
                     retry = (retry * 2).min(RETRY_MAX);

@@ -129,7 +129,21 @@ impl SlotGate {
     /// and no longer owns (their keys are to be dropped).
     pub fn apply(&self, table: Table, addrs: HashMap<String, String>) -> Vec<u32> {
         let mut lost = Vec::new();
-        for slot in 0..self.slots {
+        // A rebalance writes thousands of versions that each change a slot or two: only
+        // the slots whose owner or migration changed are looked at again.
+        let view = self.view.load();
+        let changed: Vec<u32> = match &view.table {
+            Some(prev) if prev.slots() == table.slots() => {
+                let mut v: Vec<u32> = (0..self.slots).filter(|&s| prev.owner(s) != table.owner(s)).collect();
+                v.extend(prev.migrations.keys().chain(table.migrations.keys()));
+                v.sort_unstable();
+                v.dedup();
+                v
+            }
+            _ => (0..self.slots).collect(),
+        };
+        drop(view);
+        for slot in changed {
             let migration = table.migrations.get(&slot);
             let want = if table.owner(slot) == self.node_id {
                 if migration.is_some() {

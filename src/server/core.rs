@@ -90,7 +90,7 @@ pub enum MeshRequest {
         slot: u32,
         keys_max: u32,
         importing: bool,
-        reply: oneshot::Sender<SlotResult<u64>>,
+        reply: oneshot::Sender<SlotResult<crate::proto::SlotPurgeResponse>>,
     },
 }
 
@@ -519,7 +519,7 @@ impl Core {
     /// SLOT_PURGE on the core owning the slot's shard: drops up to `keys_max` keys of a
     /// slot this node does not serve, as MIGRATION_DEL changes; how many it dropped.
     /// `importing` says which kind of slot the caller means (see SlotPurgeRequest).
-    pub fn purge(&self, slot: u32, keys_max: u32, importing: bool) -> SlotResult<u64> {
+    pub fn purge(&self, slot: u32, keys_max: u32, importing: bool) -> SlotResult<crate::proto::SlotPurgeResponse> {
         use crate::proto::ErrorCode;
         let gate = self.slot_gate()?;
         let expected = if importing {
@@ -547,7 +547,11 @@ impl Core {
             .store
             .borrow_mut()
             .drop_slot(mask, u64::from(slot), max, now_ms(), &mut *recorder);
-        Ok(n as u64)
+        // Fewer than it might drop: it walked the whole slot.
+        Ok(crate::proto::SlotPurgeResponse {
+            removed: n as u64,
+            more: n == max,
+        })
     }
 
     fn slot_gate(&self) -> SlotResult<&SlotGate> {

@@ -703,7 +703,7 @@ impl Batch<'_> {
                     };
                     let asked = self.on_slot_core(req.slot, senders.as_deref(), msg).await;
                     match asked.and(rx.await.map_err(|_| (ErrorCode::ShuttingDown, STOPPING.into()))) {
-                        Ok(Ok(removed)) => ok(id, R::SlotPurge(proto::SlotPurgeResponse { removed })),
+                        Ok(Ok(r)) => ok(id, R::SlotPurge(r)),
                         Ok(Err((code, e))) | Err((code, e)) => error(id, code, e),
                     }
                 }

@@ -71,6 +71,15 @@ pub struct Args {
     /// etcd key prefix the nodes register under (with --etcd).
     #[arg(long, default_value = "/flux")]
     pub prefix: String,
+    /// With --etcd and --duration: send every request through the cluster client, which
+    /// follows slots as they move (MOVED, TRY_AGAIN), one request at a time per
+    /// connection, and report a timeline of throughput and slowest request per interval:
+    /// the load for measuring a rebalance.
+    #[arg(long, requires = "etcd", requires = "duration")]
+    pub follow_slots: bool,
+    /// The timeline's interval, in ms (with --follow-slots).
+    #[arg(long, default_value_t = 100)]
+    pub timeline_ms: u64,
     /// One JSON object on stdout instead of the text report.
     #[arg(long)]
     pub json: bool,
@@ -220,6 +229,9 @@ impl Plan {
 async fn run(args: Args) -> Result<u64, String> {
     let mut client_config = ClientConfig::default();
     args.security.apply(&mut client_config)?;
+    if args.follow_slots {
+        return follow_slots(args, client_config).await;
+    }
     let routing = if !args.etcd.is_empty() {
         let cluster = crate::client::Cluster::connect(&args.etcd, &args.prefix, client_config.clone())
             .await
@@ -490,6 +502,89 @@ async fn stats(args: &Args, config: &ClientConfig) -> Option<Vec<CoreStats>> {
 }
 
 /// Process CPU time (user + system) so the report can show the client's own load.
+/// `--follow-slots`: C tasks each send one request at a time through the cluster client
+/// until the duration ends; JSON with totals, latency and the timeline
+/// `[[requests, errors, slowest_us], ...]` per `--timeline-ms`.
+async fn follow_slots(args: Args, client_config: ClientConfig) -> Result<u64, String> {
+    let duration = args.duration.ok_or("--follow-slots needs --duration")?;
+    let cluster = crate::client::Cluster::connect(&args.etcd, &args.prefix, client_config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tick = Duration::from_millis(args.timeline_ms.max(1));
+    let buckets = (duration.as_millis() / tick.as_millis()) as usize + 2;
+    type Bucket = (AtomicU64, AtomicU64, AtomicU64);
+    let timeline: Arc<Vec<Bucket>> = Arc::new((0..buckets).map(|_| Bucket::default()).collect());
+    let value = Bytes::from(vec![b'v'; args.value_bytes.unwrap_or(100)]);
+    let started = Instant::now();
+    let deadline = started + duration;
+    let cpu_before = cpu_time();
+    let tasks: Vec<_> = (0..args.connections)
+        .map(|conn| {
+            let (cluster, timeline, value, args) = (cluster.clone(), timeline.clone(), value.clone(), args.clone());
+            tokio::spawn(async move {
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+                let mut rng = fastrand::Rng::with_seed(conn as u64);
+                let (sets, gets) = args.ratio;
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    i += 1;
+                    let key = match args.keys {
+                        Some(n) => format!("key:{}", rng.u64(0..n.max(1))),
+                        None => format!("user_{conn}_{i}"),
+                    };
+                    let t0 = Instant::now();
+                    let ok = if rng.u32(0..sets + gets) < sets {
+                        cluster.set(key, value.clone()).await.is_ok()
+                    } else {
+                        cluster.get(key).await.is_ok()
+                    };
+                    let us = t0.elapsed().as_micros() as u64;
+                    hist.saturating_record(us.max(1));
+                    let b = &timeline[((t0 - started).as_millis() / tick.as_millis()) as usize % buckets];
+                    b.0.fetch_add(1, Ordering::Relaxed);
+                    b.1.fetch_add(u64::from(!ok), Ordering::Relaxed);
+                    b.2.fetch_max(us, Ordering::Relaxed);
+                }
+                hist
+            })
+        })
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
+    for t in tasks {
+        hist.add(&t.await.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = cpu_time().saturating_sub(cpu_before);
+    let line: Vec<[u64; 3]> = timeline
+        .iter()
+        .map(|b| {
+            [
+                b.0.load(Ordering::Relaxed),
+                b.1.load(Ordering::Relaxed),
+                b.2.load(Ordering::Relaxed),
+            ]
+        })
+        .collect();
+    let requests: u64 = line.iter().map(|b| b[0]).sum();
+    let errors: u64 = line.iter().map(|b| b[1]).sum();
+    let out = json!({
+        "requests": requests,
+        "errors": errors,
+        "qps": (requests as f64 / wall).round(),
+        "client_cpu_percent": (1000.0 * cpu.as_secs_f64() / wall).round() / 10.0,
+        "latency_us": {
+            "p50": hist.value_at_quantile(0.50),
+            "p99": hist.value_at_quantile(0.99),
+            "max": hist.max(),
+        },
+        "timeline_ms": tick.as_millis() as u64,
+        "timeline": line,
+    });
+    println!("{out}");
+    Ok(errors)
+}
+
 fn cpu_time() -> Duration {
     // SAFETY: getrusage fills the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };

@@ -31,14 +31,14 @@ pub enum ClusterCmd {
     /// one), moving as few as that takes; waits until done.
     Rebalance {
         /// Slots moving at once.
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 8)]
         parallel: usize,
     },
     /// Move every slot off NODE_ID to the other live nodes, evenly; waits until done. The
     /// node can then be stopped without losing a key.
     Drain {
         node_id: String,
-        #[arg(long, default_value_t = 32)]
+        #[arg(long, default_value_t = 8)]
         parallel: usize,
     },
 }
