@@ -97,6 +97,7 @@ pub const KEY_DOCS: &[(&str, &str)] = &[
     ("cluster.etcd_password_file", "file holding the etcd user's password (e.g. a systemd credential: %d/etcd-password)"),
     ("cluster.slots", "slots the cluster divides keys into (a power of two, at least shards); fixed when the first node creates the cluster, and a node with another value refuses to join"),
     ("cluster.peer_token_file", "token file (user:secret) of an admin user this node authenticates with when it copies a slot from another node (needed when the nodes have auth on)"),
+    ("cluster.auto_rebalance", "move slots without being asked: the nodes elect a leader in etcd, which evens out the slots over the registered nodes once membership has been stable for 2 s (a few slots at a time); off = only flux-cli cluster commands move slots"),
     ("cluster.migration_dirty_keys_max", "most distinct keys written to a slot while it is being copied out; beyond it the copy starts again"),
     ("persistence.enabled", "write every change to a per-core write-ahead log under data_dir/wal and replay it at start"),
     ("persistence.fsync", "always (acknowledge once durable; one disk write per executor round), everysec, or no"),
@@ -388,6 +389,7 @@ pub struct Cluster {
     pub slots: u32,
     pub peer_token_file: String,
     pub migration_dirty_keys_max: usize,
+    pub auto_rebalance: bool,
 }
 
 impl Default for Cluster {
@@ -406,6 +408,7 @@ impl Default for Cluster {
             slots: crate::cluster::slots::SLOTS_DEFAULT,
             peer_token_file: String::new(),
             migration_dirty_keys_max: 1_000_000,
+            auto_rebalance: false,
         }
     }
 }

@@ -829,3 +829,51 @@ fn stale_clients_are_redirected() {
     assert!(e.message.contains("cluster.slots"), "{}", e.message);
     assert_eq!(ids(&etcd.nodes(&rt)), ["s1", "s2"], "the odd node did not register");
 }
+
+// Goal: with cluster.auto_rebalance on, nobody runs a command: the nodes elect a leader in
+// etcd, and after a node joins the leader evens the slots out by itself, with the keys.
+#[test]
+fn auto_rebalance_moves_slots_after_a_join() {
+    let rt = common::rt();
+    let etcd = Etcd::start();
+    let ep = etcd.endpoint();
+    let auto = |id: &str| {
+        TestServer::start(&[
+            "--cores",
+            "1",
+            "--cluster-etcd-endpoints",
+            &ep,
+            "--cluster-node-id",
+            id,
+            "--cluster-slots",
+            "256",
+            "--cluster-auto-rebalance",
+            "true",
+        ])
+    };
+    let first = auto("a1");
+    assert!(eventually(Duration::from_secs(10), || etcd.nodes(&rt).len() == 1));
+    let cluster = rt
+        .block_on(Cluster::connect(&[etcd.endpoint()], "/flux", ClientConfig::default()))
+        .unwrap();
+    let keys: Vec<(String, String)> = (0..3_000).map(|i| (format!("ak{i}"), format!("av{i}"))).collect();
+    write_all(&rt, &cluster, &keys);
+    let second = auto("a2");
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            etcd.table(&rt)
+                .is_some_and(|t| t.slots_of("a2").len() == 128 && t.migrations.is_empty())
+        }),
+        "{:?}",
+        etcd.table(&rt).map(|t| t.counts())
+    );
+    let leader = [&first, &second]
+        .iter()
+        .filter(|s| s.log_text().contains("leads automatic rebalancing"))
+        .count();
+    assert_eq!(leader, 1, "one leader");
+    let expect = keys.into_iter().collect();
+    assert_eq!(missing(&rt, &etcd, &expect), 0);
+    assert!(eventually(Duration::from_secs(20), || held(&first) + held(&second) == 3_000));
+    assert!(held(&second) > 1_000, "{}", held(&second));
+}

@@ -39,8 +39,12 @@ use crate::proto::SlotExportRequest;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-/// How often the watch loop looks at the stop flag.
+/// How often the watch loop looks at the stop flag (and at stale holds).
 const STOP_POLL: Duration = Duration::from_millis(100);
+/// A slot whose writes this node has held for this long has lost its importer (it died
+/// between its hold and its flip): the hold ends, after the migration's epoch is bumped so
+/// that importer can no longer flip (it would lack the writes accepted from then on).
+const HOLD_MS_MAX: u64 = 5_000;
 /// Keys left to copy at which the target asks the source to hold the slot's writes: a few
 /// milliseconds of copying, the longest a write to the slot then waits.
 const HOLD_AT_KEYS: u64 = 2_000;
@@ -63,7 +67,20 @@ pub struct Follower {
     /// Set once the table is applied: only then does the node register.
     pub joined: tokio::sync::watch::Sender<bool>,
     pub serving: tokio::sync::watch::Receiver<bool>,
+    /// `cluster.auto_rebalance`: stand in the election, and rebalance while leader.
+    pub auto_rebalance: bool,
 }
+
+/// Slots the automatic rebalancer moves at once: gentle, since nobody asked for it now.
+const AUTO_PARALLEL: usize = 4;
+/// How long membership must stay unchanged before the leader rebalances: a node that is
+/// restarting, or several joining one after another, cause one rebalance, not several.
+const AUTO_SETTLE: Duration = Duration::from_secs(2);
+/// How often the leader looks at the table.
+const AUTO_TICK: Duration = Duration::from_millis(500);
+/// Lease of the leader's election key: another node takes over this long after the
+/// leader dies.
+const LEADER_LEASE_S: i64 = 5;
 
 /// Shared by the follower's tasks.
 struct Ctx {
@@ -144,6 +161,9 @@ impl Follower {
             flips: tokio::sync::Mutex::new(()),
             clients: Default::default(),
         });
+        let leader = self
+            .auto_rebalance
+            .then(|| tokio::spawn(lead(ctx.clone(), stop.clone(), self.joined.subscribe())));
         let mut importers: HashMap<u32, (Migration, JoinHandle<()>)> = HashMap::new();
         let mut fenced = false;
         let mut first = true;
@@ -161,6 +181,9 @@ impl Follower {
         }
         for (_, (_, task)) in importers.drain() {
             task.abort();
+        }
+        if let Some(l) = leader {
+            let _ = l.await;
         }
     }
 
@@ -265,6 +288,7 @@ impl Follower {
                     if stop.load(Ordering::Acquire) {
                         return Ok(());
                     }
+                    release_stale_holds(ctx, &mut etcd).await?;
                     continue;
                 }
             };
@@ -307,6 +331,125 @@ impl Follower {
                 // A source that was unreachable may have come back at a new address.
                 sync_importers(ctx, &current, importers);
             }
+        }
+    }
+}
+
+/// Ends holds whose importer has not flipped within [`HOLD_MS_MAX`]: bumps their
+/// migrations' epoch (so that importer's flip fails), then lets the slots' writes in again.
+async fn release_stale_holds(ctx: &Ctx, etcd: &mut Etcd) -> Result<(), String> {
+    let stale = ctx.gate.held_since(crate::change::now_ms().saturating_sub(HOLD_MS_MAX));
+    if stale.is_empty() {
+        return Ok(());
+    }
+    let me = ctx.gate.node_id().to_string();
+    bounded(slots::update(etcd, &ctx.prefix, |t| {
+        let mut n = 0;
+        for slot in &stale {
+            if let Some(m) = t.migrations.get_mut(slot).filter(|m| m.from == me) {
+                m.epoch += 1;
+                n += 1;
+            }
+        }
+        Ok(if n > 0 { Decision::Write(()) } else { Decision::Keep(()) })
+    }))
+    .await?;
+    for slot in stale {
+        ctx.gate.unhold(slot);
+        tracing::warn!(slot, held_ms = HOLD_MS_MAX, "slot migration: the importer did not flip a held slot in time; its writes are let in again and its copy must start over");
+    }
+    Ok(())
+}
+
+/// `cluster.auto_rebalance`: every node stands in an etcd election
+/// (`<prefix>/rebalance-leader`); the leader evens out the slots over the registered nodes
+/// whenever membership has been stable for [`AUTO_SETTLE`] and every slot's owner is
+/// registered (a restarting node's slots wait for it), a few slots at a time. It only
+/// writes migrations, like `flux-cli cluster rebalance`: a leader that dies leaves nothing
+/// half-done, and the next one carries on.
+async fn lead(ctx: Arc<Ctx>, stop: Arc<AtomicBool>, mut joined: tokio::sync::watch::Receiver<bool>) {
+    if joined.wait_for(|j| *j).await.is_err() {
+        return;
+    }
+    let mut retry = RETRY_MIN;
+    while !stop.load(Ordering::Acquire) {
+        match lead_once(&ctx, &stop).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cluster: automatic rebalancing stopped; standing again");
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
+
+async fn lead_once(ctx: &Ctx, stop: &AtomicBool) -> Result<(), String> {
+    let options = ctx.access.options(CALL_TIMEOUT, CALL_TIMEOUT)?;
+    let mut etcd = bounded(Etcd::connect(&ctx.endpoints, Some(options))).await?;
+    let lease = bounded(etcd.lease_grant(LEADER_LEASE_S, None)).await?.id();
+    let (mut keeper, _acks) = bounded(etcd.lease_keep_alive(lease)).await?;
+    let name = format!("{}/rebalance-leader", ctx.prefix.trim_end_matches('/'));
+    let me = ctx.gate.node_id().to_string();
+    // Campaigning blocks while another node leads; the lease is kept alive meanwhile.
+    let mut elections = etcd.clone();
+    let mut campaign = std::pin::pin!(elections.campaign(name, me, lease));
+    let mut tick = tokio::time::interval(Duration::from_millis(LEADER_LEASE_S as u64 * 1000 / 3));
+    loop {
+        tokio::select! {
+            won = &mut campaign => {
+                won.map_err(|e| format!("etcd election: {e}"))?;
+                break;
+            }
+            _ = tick.tick() => {
+                if stop.load(Ordering::Acquire) {
+                    let _ = bounded(etcd.lease_revoke(lease)).await;
+                    return Ok(());
+                }
+                bounded(keeper.keep_alive()).await?;
+            }
+        }
+    }
+    tracing::info!("cluster: this node leads automatic rebalancing");
+    let mut seen: Vec<String> = Vec::new();
+    let mut stable_since = tokio::time::Instant::now();
+    let mut since_keepalive = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(AUTO_TICK).await;
+        if stop.load(Ordering::Acquire) {
+            let _ = bounded(etcd.lease_revoke(lease)).await;
+            return Ok(());
+        }
+        if since_keepalive.elapsed() >= Duration::from_millis(LEADER_LEASE_S as u64 * 1000 / 3) {
+            bounded(keeper.keep_alive()).await?;
+            since_keepalive = tokio::time::Instant::now();
+        }
+        let live: std::collections::BTreeSet<String> = ctx.gate.view().addrs.keys().cloned().collect();
+        let now: Vec<String> = live.iter().cloned().collect();
+        if now != seen {
+            seen = now;
+            stable_since = tokio::time::Instant::now();
+            continue;
+        }
+        if stable_since.elapsed() < AUTO_SETTLE || live.is_empty() {
+            continue;
+        }
+        let nodes: Vec<String> = live.iter().cloned().collect();
+        let started = bounded(slots::update(&mut etcd, &ctx.prefix, |t| {
+            if t.counts().keys().any(|n| !live.contains(n)) {
+                return Ok(Decision::Keep(0));
+            }
+            let moves = slots::plan(t, &nodes);
+            let (started, cancelled) = slots::start_moves(t, &moves, &live, AUTO_PARALLEL);
+            Ok(if started.is_empty() && cancelled == 0 {
+                Decision::Keep(0)
+            } else {
+                Decision::Write(started.len())
+            })
+        }))
+        .await?;
+        if started > 0 {
+            tracing::debug!(slots = started, "cluster: automatic rebalancing started moves");
         }
     }
 }

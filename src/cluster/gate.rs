@@ -64,6 +64,9 @@ pub struct SlotGate {
     slots: u32,
     node_id: String,
     states: Box<[AtomicU8]>,
+    /// When each held slot's hold began (Unix ms; 0: not held): a hold whose importer
+    /// vanished is ended by the follower (see `follower::release_stale_holds`).
+    held_at_ms: Box<[std::sync::atomic::AtomicU64]>,
     view: ArcSwap<View>,
 }
 
@@ -73,6 +76,7 @@ impl SlotGate {
             slots,
             node_id: node_id.to_string(),
             states: (0..slots).map(|_| AtomicU8::new(SlotState::Unknown as u8)).collect(),
+            held_at_ms: (0..slots).map(|_| Default::default()).collect(),
             view: ArcSwap::from_pointee(View::default()),
         })
     }
@@ -98,14 +102,29 @@ impl SlotGate {
     /// Holds the slot's writes; true if it was migrating (or already held).
     pub fn hold(&self, slot: u32) -> bool {
         let cell = &self.states[slot as usize];
-        cell.compare_exchange(
-            SlotState::Migrating as u8,
-            SlotState::Held as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        )
-        .is_ok()
-            || cell.load(Ordering::Acquire) == SlotState::Held as u8
+        let began = cell
+            .compare_exchange(
+                SlotState::Migrating as u8,
+                SlotState::Held as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok();
+        if began {
+            self.held_at_ms[slot as usize].store(crate::change::now_ms(), Ordering::Release);
+        }
+        began || cell.load(Ordering::Acquire) == SlotState::Held as u8
+    }
+
+    /// Slots held since before `before_ms`.
+    pub fn held_since(&self, before_ms: u64) -> Vec<u32> {
+        (0..self.slots)
+            .filter(|&s| self.state(s) == SlotState::Held)
+            .filter(|&s| {
+                let at = self.held_at_ms[s as usize].load(Ordering::Acquire);
+                at != 0 && at < before_ms
+            })
+            .collect()
     }
 
     /// Ends a hold while the migration goes on (a copy that starts again).

@@ -248,6 +248,50 @@ pub fn plan(table: &Table, nodes: &[String]) -> Vec<Move> {
     moves
 }
 
+/// Puts moves into `t` as migrations, at most `parallel` in flight in all, skipping moves
+/// already done or under way and those to nodes not in `live`; cancels migrations to nodes
+/// not in `live` first (their slots stay with their owners). Returns the slots started
+/// and the number cancelled. The one rule the CLI and the automatic rebalancer share.
+pub fn start_moves(
+    t: &mut Table,
+    moves: &[Move],
+    live: &std::collections::BTreeSet<String>,
+    parallel: usize,
+) -> (Vec<u32>, usize) {
+    let gone: Vec<u32> = t
+        .migrations
+        .values()
+        .filter(|m| !live.contains(&m.to))
+        .map(|m| m.slot)
+        .collect();
+    for slot in &gone {
+        t.migrations.remove(slot);
+    }
+    let mut started = Vec::new();
+    let mut room = parallel.max(1).saturating_sub(t.migrations.len());
+    for m in moves {
+        if room == 0 {
+            break;
+        }
+        if t.owner(m.slot) == m.to || t.migrations.contains_key(&m.slot) || !live.contains(&m.to) {
+            continue;
+        }
+        let from = t.owner(m.slot).to_string();
+        t.migrations.insert(
+            m.slot,
+            Migration {
+                slot: m.slot,
+                from,
+                to: m.to.clone(),
+                epoch: 0,
+            },
+        );
+        started.push(m.slot);
+        room -= 1;
+    }
+    (started, gone.len())
+}
+
 /// Reads the table and its mod revision; `None` when the cluster has none yet.
 pub async fn load(client: &mut Client, prefix: &str) -> Result<Option<(Table, i64)>, String> {
     let got = client

@@ -249,6 +249,7 @@ fn changed(r: &Response) -> bool {
         Some(R::Del(d)) => d.existed,
         Some(R::Expire(e)) => e.applied,
         Some(R::Mset(_) | R::Incr(_) | R::Append(_)) => true,
+        Some(R::SlotImport(i)) => i.applied > 0,
         Some(R::Persist(p)) => p.applied,
         _ => false,
     }
@@ -306,7 +307,19 @@ fn too_many_keys(max: usize) -> String {
 
 /// Whether a request changes keys.
 fn writes(r: &Request) -> bool {
-    matches!(r.op, Some(Op::Set(_) | Op::Del(_) | Op::Expire(_) | Op::Mset(_)))
+    matches!(
+        r.op,
+        Some(
+            Op::Set(_)
+                | Op::Del(_)
+                | Op::Expire(_)
+                | Op::Mset(_)
+                | Op::Incr(_)
+                | Op::Append(_)
+                | Op::Persist(_)
+                | Op::SlotImport(_)
+        )
+    )
 }
 
 /// One `SHUTTING_DOWN` response per frame, keeping ids where the frame decodes.

@@ -345,6 +345,7 @@ impl Server {
                 peer,
                 joined: joined_tx,
                 serving: serving.clone(),
+                auto_rebalance: config.cluster.auto_rebalance,
             };
             let (r, leave) = Registration::new(endpoints, access, &config.cluster.prefix, info, ttl, joined);
             (Some(r), Some(leave), Some(follower))

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 
 use crate::client::Cluster;
-use crate::cluster::slots::{self, Decision, Migration, Move, Table};
+use crate::cluster::slots::{self, Decision, Move, Table};
 
 /// How often a waiting command reads the table.
 const POLL: Duration = Duration::from_millis(50);
@@ -195,39 +195,9 @@ async fn drive(
     loop {
         let live = live(cluster);
         // Start what fits; cancel migrations to nodes that are gone.
-        let mut started = Vec::new();
         slots::update(etcd, prefix, |t| {
-            started.clear();
-            let gone: Vec<u32> = t
-                .migrations
-                .values()
-                .filter(|m| !live.contains(&m.to))
-                .map(|m| m.slot)
-                .collect();
-            for slot in &gone {
-                t.migrations.remove(slot);
-            }
-            let mut room = parallel.saturating_sub(t.migrations.len());
-            for m in &waiting {
-                if room == 0 {
-                    break;
-                }
-                if t.owner(m.slot) == m.to || t.migrations.contains_key(&m.slot) || !live.contains(&m.to) {
-                    continue;
-                }
-                t.migrations.insert(
-                    m.slot,
-                    Migration {
-                        slot: m.slot,
-                        from: t.owner(m.slot).to_string(),
-                        to: m.to.clone(),
-                        epoch: 0,
-                    },
-                );
-                started.push(m.slot);
-                room -= 1;
-            }
-            Ok(if gone.is_empty() && started.is_empty() {
+            let (started, cancelled) = slots::start_moves(t, &waiting, &live, parallel);
+            Ok(if cancelled == 0 && started.is_empty() {
                 Decision::Keep(())
             } else {
                 Decision::Write(())
