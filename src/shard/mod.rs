@@ -508,11 +508,15 @@ impl Shard {
     /// The keys of slot `slot` (routing hash & `slot_mask`), copied: what a slot migration
     /// sends first. Walks the whole shard, a few ns per key.
     pub fn keys_in_slot(&self, slot_mask: u64, slot: u64) -> Vec<Bytes> {
+        self.slot_keys(slot_mask, slot).collect()
+    }
+
+    /// Copies of the keys of slot `slot`, walking the whole shard.
+    fn slot_keys(&self, slot_mask: u64, slot: u64) -> impl Iterator<Item = Bytes> + '_ {
         self.table
             .iter()
-            .filter(|e| crate::keyspace::Keyspace::hash(e.key()) & slot_mask == slot)
+            .filter(move |e| crate::keyspace::Keyspace::hash(e.key()) & slot_mask == slot)
             .map(|e| Bytes::copy_from_slice(e.key()))
-            .collect()
     }
 
     /// The live value and expiry of `key`, without touching it or recording anything.
@@ -532,13 +536,7 @@ impl Shard {
         now_ms: u64,
         out: &mut impl ChangeSink,
     ) -> usize {
-        let keys: Vec<Bytes> = self
-            .table
-            .iter()
-            .filter(|e| crate::keyspace::Keyspace::hash(e.key()) & slot_mask == slot)
-            .take(max_keys)
-            .map(|e| Bytes::copy_from_slice(e.key()))
-            .collect();
+        let keys: Vec<Bytes> = self.slot_keys(slot_mask, slot).take(max_keys).collect();
         for key in &keys {
             let h = table_hash(crate::keyspace::Keyspace::hash(key));
             self.remove(h, key, ChangeOp::MigrationDel, now_ms, out);
