@@ -258,7 +258,8 @@ impl Follower {
             self.gate.refuse(why);
             return Ok(());
         }
-        let lost = self.gate.apply(table.clone(), addrs.clone());
+        // A table older than one this node wrote itself (its own flip) is not applied.
+        let lost = self.gate.apply(table.clone(), addrs.clone()).unwrap_or_default();
         if *first {
             // Whatever this node holds of slots it does not serve is left from before (a
             // slot that moved while it was down): dropped in the background.
@@ -321,8 +322,14 @@ impl Follower {
                     }
                 }
             }
-            if let Some(t) = changed_table {
-                let lost = self.gate.apply(t.clone(), addrs.clone());
+            // Events the watch had on their way when this node flipped a slot carry tables
+            // older than that flip: applying one would make the slot Importing again and
+            // start a new copy, whose first step drops the keys just imported.
+            if let Some(lost) = changed_table
+                .as_ref()
+                .and_then(|t| self.gate.apply(t.clone(), addrs.clone()))
+            {
+                let t = changed_table.expect("applied above");
                 spawn_purge(ctx.clone(), lost, false);
                 sync_importers(ctx, &t, importers);
                 current = t;
@@ -556,9 +563,10 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
         if current.is_some_and(|c| c.from == m.from && c.to == m.to && c.epoch == epoch) && t.owner(slot) == m.from {
             t.set_owner(slot, &m.to);
             t.migrations.remove(&slot);
-            Ok(Decision::Write(true))
+            // `update` bumps the version as it writes.
+            Ok(Decision::Write(Some(t.version + 1)))
         } else {
-            Ok(Decision::Keep(false))
+            Ok(Decision::Keep(None))
         }
     }))
     .await;
@@ -569,8 +577,8 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
             return Err(e);
         }
     };
-    if flipped {
-        ctx.gate.own(slot);
+    if let Some(version) = flipped {
+        ctx.gate.own(slot, version);
         tracing::info!(
             slot,
             from = %m.from,
@@ -581,7 +589,7 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
             "slot migration: slot now owned here"
         );
     }
-    Ok(flipped)
+    Ok(flipped.is_some())
 }
 
 /// One copy of a slot in progress: pulls from the source, writes into this node.

@@ -67,6 +67,9 @@ pub struct SlotGate {
     /// When each held slot's hold began (Unix ms; 0: not held): a hold whose importer
     /// vanished is ended by the follower (see `follower::release_stale_holds`).
     held_at_ms: Box<[std::sync::atomic::AtomicU64]>,
+    /// The oldest table version that may still be applied: the version of this node's own
+    /// last flip, which it serves before the watch delivers it.
+    floor: std::sync::atomic::AtomicU64,
     view: ArcSwap<View>,
 }
 
@@ -77,6 +80,7 @@ impl SlotGate {
             node_id: node_id.to_string(),
             states: (0..slots).map(|_| AtomicU8::new(SlotState::Unknown as u8)).collect(),
             held_at_ms: (0..slots).map(|_| Default::default()).collect(),
+            floor: Default::default(),
             view: ArcSwap::from_pointee(View::default()),
         })
     }
@@ -137,16 +141,21 @@ impl SlotGate {
         );
     }
 
-    /// The importer flipped the slot to this node: serve it now, before the table's watch
-    /// event arrives.
-    pub fn own(&self, slot: u32) {
+    /// The importer flipped the slot to this node with table `version`: serve it now,
+    /// before the table's watch event arrives, and apply no older table from then on.
+    pub fn own(&self, slot: u32, version: u64) {
+        self.floor.fetch_max(version, Ordering::AcqRel);
         self.states[slot as usize].store(SlotState::Owned as u8, Ordering::Release);
     }
 
     /// Applies a table: every slot's state follows from it, except that a held slot whose
     /// migration is still listed stays held. Returns the slots that this node served before
-    /// and no longer owns (their keys are to be dropped).
-    pub fn apply(&self, table: Table, addrs: HashMap<String, String>) -> Vec<u32> {
+    /// and no longer owns (their keys are to be dropped), or None for a table older than
+    /// this node's own last flip, which is not applied.
+    pub fn apply(&self, table: Table, addrs: HashMap<String, String>) -> Option<Vec<u32>> {
+        if table.version < self.floor.load(Ordering::Acquire) {
+            return None;
+        }
         let mut lost = Vec::new();
         // A rebalance writes thousands of versions that each change a slot or two: only
         // the slots whose owner or migration changed are looked at again.
@@ -191,7 +200,7 @@ impl SlotGate {
             addrs,
             refused: None,
         }));
-        lost
+        Some(lost)
     }
 
     /// Updates the nodes' addresses only.
