@@ -717,8 +717,5 @@ fn spawn_purge(ctx: Arc<Ctx>, slots: Vec<u32>, unless_empty: bool) {
 }
 
 async fn bounded<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("etcd did not answer in time".into()),
-    }
+    super::bounded(CALL_TIMEOUT, f).await
 }

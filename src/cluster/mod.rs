@@ -89,6 +89,18 @@ impl EtcdAccess {
     }
 }
 
+/// An etcd call bounded by `timeout`, its error as text: a hung etcd must not stall the
+/// control core.
+pub(crate) async fn bounded<T, E: std::fmt::Display>(
+    timeout: Duration,
+    f: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, String> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("etcd did not answer in time".into()),
+    }
+}
+
 /// The key under which `node_id` registers.
 pub fn node_key(prefix: &str, node_id: &str) -> String {
     format!("{}/nodes/{node_id}", prefix.trim_end_matches('/'))

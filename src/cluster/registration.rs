@@ -201,10 +201,7 @@ impl Registration {
 }
 
 async fn bounded<T, E: std::fmt::Display>(f: impl std::future::Future<Output = Result<T, E>>) -> Result<T, String> {
-    match tokio::time::timeout(CALL_TIMEOUT, f).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("etcd did not answer in time".into()),
-    }
+    super::bounded(CALL_TIMEOUT, f).await
 }
 
 /// The address clients reach this node at: `cluster.advertise_addr`, else `FLUX_POD_IP`

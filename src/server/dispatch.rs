@@ -17,7 +17,7 @@ use prost::Message;
 
 use super::access::Session;
 use super::backup;
-use super::core::{Core, Counters, MeshRequest};
+use super::core::{Core, Counters, MeshRequest, SlotResult};
 use super::forward;
 use crate::change::now_ms;
 use crate::cluster::gate::SlotGate;
@@ -697,27 +697,22 @@ impl Batch<'_> {
                 Plan::Ready(r) => r,
                 Plan::SlotExport { id, req } => {
                     let slot = req.slot;
-                    let (reply, rx) = futures::channel::oneshot::channel();
-                    let asked = self
-                        .on_slot_core(slot, senders.as_deref(), MeshRequest::Export { req, reply })
-                        .await;
-                    match asked.and(rx.await.map_err(|_| (ErrorCode::ShuttingDown, STOPPING.into()))) {
-                        Ok(Ok(r)) => ok(id, R::SlotExport(r)),
-                        Ok(Err((code, e))) | Err((code, e)) => error(id, code, e),
+                    let asked = self.on_slot_core(slot, senders.as_deref(), |reply| MeshRequest::Export { req, reply });
+                    match asked.await {
+                        Ok(r) => ok(id, R::SlotExport(r)),
+                        Err((code, e)) => error(id, code, e),
                     }
                 }
                 Plan::SlotPurge { id, req } => {
-                    let (reply, rx) = futures::channel::oneshot::channel();
-                    let msg = MeshRequest::Purge {
+                    let asked = self.on_slot_core(req.slot, senders.as_deref(), |reply| MeshRequest::Purge {
                         slot: req.slot,
                         keys_max: req.keys_max,
                         importing: req.importing,
                         reply,
-                    };
-                    let asked = self.on_slot_core(req.slot, senders.as_deref(), msg).await;
-                    match asked.and(rx.await.map_err(|_| (ErrorCode::ShuttingDown, STOPPING.into()))) {
-                        Ok(Ok(r)) => ok(id, R::SlotPurge(r)),
-                        Ok(Err((code, e))) | Err((code, e)) => error(id, code, e),
+                    });
+                    match asked.await {
+                        Ok(r) => ok(id, R::SlotPurge(r)),
+                        Err((code, e)) => error(id, code, e),
                     }
                 }
                 Plan::Backup { id, op } => match backup::handle(self.core, senders.as_deref(), op).await {
@@ -758,24 +753,26 @@ impl Batch<'_> {
         responses
     }
 
-    /// Runs a slot operation on the core that owns the slot's shard: here, or sent there.
-    async fn on_slot_core(
+    /// Runs a slot operation on the core that owns the slot's shard (here, or sent there)
+    /// and waits for its answer; `msg` builds the request around its reply channel.
+    async fn on_slot_core<T>(
         &self,
         slot: u32,
         senders: Option<&glommio::channels::channel_mesh::Senders<MeshRequest>>,
-        msg: MeshRequest,
-    ) -> Result<(), (ErrorCode, String)> {
+        msg: impl FnOnce(oneshot::Sender<SlotResult<T>>) -> MeshRequest,
+    ) -> SlotResult<T> {
+        let stopping = || (ErrorCode::ShuttingDown, STOPPING.to_string());
+        let (reply, rx) = oneshot::channel();
+        let msg = msg(reply);
         let ks = &self.core.keyspace;
         let owner = ks.core_of_shard(ks.shard_of_hash(u64::from(slot)));
         if owner == self.core.index {
             self.core.handle_mesh(msg);
-            return Ok(());
+        } else {
+            let senders = senders.ok_or_else(stopping)?;
+            senders.send_to(owner as usize, msg).await.map_err(|_| stopping())?;
         }
-        let senders = senders.ok_or((ErrorCode::ShuttingDown, STOPPING.to_string()))?;
-        senders
-            .send_to(owner as usize, msg)
-            .await
-            .map_err(|_| (ErrorCode::ShuttingDown, STOPPING.to_string()))
+        rx.await.map_err(|_| stopping())?
     }
 
     async fn gather_stats(
