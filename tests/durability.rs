@@ -436,8 +436,9 @@ fn snapshots_during_heavy_overwrites_restore_exactly() {
     let mut server = TestServer::start_in(dir.path(), &args);
     let keys = 20_000;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rounds_done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let writer = {
-        let (stop, addr) = (stop.clone(), server.addr);
+        let (stop, addr, done) = (stop.clone(), server.addr, rounds_done.clone());
         std::thread::spawn(move || {
             let mut c = common::Client::connect(addr);
             let mut round = 0;
@@ -455,14 +456,22 @@ fn snapshots_during_heavy_overwrites_restore_exactly() {
                     mset(&mut c, entries);
                 }
                 round += 1;
+                done.store(round, std::sync::atomic::Ordering::Relaxed);
             }
             round
         })
     };
     let mut admin = server.connect();
-    for _ in 0..3 {
+    // At least three snapshots, and more until the writer has overwritten every key twice
+    // (on a busy machine three snapshots can finish first), for at most a minute.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut snapshots = 0;
+    while snapshots < 3
+        || (rounds_done.load(std::sync::atomic::Ordering::Relaxed) < 2 && std::time::Instant::now() < deadline)
+    {
         let r = admin.call(Op::Snapshot(proto::SnapshotRequest {}));
         assert!(code(&r).is_none(), "{r:?}");
+        snapshots += 1;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let rounds = writer.join().unwrap();
