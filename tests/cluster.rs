@@ -711,6 +711,10 @@ fn kill_nine_mid_migration_loses_nothing() {
     nodes[0].kill();
     let _ = run.kill();
     let _ = run.wait();
+    assert!(
+        slots_of("m2") < 128,
+        "the source was killed after the rebalance, not during it"
+    );
     let restarted = now_ms();
     nodes[0].start(&etcd);
     // It registers once its old lease (2 s) has expired.
@@ -736,6 +740,10 @@ fn kill_nine_mid_migration_loses_nothing() {
     nodes[2].kill();
     let _ = run.kill();
     let _ = run.wait();
+    assert!(
+        slots_of("m3") < 85,
+        "the target was killed after the rebalance, not during it"
+    );
     let restarted = now_ms();
     nodes[2].start(&etcd);
     assert!(eventually(Duration::from_secs(15), || registered_since(
@@ -757,6 +765,7 @@ fn kill_nine_mid_migration_loses_nothing() {
     );
     run.kill().unwrap();
     let _ = run.wait();
+    assert!(slots_of("m3") > 0, "the CLI was killed after the drain, not during it");
     let out = cli(&etcd, &["cluster", "drain", "m3"]);
     assert!(out.contains("m3 owns no slots"), "{out}");
     assert_eq!(missing(&rt, &etcd, &expect), 0, "after the CLI's kill -9");

@@ -10,7 +10,8 @@
 //!    since, each with its value at the time) and writes it into itself with SLOT_IMPORT,
 //!    acknowledged once its log holds it;
 //! 3. once little is left, asks the source to hold the slot's writes, pulls the rest, and
-//!    flips the owner in etcd with a transaction that also checks the migration's epoch;
+//!    flips the owner in etcd with a transaction that also checks the migration's epoch
+//!    (one transaction for every slot of this node ready to flip: `Flips`);
 //! 4. serves the slot at once. The source sees the new table, answers MOVED, and drops its
 //!    copy.
 //!
@@ -91,10 +92,8 @@ struct Ctx {
     etcd: tokio::sync::Mutex<Option<Etcd>>,
     endpoints: Vec<String>,
     access: EtcdAccess,
-    /// Taken by an importer from its hold to its flip: the flips of one node's concurrent
-    /// migrations would otherwise race for the one table key, and a slot held while its
-    /// flip retries is a slot whose writes wait.
-    flips: tokio::sync::Mutex<()>,
+    /// Held slots waiting for their flip, committed together (see [`Flips`]).
+    flips: std::sync::Mutex<Flips>,
     /// Connections to this node and to sources, by address, shared by every importer and
     /// clean-up (each carries many requests at once); dropped when one fails.
     clients: std::sync::Mutex<HashMap<String, Arc<Client>>>,
@@ -158,7 +157,7 @@ impl Follower {
             etcd: tokio::sync::Mutex::new(None),
             endpoints: self.endpoints.clone(),
             access: self.access.clone(),
-            flips: tokio::sync::Mutex::new(()),
+            flips: Default::default(),
             clients: Default::default(),
         });
         let leader = self
@@ -518,7 +517,7 @@ async fn import(ctx: Arc<Ctx>, m: Migration) {
 
 /// One copy of the slot from its source, then the flip. Ok(true): flipped to this node;
 /// Ok(false): the table no longer allowed it (the migration changed or is gone).
-async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
+async fn import_once(ctx: &Arc<Ctx>, m: &Migration) -> Result<bool, String> {
     let slot = m.slot;
     let addr = ctx
         .gate
@@ -537,8 +536,7 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
         .map_err(|e| e.to_string())?
         .more
     {}
-    // 2. Copy until little is left, then (this node's flips one at a time) catch up again,
-    // and 3. hold the slot's writes and copy the rest.
+    // 2. Copy until little is left, then 3. hold the slot's writes and copy the rest.
     let migration_id = fastrand::u64(1..);
     let started = std::time::Instant::now();
     let mut copy = Copy {
@@ -551,34 +549,12 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
         bytes: 0,
     };
     copy.until(false, HOLD_AT_KEYS).await?;
-    let _turn = ctx.flips.lock().await;
-    copy.until(false, HOLD_AT_KEYS).await?;
     let held_at = std::time::Instant::now();
     let epoch = copy.until(true, 0).await?;
     let (keys, bytes) = (copy.keys, copy.bytes);
     // 4. Flip, only if the migration is still the one this copy completed.
-    let mut etcd = ctx.etcd().await?;
-    let flipped = bounded(slots::update(&mut etcd, &ctx.prefix, |t| {
-        let current = t.migrations.get(&slot);
-        if current.is_some_and(|c| c.from == m.from && c.to == m.to && c.epoch == epoch) && t.owner(slot) == m.from {
-            t.set_owner(slot, &m.to);
-            t.migrations.remove(&slot);
-            // `update` bumps the version as it writes.
-            Ok(Decision::Write(Some(t.version + 1)))
-        } else {
-            Ok(Decision::Keep(None))
-        }
-    }))
-    .await;
-    let flipped = match flipped {
-        Ok(f) => f,
-        Err(e) => {
-            ctx.forget_etcd().await;
-            return Err(e);
-        }
-    };
-    if let Some(version) = flipped {
-        ctx.gate.own(slot, version);
+    let flipped = Flips::flip(ctx, m.clone(), epoch).await?;
+    if flipped {
         tracing::info!(
             slot,
             from = %m.from,
@@ -589,7 +565,105 @@ async fn import_once(ctx: &Ctx, m: &Migration) -> Result<bool, String> {
             "slot migration: slot now owned here"
         );
     }
-    Ok(flipped.is_some())
+    Ok(flipped)
+}
+
+/// This node's held slots waiting for their flip. One etcd transaction flips every slot
+/// whose copy completed while the previous transaction was in flight (group commit): a
+/// slot waits for its writes at most about two transactions, and a node importing many
+/// slots at once writes the table, and wakes every node and client watching it, once per
+/// batch rather than once per slot. One committer per node also keeps its flips from
+/// racing one another for the table key.
+#[derive(Default)]
+struct Flips {
+    waiting: Vec<Flip>,
+    /// A committer task runs (it takes `waiting` until it finds it empty).
+    committing: bool,
+}
+
+struct Flip {
+    migration: Migration,
+    /// The migration epoch the completed copy saw: the flip happens only while it holds.
+    epoch: u64,
+    flipped: tokio::sync::oneshot::Sender<Result<bool, String>>,
+}
+
+impl Flips {
+    /// Flips `m`'s slot to this node once its copy, made under `epoch`, is complete and the
+    /// source holds it: true once flipped (the gate serves it here), false when the table
+    /// no longer allows it (the migration changed or is gone).
+    async fn flip(ctx: &Arc<Ctx>, migration: Migration, epoch: u64) -> Result<bool, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut f = ctx.flips.lock().unwrap_or_else(|p| p.into_inner());
+            f.waiting.push(Flip {
+                migration,
+                epoch,
+                flipped: tx,
+            });
+            !std::mem::replace(&mut f.committing, true)
+        };
+        if start {
+            // A task of its own: an importer aborted while it waits must not strand the
+            // others' flips.
+            tokio::spawn(Flips::commit(ctx.clone()));
+        }
+        rx.await.map_err(|_| "the flip was abandoned".to_string())?
+    }
+
+    /// Commits batches until none waits.
+    async fn commit(ctx: Arc<Ctx>) {
+        loop {
+            let batch = {
+                let mut f = ctx.flips.lock().unwrap_or_else(|p| p.into_inner());
+                if f.waiting.is_empty() {
+                    f.committing = false;
+                    return;
+                }
+                std::mem::take(&mut f.waiting)
+            };
+            let result = Flips::commit_batch(&ctx, &batch).await;
+            if result.is_err() {
+                ctx.forget_etcd().await;
+            }
+            for f in batch {
+                let flipped = result.as_ref().map(|done| done.contains(&f.migration.slot));
+                let _ = f.flipped.send(flipped.map_err(Clone::clone));
+            }
+        }
+    }
+
+    /// One transaction flipping every slot of `batch` whose migration is still the one its
+    /// copy completed; returns the slots flipped, which the gate serves from then on.
+    async fn commit_batch(ctx: &Ctx, batch: &[Flip]) -> Result<Vec<u32>, String> {
+        let mut etcd = ctx.etcd().await?;
+        let committed = bounded(slots::update(&mut etcd, &ctx.prefix, |t| {
+            let mut flipped = Vec::new();
+            for f in batch {
+                let m = &f.migration;
+                let current = t.migrations.get(&m.slot);
+                if current.is_some_and(|c| c.from == m.from && c.to == m.to && c.epoch == f.epoch)
+                    && t.owner(m.slot) == m.from
+                {
+                    t.set_owner(m.slot, &m.to);
+                    t.migrations.remove(&m.slot);
+                    flipped.push(m.slot);
+                }
+            }
+            // `update` bumps the version as it writes.
+            Ok(if flipped.is_empty() {
+                Decision::Keep((flipped, 0))
+            } else {
+                Decision::Write((flipped, t.version + 1))
+            })
+        }))
+        .await?;
+        let (flipped, version) = committed;
+        for &slot in &flipped {
+            ctx.gate.own(slot, version);
+        }
+        Ok(flipped)
+    }
 }
 
 /// One copy of a slot in progress: pulls from the source, writes into this node.

@@ -15,8 +15,11 @@ use clap::Subcommand;
 use crate::client::Cluster;
 use crate::cluster::slots::{self, Decision, Move, Table};
 
-/// How often a waiting command reads the table.
+/// How often a waiting command reads the table when it cannot watch it.
 const POLL: Duration = Duration::from_millis(50);
+/// Longest a waiting command goes without reading the table while it watches it (nodes
+/// that left are noticed on a read).
+const WATCH_QUIET_MAX: Duration = Duration::from_secs(1);
 /// How long a migration's source may be unregistered (restarting) before the command
 /// gives up waiting for it.
 const SOURCE_GONE_MAX: Duration = Duration::from_secs(10);
@@ -30,15 +33,17 @@ pub enum ClusterCmd {
     /// Even out the slots over the live nodes (each ends with slots/nodes, give or take
     /// one), moving as few as that takes; waits until done.
     Rebalance {
-        /// Slots moving at once.
-        #[arg(long, default_value_t = 8)]
+        /// Slots moving at once: more move faster and slow clients down more while they do
+        /// (bench/results/rebalance.md).
+        #[arg(long, default_value_t = 4)]
         parallel: usize,
     },
     /// Move every slot off NODE_ID to the other live nodes, evenly; waits until done. The
     /// node can then be stopped without losing a key.
     Drain {
         node_id: String,
-        #[arg(long, default_value_t = 8)]
+        /// Slots moving at once (as for rebalance).
+        #[arg(long, default_value_t = 4)]
         parallel: usize,
     },
 }
@@ -192,6 +197,8 @@ async fn drive(
     let mut waiting: Vec<Move> = moves.to_vec();
     let mut done = 0u64;
     let mut source_gone_since: Option<Instant> = None;
+    // Watched, the next moves start the moment a flip lands, not at the next poll.
+    let mut watch = etcd.watch(slots::table_key(prefix), None).await.ok();
     loop {
         let live = live(cluster);
         // Start what fits; cancel migrations to nodes that are gone.
@@ -204,7 +211,7 @@ async fn drive(
             })
         })
         .await?;
-        tokio::time::sleep(POLL).await;
+        changed(&mut watch).await;
         let (table, _) = load(etcd, prefix).await?;
         let before = waiting.len();
         waiting.retain(|m| table.owner(m.slot) != m.to);
@@ -234,4 +241,17 @@ async fn drive(
     bar.finish_and_clear();
     let _ = out.flush();
     Ok(())
+}
+
+/// Waits until the table changed (or [`WATCH_QUIET_MAX`] passed); polls once the watch is
+/// broken.
+async fn changed(watch: &mut Option<etcd_client::WatchStream>) {
+    let Some(stream) = watch else {
+        tokio::time::sleep(POLL).await;
+        return;
+    };
+    match tokio::time::timeout(WATCH_QUIET_MAX, stream.message()).await {
+        Ok(Ok(Some(_))) | Err(_) => {}
+        Ok(_) => *watch = None,
+    }
 }
