@@ -551,21 +551,19 @@ async fn import_once(ctx: &Arc<Ctx>, m: &Migration) -> Result<bool, String> {
     copy.until(false, HOLD_AT_KEYS).await?;
     let held_at = std::time::Instant::now();
     let epoch = copy.until(true, 0).await?;
-    let (keys, bytes) = (copy.keys, copy.bytes);
     // 4. Flip, only if the migration is still the one this copy completed.
-    let flipped = Flips::flip(ctx, m.clone(), epoch).await?;
-    if flipped {
-        tracing::info!(
-            slot,
-            from = %m.from,
-            keys,
-            bytes,
-            copy_ms = started.elapsed().as_millis() as u64,
-            held_ms = held_at.elapsed().as_millis() as u64,
-            "slot migration: slot now owned here"
-        );
-    }
-    Ok(flipped)
+    Flips::flip(
+        ctx,
+        Flip {
+            migration: m.clone(),
+            epoch,
+            keys: copy.keys,
+            bytes: copy.bytes,
+            started,
+            held_at,
+        },
+    )
+    .await
 }
 
 /// This node's held slots waiting for their flip. One etcd transaction flips every slot
@@ -576,31 +574,33 @@ async fn import_once(ctx: &Arc<Ctx>, m: &Migration) -> Result<bool, String> {
 /// racing one another for the table key.
 #[derive(Default)]
 struct Flips {
-    waiting: Vec<Flip>,
+    waiting: Vec<(Flip, tokio::sync::oneshot::Sender<Result<bool, String>>)>,
     /// A committer task runs (it takes `waiting` until it finds it empty).
     committing: bool,
 }
 
+/// A completed copy waiting for its flip.
 struct Flip {
     migration: Migration,
     /// The migration epoch the completed copy saw: the flip happens only while it holds.
     epoch: u64,
-    flipped: tokio::sync::oneshot::Sender<Result<bool, String>>,
+    /// What the copy moved, and when it started and its hold began (logged at the flip by
+    /// the committer, which outlives an importer aborted once the table shows the flip).
+    keys: u64,
+    bytes: u64,
+    started: std::time::Instant,
+    held_at: std::time::Instant,
 }
 
 impl Flips {
     /// Flips `m`'s slot to this node once its copy, made under `epoch`, is complete and the
     /// source holds it: true once flipped (the gate serves it here), false when the table
     /// no longer allows it (the migration changed or is gone).
-    async fn flip(ctx: &Arc<Ctx>, migration: Migration, epoch: u64) -> Result<bool, String> {
+    async fn flip(ctx: &Arc<Ctx>, flip: Flip) -> Result<bool, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = {
             let mut f = ctx.flips.lock().unwrap_or_else(|p| p.into_inner());
-            f.waiting.push(Flip {
-                migration,
-                epoch,
-                flipped: tx,
-            });
+            f.waiting.push((flip, tx));
             !std::mem::replace(&mut f.committing, true)
         };
         if start {
@@ -622,13 +622,26 @@ impl Flips {
                 }
                 std::mem::take(&mut f.waiting)
             };
-            let result = Flips::commit_batch(&ctx, &batch).await;
+            let (flips, senders): (Vec<Flip>, Vec<_>) = batch.into_iter().unzip();
+            let result = Flips::commit_batch(&ctx, &flips).await;
             if result.is_err() {
                 ctx.forget_etcd().await;
             }
-            for f in batch {
+            for (f, tx) in flips.iter().zip(senders) {
                 let flipped = result.as_ref().map(|done| done.contains(&f.migration.slot));
-                let _ = f.flipped.send(flipped.map_err(Clone::clone));
+                if flipped == Ok(true) {
+                    tracing::info!(
+                        slot = f.migration.slot,
+                        from = %f.migration.from,
+                        keys = f.keys,
+                        bytes = f.bytes,
+                        copy_ms = f.started.elapsed().as_millis() as u64,
+                        held_ms = f.held_at.elapsed().as_millis() as u64,
+                        batch = flips.len(),
+                        "slot migration: slot now owned here"
+                    );
+                }
+                let _ = tx.send(flipped.map_err(Clone::clone));
             }
         }
     }
