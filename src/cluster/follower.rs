@@ -593,9 +593,9 @@ struct Flip {
 }
 
 impl Flips {
-    /// Flips `m`'s slot to this node once its copy, made under `epoch`, is complete and the
-    /// source holds it: true once flipped (the gate serves it here), false when the table
-    /// no longer allows it (the migration changed or is gone).
+    /// Flips the slot of `flip`, whose copy is complete and held by the source, to this
+    /// node: true once flipped (the gate serves it here), false when the table no longer
+    /// allows it (the migration changed, or its epoch moved past the copy's, or it is gone).
     async fn flip(ctx: &Arc<Ctx>, flip: Flip) -> Result<bool, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let start = {
