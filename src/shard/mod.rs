@@ -115,19 +115,20 @@ pub enum Command {
 }
 
 impl Command {
-    /// Whether it may change the key (reads only ever remove an expired one).
+    /// Whether it may change the key (reads only ever remove an expired one). Every
+    /// command is named, without a catch-all, so a new one must be classified here.
     pub fn writes(&self) -> bool {
-        matches!(
-            self,
+        match self {
             Command::Set { .. }
-                | Command::Del { .. }
-                | Command::Expire { .. }
-                | Command::Incr { .. }
-                | Command::Append { .. }
-                | Command::Persist { .. }
-                | Command::Import { .. }
-                | Command::Unimport { .. }
-        )
+            | Command::Del { .. }
+            | Command::Expire { .. }
+            | Command::Incr { .. }
+            | Command::Append { .. }
+            | Command::Persist { .. }
+            | Command::Import { .. }
+            | Command::Unimport { .. } => true,
+            Command::Get { .. } | Command::Exists { .. } | Command::Ttl { .. } => false,
+        }
     }
 
     pub fn key(&self) -> &Bytes {
