@@ -195,41 +195,42 @@ async fn drive(
             .map_err(|e| e.to_string())?,
     );
     let mut waiting: Vec<Move> = moves.to_vec();
-    let mut done = 0u64;
     let mut source_gone_since: Option<Instant> = None;
     // Watched, the next moves start the moment a flip lands, not at the next poll.
     let mut watch = etcd.watch(slots::table_key(prefix), None).await.ok();
     loop {
         let live = live(cluster);
-        // Start what fits; cancel migrations to nodes that are gone.
-        slots::update(etcd, prefix, |t| {
+        // One read of the table per round: count what landed, start what fits, cancel
+        // migrations to nodes that are gone.
+        let (in_flight, source_gone) = slots::update(etcd, prefix, |t| {
+            waiting.retain(|m| t.owner(m.slot) != m.to);
             let (started, cancelled) = slots::start_moves(t, &waiting, &live, parallel);
+            let source_gone = t
+                .migrations
+                .values()
+                .find(|m| !live.contains(&m.from))
+                .map(|m| (m.from.clone(), m.slot));
+            let seen = (t.migrations.len(), source_gone);
             Ok(if cancelled == 0 && started.is_empty() {
-                Decision::Keep(())
+                Decision::Keep(seen)
             } else {
-                Decision::Write(())
+                Decision::Write(seen)
             })
         })
         .await?;
-        changed(&mut watch).await;
-        let (table, _) = load(etcd, prefix).await?;
-        let before = waiting.len();
-        waiting.retain(|m| table.owner(m.slot) != m.to);
-        done += (before - waiting.len()) as u64;
-        bar.set_position(done);
-        bar.set_message(format!("{} in flight", table.migrations.len()));
-        let others = all && !table.migrations.is_empty();
+        bar.set_position((moves.len() - waiting.len()) as u64);
+        bar.set_message(format!("{in_flight} in flight"));
+        let others = all && in_flight > 0;
         if waiting.is_empty() && !others {
             break;
         }
         if waiting.iter().any(|m| !live.contains(&m.to)) {
             return Err("a node the slots were moving to left the cluster; run the command again".into());
         }
-        match table.migrations.values().find(|m| !live.contains(&m.from)) {
-            Some(m) if source_gone_since.is_some_and(|t| t.elapsed() > SOURCE_GONE_MAX) => {
+        match source_gone {
+            Some((from, slot)) if source_gone_since.is_some_and(|t| t.elapsed() > SOURCE_GONE_MAX) => {
                 return Err(format!(
-                    "{} (the source of slot {}) is not registered: its slots cannot move until it runs again",
-                    m.from, m.slot
+                    "{from} (the source of slot {slot}) is not registered: its slots cannot move until it runs again"
                 ));
             }
             Some(_) => {
@@ -237,6 +238,7 @@ async fn drive(
             }
             None => source_gone_since = None,
         }
+        changed(&mut watch).await;
     }
     bar.finish_and_clear();
     let _ = out.flush();
