@@ -501,7 +501,6 @@ async fn stats(args: &Args, config: &ClientConfig) -> Option<Vec<CoreStats>> {
     client.stats().await.ok()
 }
 
-/// Process CPU time (user + system) so the report can show the client's own load.
 /// `--follow-slots`: C tasks each send one request at a time through the cluster client
 /// until the duration ends; JSON with totals, latency and the timeline
 /// `[[requests, errors, slowest_us], ...]` per `--timeline-ms`.
@@ -585,6 +584,7 @@ async fn follow_slots(args: Args, client_config: ClientConfig) -> Result<u64, St
     Ok(errors)
 }
 
+/// Process CPU time (user + system) so the report can show the client's own load.
 fn cpu_time() -> Duration {
     // SAFETY: getrusage fills the struct we pass.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
